@@ -1,0 +1,53 @@
+# llmroute: the two commands a newcomer needs are `make demo` and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test lint typecheck unit crds crds-check bench e2e setup system-deps clean
+
+## Run the sidecar locally in front of a built-in mock OpenAI upstream and drive traffic through it.
+demo: $(STAMP)
+	$(PY) -m llmroute_sidecar.demo
+
+## Everything CI runs: set-up, lint, type checks and the whole test suite.
+test: system-deps $(STAMP) lint typecheck unit
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@$(PYTHON) -m venv $(VENV) 2>/dev/null || { echo "llmroute: python3 -m venv failed; installing python3-venv"; \
+	  apt-get install -y -qq python3-venv >/dev/null && $(PYTHON) -m venv $(VENV); }
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[operator,test,dev]'
+	@touch $(STAMP)
+
+system-deps:
+	@scripts/ensure-system-deps.sh
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+typecheck: $(STAMP)
+	$(VENV)/bin/mypy
+
+unit: $(STAMP)
+	$(VENV)/bin/pytest -q
+
+## Regenerate the CRD (crds/ and the chart's copy) from the pydantic models.
+crds: $(STAMP)
+	$(PY) -m llmroute_operator.crd crds helm/llmroute/crds
+
+crds-check: $(STAMP)
+	$(PY) -m llmroute_operator.crd --check crds helm/llmroute/crds
+
+bench: $(STAMP)
+	@if [ -f bench/run.py ]; then $(PY) bench/run.py; else echo "no benchmarks yet"; fi
+
+## The kind-based end-to-end suite (needs Docker and kind; skips with a reason otherwise).
+e2e: $(STAMP)
+	$(VENV)/bin/pytest -q e2e
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis build *.egg-info

@@ -1,0 +1,1 @@
+"""llmroute control plane: the kopf operator."""

@@ -1,0 +1,1 @@
+"""llmroute data plane: the injected sidecar gateway."""

@@ -1,0 +1,289 @@
+"""The ``LLMRoute`` v1alpha1 spec: the single source of truth for the API.
+
+The CRD schema in ``crds/`` is generated from these models (``make crds``); the sidecar reads a
+manifest through them; the operator renders configuration from them. Field docstrings become the
+schema's descriptions, so ``kubectl explain llmroute.spec`` reads them.
+"""
+
+from __future__ import annotations
+
+import re
+from enum import StrEnum
+from typing import Annotated, Self
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic.alias_generators import to_camel
+
+API_GROUP = "llmroute.dev"
+API_VERSION = "v1alpha1"
+KIND = "LLMRoute"
+PLURAL = "llmroutes"
+SINGULAR = "llmroute"
+SHORT_NAMES = ("llmr",)
+
+#: RFC 7230 token characters: what an HTTP header name may contain.
+HEADER_NAME_PATTERN = r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$"
+#: ``route``, ``apiKey`` or ``header:<Name>``.
+LIMIT_KEY_PATTERN = r"^(route|apiKey|header:[!#$%&'*+.^_`|~0-9A-Za-z-]+)$"
+#: A lower-case DNS label: limit and tier names appear in metrics and Redis keys.
+DNS_LABEL_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
+#: Kubernetes object names (Secrets) are DNS subdomains.
+DNS_SUBDOMAIN_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
+#: Secret data keys.
+SECRET_KEY_PATTERN = r"^[-._a-zA-Z0-9]+$"
+#: Label keys: optional DNS-subdomain prefix and a name segment.
+LABEL_KEY_PATTERN = (
+    r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?"
+    r"[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$"
+)
+LABEL_VALUE_PATTERN = r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$"
+URL_PATTERN = r"^https?://[^\s/?#]+(/[^\s]*)?$"
+PATH_PATTERN = r"^/[^\s]*$"
+
+RateValue = Annotated[int, Field(ge=0, le=1_000_000_000)]
+
+
+class ApiModel(BaseModel):
+    """Base for API objects: camelCase on the wire, unknown fields rejected, docstrings kept."""
+
+    model_config = ConfigDict(
+        alias_generator=to_camel,
+        populate_by_name=True,
+        extra="forbid",
+        use_attribute_docstrings=True,
+        frozen=True,
+    )
+
+
+class LabelSelectorOperator(StrEnum):
+    IN = "In"
+    NOT_IN = "NotIn"
+    EXISTS = "Exists"
+    DOES_NOT_EXIST = "DoesNotExist"
+
+
+class LabelSelectorRequirement(ApiModel):
+    """A label selector requirement: a key, an operator and values."""
+
+    key: str = Field(min_length=1, max_length=317, pattern=LABEL_KEY_PATTERN)
+    """The label key the selector applies to."""
+    operator: LabelSelectorOperator
+    """In, NotIn, Exists or DoesNotExist."""
+    values: list[Annotated[str, Field(max_length=63, pattern=LABEL_VALUE_PATTERN)]] = Field(
+        default_factory=list, max_length=256
+    )
+    """Values for In and NotIn (non-empty); must be empty for Exists and DoesNotExist."""
+
+    @model_validator(mode="after")
+    def _values_match_operator(self) -> Self:
+        needs_values = self.operator in (LabelSelectorOperator.IN, LabelSelectorOperator.NOT_IN)
+        if needs_values and not self.values:
+            raise ValueError(f"operator {self.operator.value} needs at least one value")
+        if not needs_values and self.values:
+            raise ValueError(f"operator {self.operator.value} takes no values")
+        return self
+
+
+class LabelSelector(ApiModel):
+    """A standard Kubernetes label selector; pods in the route's namespace that match get the sidecar."""
+
+    match_labels: dict[str, Annotated[str, Field(max_length=63, pattern=LABEL_VALUE_PATTERN)]] = Field(
+        default_factory=dict
+    )
+    """Labels a pod must carry, all of them (AND)."""
+    match_expressions: list[LabelSelectorRequirement] = Field(default_factory=list, max_length=64)
+    """Set-based requirements, all of which must hold (AND)."""
+
+    @model_validator(mode="after")
+    def _not_empty(self) -> Self:
+        if not self.match_labels and not self.match_expressions:
+            raise ValueError(
+                "selector is empty: it would select every pod in the namespace; "
+                "set matchLabels or matchExpressions"
+            )
+        for key in self.match_labels:
+            if not re.match(LABEL_KEY_PATTERN, key) or len(key) > 317:
+                raise ValueError(f"matchLabels key {key!r} is not a valid label key")
+        return self
+
+
+class SecretKeyRef(ApiModel):
+    """A key of a Secret in the route's namespace."""
+
+    name: str = Field(min_length=1, max_length=253, pattern=DNS_SUBDOMAIN_PATTERN)
+    """Name of the Secret."""
+    key: str = Field(min_length=1, max_length=253, pattern=SECRET_KEY_PATTERN)
+    """Key within the Secret's data."""
+
+
+class SecretRef(ApiModel):
+    """A Secret in the route's namespace."""
+
+    name: str = Field(min_length=1, max_length=253, pattern=DNS_SUBDOMAIN_PATTERN)
+    """Name of the Secret."""
+
+
+class Upstream(ApiModel):
+    """Where the sidecar forwards traffic, and how hard it tries."""
+
+    url: str = Field(min_length=1, max_length=2048, pattern=URL_PATTERN)
+    """Base URL of the upstream, e.g. http://127.0.0.1:8000 (inbound) or https://api.openai.com (outbound).
+    The request path is appended to it."""
+    timeout_seconds: float = Field(default=30.0, gt=0, le=3600)
+    """Per-attempt timeout: time allowed for one upstream attempt to deliver its response headers
+    (and, for streams, between chunks)."""
+    retries: int = Field(default=2, ge=0, le=10)
+    """Extra attempts on connect errors, timeouts and 5xx answers; never on 4xx, never after the first
+    byte reached the client. Backoff is exponential with jitter and bounded by deadlineSeconds."""
+    api_key_secret_ref: SecretKeyRef | None = None
+    """Optional vendor key, sent upstream as 'Authorization: Bearer <key>' in place of the client's key."""
+
+
+class Identity(ApiModel):
+    """How a client is identified for apiKey-scoped limits."""
+
+    header: str = Field(default="Authorization", min_length=1, max_length=256, pattern=HEADER_NAME_PATTERN)
+    """Request header holding the client key; a leading 'Bearer ' is stripped."""
+    keys_secret_ref: SecretRef | None = None
+    """Optional Secret whose data maps sha256-hex(key) to a tier name. When set, a missing or unknown
+    key is answered 401."""
+    default_tier: str | None = Field(default=None, max_length=63, pattern=DNS_LABEL_PATTERN)
+    """Tier for keys without one (every key when keysSecretRef is not set). Must be defined in tiers."""
+
+
+class TierLimits(ApiModel):
+    """Limit values for one tier; they replace the values of apiKey-scoped limits for keys of the tier."""
+
+    requests_per_minute: RateValue | None = None
+    """Requests admitted per sliding minute."""
+    requests_per_hour: RateValue | None = None
+    """Requests admitted per sliding hour."""
+    tokens_per_minute: RateValue | None = None
+    """Tokens (prompt + completion) admitted per sliding minute."""
+    concurrent_requests: RateValue | None = None
+    """Requests in flight at once."""
+
+
+class LimitMode(StrEnum):
+    ENFORCE = "enforce"
+    SHADOW = "shadow"
+
+
+class Limit(TierLimits):
+    """One fleet-wide limit. Every limit that applies to a request must admit it (all or nothing)."""
+
+    name: str = Field(min_length=1, max_length=63, pattern=DNS_LABEL_PATTERN)
+    """Name, unique within the route; used in metrics, errors and 429 headers."""
+    key: str = Field(default="route", max_length=300, pattern=LIMIT_KEY_PATTERN)
+    """What the limit counts per: 'route' (one shared budget), 'apiKey' (each client key, see identity)
+    or 'header:<Name>' (each value of that request header)."""
+    burst: RateValue | None = None
+    """Extra requests allowed at once above the per-minute rate (defaults to none)."""
+    mode: LimitMode = LimitMode.ENFORCE
+    """'enforce' rejects over-limit requests; 'shadow' only counts and reports would-be rejections."""
+
+    @property
+    def header_name(self) -> str | None:
+        """The header name of a 'header:<Name>' key, else None."""
+        return self.key.split(":", 1)[1] if self.key.startswith("header:") else None
+
+
+class StoreFailurePolicy(StrEnum):
+    ALLOW = "allow"
+    DENY = "deny"
+
+
+class Readiness(ApiModel):
+    """When the sidecar tells Kubernetes to stop sending it traffic."""
+
+    max_in_flight: int = Field(default=64, ge=1, le=1_000_000)
+    """Not ready while this many requests are in flight in this pod."""
+    upstream_health_path: str | None = Field(default=None, max_length=1024, pattern=PATH_PATTERN)
+    """Path on the upstream probed for health (e.g. /health); not probed when unset."""
+    max_error_rate: float = Field(default=0.5, ge=0, le=1)
+    """Not ready while the share of upstream failures over the last minute exceeds this (0..1)."""
+
+
+class Autoscaling(ApiModel):
+    """Replica hints: each sidecar publishes its load; the operator aggregates them into status."""
+
+    target_in_flight_per_pod: int = Field(default=16, ge=1, le=100_000)
+    """In-flight requests one pod should carry; recommended replicas = ceil(total in flight / this)."""
+    min_replicas: int = Field(default=1, ge=0, le=10_000)
+    """Lower bound of the recommendation."""
+    max_replicas: int = Field(default=10, ge=1, le=10_000)
+    """Upper bound of the recommendation."""
+    hpa: bool = False
+    """Also manage a HorizontalPodAutoscaler for the owning workload."""
+
+    @model_validator(mode="after")
+    def _bounds_ordered(self) -> Self:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(f"minReplicas ({self.min_replicas}) exceeds maxReplicas ({self.max_replicas})")
+        return self
+
+
+class RolloutPolicy(StrEnum):
+    AUTO = "auto"
+    MANUAL = "manual"
+
+
+class LLMRouteSpec(ApiModel):
+    """Desired state of an LLMRoute: which pods, which upstream, which fleet-wide limits."""
+
+    selector: LabelSelector
+    """Pods in the route's namespace that get the sidecar."""
+    upstream: Upstream
+    """Where the sidecar forwards traffic."""
+    deadline_seconds: float = Field(default=60.0, gt=0, le=86_400)
+    """Whole-request budget (SLA), retries and queueing included; 504 when exceeded."""
+    queue_timeout_seconds: float = Field(default=5.0, ge=0, le=3600)
+    """How long a request may wait for a concurrency slot before it is rejected."""
+    max_request_bytes: int = Field(default=10 * 1024 * 1024, ge=1024, le=1024**3)
+    """Largest accepted request body; larger ones are answered 413."""
+    identity: Identity = Field(default_factory=Identity)
+    """How clients are identified for apiKey-scoped limits."""
+    tiers: dict[Annotated[str, Field(max_length=63, pattern=DNS_LABEL_PATTERN)], TierLimits] = Field(
+        default_factory=dict
+    )
+    """Limit values per tier (e.g. free, premium) for apiKey-scoped limits."""
+    limits: list[Limit] = Field(default_factory=list, max_length=64)
+    """Fleet-wide limits; a request must pass every limit that applies to it."""
+    on_store_failure: StoreFailurePolicy = StoreFailurePolicy.ALLOW
+    """When the quota store is unreachable: 'allow' falls back to a local limiter at each limit's share
+    per replica; 'deny' answers 503 and reports not ready."""
+    readiness: Readiness = Field(default_factory=Readiness)
+    """Readiness rules of the sidecar."""
+    autoscaling: Autoscaling | None = None
+    """Replica recommendation (status.recommendedReplicas) and optional HPA."""
+    rollout: RolloutPolicy = RolloutPolicy.AUTO
+    """'auto' restarts workloads whose pods need a (re)injected sidecar; 'manual' lists them in status."""
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Self:
+        names = [limit.name for limit in self.limits]
+        duplicates = sorted({name for name in names if names.count(name) > 1})
+        if duplicates:
+            raise ValueError(f"limit names must be unique; repeated: {', '.join(duplicates)}")
+        tier = self.identity.default_tier
+        if tier is not None and tier not in self.tiers:
+            defined = ", ".join(sorted(self.tiers)) or "none"
+            raise ValueError(f"identity.defaultTier {tier!r} is not defined in tiers (defined: {defined})")
+        for limit in self.limits:
+            has_value = any(
+                value is not None
+                for value in (
+                    limit.requests_per_minute,
+                    limit.requests_per_hour,
+                    limit.tokens_per_minute,
+                    limit.concurrent_requests,
+                )
+            )
+            if not has_value and not (limit.key == "apiKey" and self.tiers):
+                raise ValueError(
+                    f"limit {limit.name!r} sets none of requestsPerMinute, requestsPerHour, "
+                    "tokensPerMinute, concurrentRequests"
+                )
+            if limit.burst is not None and limit.requests_per_minute is None:
+                raise ValueError(f"limit {limit.name!r} sets burst without requestsPerMinute")
+        return self

@@ -1,0 +1,62 @@
+"""The ``LLMRoute`` status: written by the operator, read by people and by ``kubectl get``."""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+from pydantic import Field
+
+from llmroute_sidecar.api.spec import ApiModel
+
+
+class ConditionStatus(StrEnum):
+    TRUE = "True"
+    FALSE = "False"
+    UNKNOWN = "Unknown"
+
+
+class Condition(ApiModel):
+    """A standard Kubernetes status condition."""
+
+    type: str = Field(min_length=1, max_length=316)
+    """Condition type: Ready or Degraded."""
+    status: ConditionStatus
+    """True, False or Unknown."""
+    reason: str = Field(min_length=1, max_length=1024, pattern=r"^[A-Za-z]([A-Za-z0-9_,:]*[A-Za-z0-9_])?$")
+    """One CamelCase word saying why, e.g. Reconciled, InvalidSpec, SelectorConflict."""
+    message: str = Field(default="", max_length=32768)
+    """Human-readable details."""
+    observed_generation: int = Field(default=0, ge=0)
+    """The metadata.generation this condition was computed from."""
+    last_transition_time: str = Field(json_schema_extra={"format": "date-time"})
+    """When the status last changed (RFC 3339)."""
+
+
+class PodCounts(ApiModel):
+    """How many pods the route selects, how many carry the sidecar, how many are ready."""
+
+    matched: int = Field(default=0, ge=0)
+    """Pods selected by spec.selector."""
+    injected: int = Field(default=0, ge=0)
+    """Selected pods carrying the sidecar with the current configuration."""
+    ready: int = Field(default=0, ge=0)
+    """Injected pods that are ready."""
+
+
+class LLMRouteStatus(ApiModel):
+    """Observed state of an LLMRoute."""
+
+    observed_generation: int | None = Field(default=None, ge=0)
+    """The metadata.generation the operator last reconciled."""
+    conditions: list[Condition] = Field(default_factory=list)
+    """Ready and Degraded conditions."""
+    pods: PodCounts | None = None
+    """Pod counts."""
+    config_hash: str | None = None
+    """Hash of the sidecar configuration the route currently renders."""
+    config_generation: int | None = Field(default=None, ge=0)
+    """The route generation whose configuration every injected pod runs (unset while rolling out)."""
+    recommended_replicas: int | None = Field(default=None, ge=0)
+    """Replicas the observed load needs, from the sidecars' autoscaling hints."""
+    pods_needing_rollout: list[str] = Field(default_factory=list)
+    """Matched pods without the current sidecar (listed under rollout: manual, or while rolling out)."""

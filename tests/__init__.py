@@ -1,0 +1,1 @@
+"""llmroute test suite."""
