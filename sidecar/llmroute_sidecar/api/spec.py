@@ -123,6 +123,15 @@ class SecretRef(ApiModel):
     """Name of the Secret."""
 
 
+class CircuitBreaker(ApiModel):
+    """Stops sending to an upstream that keeps failing, then probes it (closed, open, half-open)."""
+
+    consecutive_failures: int = Field(default=5, ge=1, le=10_000)
+    """Failed attempts in a row (connect errors, timeouts, 5xx) that open the breaker."""
+    open_seconds: float = Field(default=10.0, gt=0, le=3600)
+    """How long the breaker stays open before one probe request is let through (half-open)."""
+
+
 class Upstream(ApiModel):
     """Where the sidecar forwards traffic, and how hard it tries."""
 
@@ -137,6 +146,8 @@ class Upstream(ApiModel):
     byte reached the client. Backoff is exponential with jitter and bounded by deadlineSeconds."""
     api_key_secret_ref: SecretKeyRef | None = None
     """Optional vendor key, sent upstream as 'Authorization: Bearer <key>' in place of the client's key."""
+    circuit_breaker: CircuitBreaker = Field(default_factory=CircuitBreaker)
+    """Circuit breaker for this upstream."""
 
 
 class Identity(ApiModel):
@@ -177,8 +188,9 @@ class Limit(TierLimits):
     key: str = Field(default="route", max_length=300, pattern=LIMIT_KEY_PATTERN)
     """What the limit counts per: 'route' (one shared budget), 'apiKey' (each client key, see identity)
     or 'header:<Name>' (each value of that request header)."""
-    burst: RateValue | None = None
-    """Extra requests allowed at once above the per-minute rate (defaults to none)."""
+    burst: RateValue | None = Field(default=None, ge=1, le=1_000_000_000)
+    """Pacing on top of requestsPerMinute: at most this many requests back to back, refilled at
+    requestsPerMinute/60 per second (a token bucket). Unset: only the sliding-minute cap applies."""
     mode: LimitMode = LimitMode.ENFORCE
     """'enforce' rejects over-limit requests; 'shadow' only counts and reports would-be rejections."""
 
