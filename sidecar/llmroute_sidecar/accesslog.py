@@ -1,0 +1,112 @@
+"""Structured JSON logs: one object per line; one access-log line per request (no keys, no bodies)."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import sys
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, TextIO
+
+ACCESS_LOGGER = "llmroute.access"
+_CORE_KEYS = frozenset({"ts", "level", "logger", "msg", "exc"})
+
+
+class JsonFormatter(logging.Formatter):
+    """``{"ts", "level", "logger", "msg", ...fields, "exc"?}`` per record, on one line.
+
+    ``fields`` come from ``extra={"fields": {...}}``; one that collides with a core key is written as
+    ``field_<name>`` rather than overwriting it.
+    """
+
+    def format(self, record: logging.LogRecord) -> str:
+        ts = datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds")
+        out: dict[str, Any] = {
+            "ts": ts.replace("+00:00", "Z"),
+            "level": record.levelname,
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        fields = getattr(record, "fields", None)
+        if isinstance(fields, dict):
+            for key, value in fields.items():
+                out[f"field_{key}" if key in _CORE_KEYS else str(key)] = value
+        if record.exc_info:
+            out["exc"] = self.formatException(record.exc_info)
+        elif record.exc_text:
+            out["exc"] = record.exc_text
+        if record.stack_info:
+            out["stack"] = self.formatStack(record.stack_info)
+        return json.dumps(out, default=str, separators=(",", ":"))
+
+
+class _JsonHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """Marks the handler ``configure_logging`` installed, so a second call replaces it."""
+
+
+def configure_logging(level: str = "INFO", stream: TextIO | None = None) -> None:
+    """Log every record as one JSON line to ``stream`` (default stdout) at ``level`` and above.
+
+    Idempotent: replaces a handler installed by an earlier call; other root handlers are kept.
+    """
+    handler = _JsonHandler(stream if stream is not None else sys.stdout)
+    handler.setFormatter(JsonFormatter())
+    root = logging.getLogger()
+    for old in [h for h in root.handlers if isinstance(h, _JsonHandler)]:
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(level.upper())
+    # aiohttp's own access log would duplicate ours, in another format.
+    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+
+
+def key_id(raw_key: str) -> str:
+    """A short, non-reversible id of a client key, safe for logs: first 12 hex of its sha256."""
+    return hashlib.sha256(raw_key.encode()).hexdigest()[:12]
+
+
+def strip_query(path: str) -> str:
+    """The path without query string or fragment (queries may carry keys)."""
+    return path.split("?", 1)[0].split("#", 1)[0]
+
+
+@dataclass(frozen=True)
+class AccessRecord:
+    """What one request did; never a raw key or a body.
+
+    ``client`` is a tier name or a ``key_id``; ``limit`` names the limit that rejected the request.
+    """
+
+    request_id: str
+    trace_id: str
+    route: str
+    method: str
+    path: str
+    status: int
+    outcome: str
+    duration_ms: float
+    upstream_ms: float | None = None
+    attempts: int = 0
+    stream: bool = False
+    tokens_reserved: int = 0
+    tokens_actual: int | None = None
+    limit: str | None = None
+    client: str | None = None
+    queue_wait_ms: float = 0.0
+    client_disconnected: bool = False
+    error: str | None = None
+
+
+class AccessLog:
+    """Writes one ``msg="access"`` line per request on the ``llmroute.access`` logger."""
+
+    def __init__(self, logger: logging.Logger | None = None) -> None:
+        self._log = logger if logger is not None else logging.getLogger(ACCESS_LOGGER)
+
+    def write(self, record: AccessRecord) -> None:
+        fields = dataclasses.asdict(record)
+        fields["path"] = strip_query(record.path)
+        self._log.info("access", extra={"fields": fields})

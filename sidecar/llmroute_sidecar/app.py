@@ -1,0 +1,291 @@
+"""Assembling one sidecar process: traffic and admin servers, background loops, lifecycle.
+
+``Sidecar`` owns everything with a lifetime: the quota store, the gateway's connection pool, the
+route-file watcher, the upstream health probe and the two listening sockets. ``run`` adds signal
+handling: SIGTERM → not ready → drain in-flight requests up to the grace period → exit 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import logging
+import signal
+import socket
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import aiohttp
+from aiohttp import web
+
+from llmroute_sidecar.accesslog import AccessLog
+from llmroute_sidecar.api import LLMRoute
+from llmroute_sidecar.api.manifest import ManifestError, load_route
+from llmroute_sidecar.config import HostPort, Settings
+from llmroute_sidecar.health import HealthState, readiness_reasons
+from llmroute_sidecar.hints import HintTracker
+from llmroute_sidecar.metrics import SidecarMetrics
+from llmroute_sidecar.policy import RoutePolicy, load_policy
+from llmroute_sidecar.proxy import Gateway
+from llmroute_sidecar.quota.base import QuotaStore
+from llmroute_sidecar.quota.memory import MemoryQuotaStore
+
+log = logging.getLogger("llmroute.sidecar")
+
+#: The traffic app accepts large bodies itself; the route's maxRequestBytes is checked per request.
+CLIENT_MAX_SIZE = 1024**3
+
+
+def make_store(settings: Settings, route: LLMRoute) -> QuotaStore:
+    """The quota store the settings ask for."""
+    if settings.store == "redis":
+        from llmroute_sidecar.quota.redis import RedisQuotaStore
+
+        store = RedisQuotaStore.from_url(settings.redis_url or "", member=settings.pod_name)
+        store.start_heartbeat(route.key)
+        return store
+    return MemoryQuotaStore()
+
+
+class Sidecar:
+    """One sidecar process's moving parts."""
+
+    def __init__(self, settings: Settings, route: LLMRoute, store: QuotaStore | None = None) -> None:
+        self.settings = settings
+        self.metrics = SidecarMetrics()
+        self.health = HealthState()
+        self.hints = HintTracker()
+        policy = load_policy(route, settings.secrets_dir, settings.upstream_override)
+        self.store = store if store is not None else make_store(settings, route)
+        self.gateway = Gateway(policy, self.store, settings, self.metrics, self.health, AccessLog())
+        self._runners: list[web.AppRunner] = []
+        self._tasks: list[asyncio.Task[None]] = []
+        self._route_digest = _digest(settings.route_file)
+        self.traffic_address: HostPort | None = None
+        self.admin_address: HostPort | None = None
+        self.stopped = asyncio.Event()
+
+    @property
+    def policy(self) -> RoutePolicy:
+        return self.gateway.policy
+
+    # -- servers ---------------------------------------------------------------------------------
+
+    def traffic_app(self) -> web.Application:
+        app = web.Application(client_max_size=CLIENT_MAX_SIZE)
+        app.router.add_route("*", "/{tail:.*}", self.gateway.handle)
+        return app
+
+    def admin_app(self) -> web.Application:
+        app = web.Application()
+        app.router.add_get("/healthz", self._healthz)
+        app.router.add_get("/readyz", self._readyz)
+        app.router.add_get("/metrics", self._metrics)
+        app.router.add_get("/hints", self._hints)
+        return app
+
+    async def start(self) -> None:
+        """Open the connection pool and both listening sockets, start background loops."""
+        await self.gateway.start()
+        self.traffic_address = await self._serve(self.traffic_app(), self.settings.listen)
+        self.admin_address = await self._serve(self.admin_app(), self.settings.admin_listen)
+        self._tasks.append(asyncio.create_task(self._watch_route_file(), name="route-watch"))
+        self._tasks.append(asyncio.create_task(self._probe_upstream(), name="upstream-health"))
+        self._tasks.append(asyncio.create_task(self._sample_load(), name="load-sampler"))
+        log.info(
+            "sidecar started",
+            extra={
+                "fields": {
+                    "route": self.policy.name,
+                    "listen": str(self.traffic_address),
+                    "admin": str(self.admin_address),
+                    "upstream": self.policy.upstream_url,
+                    "store": self.settings.store,
+                    "config_hash": self.policy.config_hash,
+                }
+            },
+        )
+
+    async def _serve(self, app: web.Application, where: HostPort) -> HostPort:
+        runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=1.0)
+        await runner.setup()
+        self._runners.append(runner)
+        sock = socket.socket(socket.AF_INET6 if ":" in where.host else socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((where.host, where.port))
+        site = web.SockSite(runner, sock)
+        await site.start()
+        return HostPort(where.host, sock.getsockname()[1])
+
+    async def drain(self) -> bool:
+        """Turn not ready and wait for in-flight requests; True when all finished in time."""
+        self.health.draining = True
+        self.metrics.ready.labels(self.policy.name).set(0)
+        log.info("draining", extra={"fields": {"inflight": self.health.inflight}})
+        return await self.gateway.wait_idle(self.settings.drain_seconds)
+
+    async def stop(self) -> None:
+        """Close sockets, background loops, the pool and the store."""
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        for runner in reversed(self._runners):
+            await runner.cleanup()
+        await self.gateway.close()
+        await self.store.close()
+        self.stopped.set()
+
+    # -- admin endpoints -------------------------------------------------------------------------
+
+    async def _healthz(self, request: web.Request) -> web.Response:
+        # Answering at all proves the event loop is responsive.
+        return web.json_response({"status": "ok"})
+
+    def readiness(self) -> tuple[bool, list[str]]:
+        spec = self.policy.route.spec
+        reasons = readiness_reasons(self.health, spec.readiness, spec.on_store_failure)
+        return not reasons, reasons
+
+    async def _readyz(self, request: web.Request) -> web.Response:
+        ready, reasons = self.readiness()
+        self.metrics.ready.labels(self.policy.name).set(1 if ready else 0)
+        body = {
+            "ready": ready,
+            "reasons": reasons,
+            "route": self.policy.name,
+            "configHash": self.policy.config_hash,
+            "inflight": self.health.inflight,
+            "breaker": self.gateway.breaker.state.value,
+            "upstreamHealthy": self.health.upstream_healthy,
+            "storeAvailable": self.health.store_available,
+        }
+        return web.json_response(body, status=200 if ready else 503)
+
+    async def _metrics(self, request: web.Request) -> web.Response:
+        payload, content_type = self.metrics.render()
+        response = web.Response(body=payload)
+        response.headers["Content-Type"] = content_type
+        return response
+
+    async def _hints(self, request: web.Request) -> web.Response:
+        spec = self.policy.route.spec
+        target = spec.autoscaling.target_in_flight_per_pod if spec.autoscaling else None
+        return web.json_response(
+            {
+                "route": self.policy.name,
+                "pod": self.settings.pod_name,
+                "namespace": self.settings.pod_namespace,
+                "configHash": self.policy.config_hash,
+                "generation": self.policy.route.metadata.generation,
+                "targetInFlightPerPod": target,
+                **self.hints.snapshot(),
+                "ready": self.readiness()[0],
+            }
+        )
+
+    # -- background loops ------------------------------------------------------------------------
+
+    async def _watch_route_file(self) -> None:
+        """Apply edits of the route file without a restart; keep the old config when the new is invalid."""
+        while True:
+            await asyncio.sleep(self.settings.watch_interval)
+            digest = _digest(self.settings.route_file)
+            if digest is None or digest == self._route_digest:
+                continue
+            self._route_digest = digest
+            self.reload()
+
+    def reload(self) -> bool:
+        """Re-read the route file (and Secrets); True when the new configuration is in force."""
+        try:
+            route = load_route(self.settings.route_file)
+            policy = load_policy(route, self.settings.secrets_dir, self.settings.upstream_override)
+        except (ManifestError, ValueError) as error:
+            self.metrics.config_reloads_total.labels(self.policy.name, "error").inc()
+            log.error(
+                "route file rejected; keeping the running configuration",
+                extra={"fields": {"error": str(error)}},
+            )
+            return False
+        self.gateway.update_policy(policy)
+        self.metrics.config_reloads_total.labels(policy.name, "ok").inc()
+        log.info("configuration reloaded", extra={"fields": {"config_hash": policy.config_hash}})
+        return True
+
+    async def _probe_upstream(self) -> None:
+        """Probe readiness.upstreamHealthPath every health interval."""
+        while True:
+            path = self.policy.route.spec.readiness.upstream_health_path
+            if path is None:
+                self.health.upstream_healthy = None
+            else:
+                healthy, detail = await self._probe_once(self.policy.upstream_url + path)
+                if healthy != self.health.upstream_healthy:
+                    log.info(
+                        "upstream health changed", extra={"fields": {"healthy": healthy, "detail": detail}}
+                    )
+                self.health.upstream_healthy, self.health.upstream_health_detail = healthy, detail
+            await asyncio.sleep(self.settings.health_interval)
+
+    async def _probe_once(self, url: str) -> tuple[bool, str]:
+        timeout = min(5.0, self.policy.route.spec.upstream.timeout_seconds)
+        try:
+            async with asyncio.timeout(timeout), self.gateway.session.get(url) as response:
+                await response.read()
+                return response.status < 400, f"answered {response.status}"
+        except TimeoutError:
+            return False, f"no answer within {timeout:g}s"
+        except aiohttp.ClientError as error:
+            return False, f"unreachable: {type(error).__name__}"
+
+    async def _sample_load(self) -> None:
+        """Feed the autoscaling hints with the in-flight count, once a second."""
+        while True:
+            self.hints.sample(self.health.inflight)
+            await asyncio.sleep(1.0)
+
+
+def _digest(path: Path) -> str | None:
+    try:
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+    except OSError:
+        return None
+
+
+async def run(
+    settings: Settings, route: LLMRoute, on_started: Callable[[Sidecar], None] | None = None
+) -> int:
+    """Run a sidecar until SIGTERM or SIGINT, then drain and exit."""
+    sidecar = Sidecar(settings, route)
+    await sidecar.start()
+    if on_started is not None:
+        on_started(sidecar)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    started = time.monotonic()
+    drained = await sidecar.drain()
+    log.info(
+        "shutting down",
+        extra={"fields": {"drained": drained, "drain_seconds": round(time.monotonic() - started, 3)}},
+    )
+    await sidecar.stop()
+    return 0
+
+
+def describe(sidecar: Sidecar) -> str:
+    """A one-line JSON summary of where the sidecar listens (printed at start-up)."""
+    return json.dumps(
+        {
+            "traffic": str(sidecar.traffic_address),
+            "admin": str(sidecar.admin_address),
+            "route": sidecar.policy.name,
+        }
+    )

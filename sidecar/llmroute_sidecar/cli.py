@@ -1,0 +1,35 @@
+"""``llmroute-sidecar``: run one sidecar for the LLMRoute manifest in a file."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from collections.abc import Sequence
+
+from llmroute_sidecar.accesslog import configure_logging
+from llmroute_sidecar.api.manifest import ManifestError, load_route
+from llmroute_sidecar.app import describe, run
+from llmroute_sidecar.config import SettingsError, load_settings
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Parse flags, read the route, serve until SIGTERM; exit 2 on bad configuration."""
+    try:
+        settings = load_settings(argv)
+        route = load_route(settings.route_file)
+    except (SettingsError, ManifestError) as error:
+        print(f"llmroute-sidecar: {error}", file=sys.stderr)
+        return 2
+    configure_logging(settings.log_level)
+    try:
+        return asyncio.run(run(settings, route, on_started=lambda s: print(describe(s), flush=True)))
+    except ValueError as error:  # a referenced Secret is missing or unreadable
+        print(f"llmroute-sidecar: {error}", file=sys.stderr)
+        return 2
+    except OSError as error:
+        print(f"llmroute-sidecar: cannot listen: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

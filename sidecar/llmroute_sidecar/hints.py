@@ -1,0 +1,39 @@
+"""Autoscaling hints: this pod's load over the last minute, for the operator to aggregate.
+
+The operator sums ``inflightAvg`` over a route's pods and divides by
+``autoscaling.targetInFlightPerPod`` to recommend replicas.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Callable
+
+WINDOW_SECONDS = 60.0
+
+
+class HintTracker:
+    """In-flight samples over a sliding minute."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic, window: float = WINDOW_SECONDS) -> None:
+        self._clock = clock
+        self._window = window
+        self._samples: deque[tuple[float, int]] = deque()
+
+    def sample(self, inflight: int) -> None:
+        now = self._clock()
+        self._samples.append((now, inflight))
+        while self._samples and self._samples[0][0] < now - self._window:
+            self._samples.popleft()
+
+    def snapshot(self) -> dict[str, float | int]:
+        """Current, average and peak in-flight requests over the window."""
+        values = [value for _, value in self._samples]
+        return {
+            "inflight": values[-1] if values else 0,
+            "inflightAvg": round(sum(values) / len(values), 3) if values else 0.0,
+            "inflightPeak": max(values) if values else 0,
+            "samples": len(values),
+            "windowSeconds": self._window,
+        }

@@ -1,0 +1,150 @@
+"""Prometheus metrics of one sidecar, on their own registry (several sidecars may share a process)."""
+
+from __future__ import annotations
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+
+#: Latency buckets for LLM calls: from cache-hit fast to multi-minute generations.
+LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300)
+WAIT_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+
+#: Values of the ``outcome`` label of ``llmroute_requests_total`` and ``llmroute_request_duration_seconds``.
+OUTCOMES = (
+    "ok",
+    "client_error",
+    "quota_rejected",
+    "unauthorized",
+    "validation_error",
+    "overloaded",
+    "upstream_error",
+    "deadline_exceeded",
+    "client_disconnected",
+    "draining",
+    "breaker_open",
+    "store_unavailable",
+)
+#: Values of the ``outcome`` label of ``llmroute_upstream_duration_seconds`` (one per attempt).
+UPSTREAM_OUTCOMES = ("ok", "http_5xx", "http_4xx", "timeout", "connect_error")
+#: ``kind`` of ``llmroute_tokens_total``; ``layer`` of ``llmroute_timeouts_total``.
+TOKEN_KINDS = ("prompt", "completion", "reserved", "refunded")
+TIMEOUT_LAYERS = ("queue", "attempt", "deadline")
+
+
+class SidecarMetrics:
+    """Every ``llmroute_*`` metric the sidecar exports."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry()
+        r = self.registry
+        self.requests_total = Counter(
+            "llmroute_requests_total",
+            "Requests served, by outcome and status code.",
+            ["route", "method", "outcome", "code"],
+            registry=r,
+        )
+        self.request_duration_seconds = Histogram(
+            "llmroute_request_duration_seconds",
+            "Whole-request duration as the client saw it.",
+            ["route", "outcome"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.upstream_duration_seconds = Histogram(
+            "llmroute_upstream_duration_seconds",
+            "Duration of one upstream attempt until its response headers.",
+            ["route", "outcome"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.time_to_first_byte_seconds = Histogram(
+            "llmroute_time_to_first_byte_seconds",
+            "Time from request arrival to the first response body byte.",
+            ["route"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.quota_rejections_total = Counter(
+            "llmroute_quota_rejections_total",
+            "Requests rejected by a limit.",
+            ["route", "limit", "dimension"],
+            registry=r,
+        )
+        self.quota_shadow_rejections_total = Counter(
+            "llmroute_quota_shadow_rejections_total",
+            "Requests a shadow-mode limit would have rejected.",
+            ["route", "limit", "dimension"],
+            registry=r,
+        )
+        self.tokens_total = Counter(
+            "llmroute_tokens_total",
+            "Tokens by kind: prompt and completion (counted), reserved and refunded.",
+            ["route", "kind"],
+            registry=r,
+        )
+        self.inflight_requests = Gauge(
+            "llmroute_inflight_requests", "Requests in flight in this sidecar.", ["route"], registry=r
+        )
+        self.queue_wait_seconds = Histogram(
+            "llmroute_queue_wait_seconds",
+            "Time spent waiting for admission (concurrency queue included).",
+            ["route"],
+            buckets=WAIT_BUCKETS,
+            registry=r,
+        )
+        self.retries_total = Counter(
+            "llmroute_retries_total",
+            "Upstream retries, by the failure that caused them.",
+            ["route", "reason"],
+            registry=r,
+        )
+        self.timeouts_total = Counter(
+            "llmroute_timeouts_total",
+            "Timeouts by layer: queue, attempt, deadline.",
+            ["route", "layer"],
+            registry=r,
+        )
+        self.upstream_errors_total = Counter(
+            "llmroute_upstream_errors_total",
+            "Failed upstream attempts by type.",
+            ["route", "type"],
+            registry=r,
+        )
+        self.store_errors_total = Counter(
+            "llmroute_store_errors_total",
+            "Quota store operations that failed.",
+            ["route", "operation"],
+            registry=r,
+        )
+        self.store_fallback_total = Counter(
+            "llmroute_store_fallback_total",
+            "Admissions decided by the local fallback limiter.",
+            ["route"],
+            registry=r,
+        )
+        self.circuit_breaker_state = Gauge(
+            "llmroute_circuit_breaker_state",
+            "Circuit breaker state: 0 closed, 1 half-open, 2 open.",
+            ["route", "upstream"],
+            registry=r,
+        )
+        self.client_disconnects_total = Counter(
+            "llmroute_client_disconnects_total",
+            "Requests whose client went away before the end.",
+            ["route"],
+            registry=r,
+        )
+        self.config_reloads_total = Counter(
+            "llmroute_config_reloads_total", "Route file reloads by result.", ["route", "result"], registry=r
+        )
+        self.ready = Gauge("llmroute_ready", "1 when the sidecar reports ready.", ["route"], registry=r)
+
+    def render(self) -> tuple[bytes, str]:
+        """The exposition text and its content type."""
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST

@@ -1,0 +1,1 @@
+"""OpenAI awareness: request validation, token estimates, SSE parsing and usage accounting."""

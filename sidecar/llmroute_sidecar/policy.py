@@ -1,0 +1,190 @@
+"""A route compiled for the request path: identity, tiers and the limit checks of each request.
+
+``load_policy`` does the only I/O (reading mounted Secrets); everything else here is pure.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+
+from llmroute_sidecar.api import LLMRoute
+from llmroute_sidecar.api.spec import Limit, LimitMode, TierLimits
+from llmroute_sidecar.errors import unauthorized
+from llmroute_sidecar.quota.base import LimitCheck
+
+log = logging.getLogger("llmroute.policy")
+SUBJECT_HEX = 32
+LOOKUP_HEX = 16
+NO_HEADER_SUBJECT = "-"
+
+
+def sha256_hex(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class ClientIdentity:
+    """Who sent a request, as far as limits care: never the raw key."""
+
+    key_hash: str | None = None
+    tier: str | None = None
+
+    @property
+    def label(self) -> str | None:
+        """What logs may show: the tier, or a short key id."""
+        if self.tier:
+            return self.tier
+        return self.key_hash[:12] if self.key_hash else None
+
+
+@dataclass(frozen=True)
+class RoutePolicy:
+    """One route's configuration as the proxy uses it; swapped whole on reload."""
+
+    route: LLMRoute
+    upstream_url: str
+    vendor_key: str | None
+    keys: Mapping[str, str] | None
+    """sha256-hex(key) -> tier from identity.keysSecretRef; None when not configured."""
+    config_hash: str
+
+    @cached_property
+    def key_index(self) -> dict[str, tuple[str, str]]:
+        """Digest prefix -> (full digest, tier), for the constant-time check in ``identify``."""
+        return {digest[:LOOKUP_HEX]: (digest, tier) for digest, tier in (self.keys or {}).items()}
+
+    @property
+    def name(self) -> str:
+        return self.route.key
+
+    @property
+    def uses_api_keys(self) -> bool:
+        return self.keys is not None or any(limit.key == "apiKey" for limit in self.route.spec.limits)
+
+
+def config_hash(route: LLMRoute) -> str:
+    """A stable hash of the spec: equal specs give equal hashes."""
+    canonical = json.dumps(route.spec.model_dump(mode="json", by_alias=True), sort_keys=True)
+    return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+
+def load_policy(route: LLMRoute, secrets_dir: Path, upstream_override: str | None = None) -> RoutePolicy:
+    """Compile a route, reading its mounted Secrets (``<secrets_dir>/<name>/<key>``)."""
+    spec = route.spec
+    vendor_key = None
+    if spec.upstream.api_key_secret_ref is not None:
+        ref = spec.upstream.api_key_secret_ref
+        vendor_key = _read_secret_file(secrets_dir / ref.name / ref.key, "upstream.apiKeySecretRef")
+    keys = None
+    if spec.identity.keys_secret_ref is not None:
+        keys = read_key_directory(secrets_dir / spec.identity.keys_secret_ref.name)
+    url = (upstream_override or spec.upstream.url).rstrip("/")
+    return RoutePolicy(route, url, vendor_key, keys, config_hash(route))
+
+
+def _read_secret_file(path: Path, what: str) -> str:
+    try:
+        value = path.read_text(encoding="utf-8").strip()
+    except OSError as error:
+        raise ValueError(f"{what}: cannot read mounted secret {path}: {error.strerror}") from None
+    if not value:
+        raise ValueError(f"{what}: mounted secret {path} is empty")
+    return value
+
+
+def read_key_directory(directory: Path) -> dict[str, str]:
+    """A mounted key Secret: each file is named sha256-hex(key) and holds the key's tier."""
+    if not directory.is_dir():
+        raise ValueError(f"identity.keysSecretRef: mounted secret directory {directory} does not exist")
+    keys = {}
+    for entry in sorted(directory.iterdir()):
+        if entry.name.startswith(".") or not entry.is_file():
+            continue
+        name = entry.name.lower()
+        if len(name) != 64 or any(c not in "0123456789abcdef" for c in name):
+            log.warning(
+                "ignoring key entry that is not a sha256 hex digest", extra={"fields": {"entry": name}}
+            )
+            continue
+        keys[name] = entry.read_text(encoding="utf-8").strip()
+    return keys
+
+
+def client_key(headers: Mapping[str, str], header: str) -> str | None:
+    """The client key from ``header``, a leading 'Bearer ' stripped."""
+    raw = headers.get(header)
+    if raw is None:
+        return None
+    raw = raw.strip()
+    if raw[:7].lower() == "bearer ":
+        raw = raw[7:].strip()
+    return raw or None
+
+
+def identify(policy: RoutePolicy, headers: Mapping[str, str]) -> ClientIdentity:
+    """Resolve the client's key and tier; raise a 401 ProxyError where keys are required."""
+    spec = policy.route.spec
+    if not policy.uses_api_keys:
+        return ClientIdentity()
+    raw = client_key(headers, spec.identity.header)
+    if raw is None:
+        raise unauthorized(
+            "missing_api_key", f"this route needs a client key in the {spec.identity.header} header"
+        )
+    digest = sha256_hex(raw)
+    if policy.keys is None:
+        return ClientIdentity(digest, spec.identity.default_tier)
+    # Look up by a digest prefix (its timing says nothing usable about keys), verify in constant time.
+    stored = policy.key_index.get(digest[:LOOKUP_HEX])
+    if stored is None or not hmac.compare_digest(stored[0], digest):
+        raise unauthorized("invalid_api_key", "the client key is not known to this route")
+    return ClientIdentity(digest, stored[1] or spec.identity.default_tier)
+
+
+def _merged(limit: Limit, tier: TierLimits | None) -> dict[str, int | None]:
+    fields = ("requests_per_minute", "requests_per_hour", "tokens_per_minute", "concurrent_requests")
+    values = {name: getattr(limit, name) for name in fields}
+    if tier is not None:
+        for name in fields:
+            if getattr(tier, name) is not None:
+                values[name] = getattr(tier, name)
+    return values
+
+
+def build_checks(
+    policy: RoutePolicy, identity: ClientIdentity, headers: Mapping[str, str]
+) -> tuple[LimitCheck, ...]:
+    """The limit checks that apply to one request."""
+    spec = policy.route.spec
+    checks = []
+    for limit in spec.limits:
+        tier = None
+        if limit.key == "route":
+            subject = ""
+        elif limit.key == "apiKey":
+            subject = (identity.key_hash or NO_HEADER_SUBJECT)[:SUBJECT_HEX]
+            tier = spec.tiers.get(identity.tier) if identity.tier else None
+        else:
+            value = headers.get(limit.header_name or "")
+            subject = sha256_hex(value)[:SUBJECT_HEX] if value else NO_HEADER_SUBJECT
+        values = _merged(limit, tier)
+        if all(value is None for value in values.values()):
+            continue
+        checks.append(
+            LimitCheck(
+                limit=limit.name,
+                scope=limit.key,
+                subject=subject,
+                burst=limit.burst,
+                shadow=limit.mode is LimitMode.SHADOW,
+                **values,
+            )
+        )
+    return tuple(checks)

@@ -1,0 +1,1 @@
+"""Quota stores: the interface and its backends."""

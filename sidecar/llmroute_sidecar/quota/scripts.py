@@ -1,0 +1,206 @@
+"""Lua scripts of the Redis quota store: one round trip to admit, one to settle.
+
+Admission checks every (limit, dimension) item of a request and consumes all of them only when
+every enforced item passes. Time comes from Redis (``TIME``), never from pod clocks.
+
+Each item uses two KEYS (the second only for tokens) and four ARGV values:
+``dimension code, limit value, shadow flag, extra`` (extra: the refill rate for burst buckets).
+
+Data structures, all under the route's hash tag so one admission touches one Cluster slot:
+- requests per minute / hour: a sorted set of admitted request ids scored by admission time — a
+  sliding log, exact: at most N entries in any window;
+- tokens per minute: the same sliding log plus a hash of each entry's charge and the running total
+  (field ``_total``); settlement rewrites an entry's charge in place;
+- concurrent requests: a sorted set of lease ids scored by lease expiry;
+- burst: a token bucket hash (``tokens``, ``ts``).
+"""
+
+from __future__ import annotations
+
+DIMENSION_CODES = {
+    "requestsPerMinute": 1,
+    "requestsPerHour": 2,
+    "tokensPerMinute": 3,
+    "concurrentRequests": 4,
+    "burst": 5,
+}
+
+ADMIT = r"""
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local lease_id = ARGV[1]
+local tokens = tonumber(ARGV[2])
+local lease_us = tonumber(ARGV[3])
+local n = tonumber(ARGV[4])
+local MINUTE = 60000000
+local HOUR = 3600000000
+local out = {0, now}
+local state = {}
+local admitted = 1
+
+local function prune_log(key, window)
+  redis.call('ZREMRANGEBYSCORE', key, '-inf', '(' .. (now - window))
+end
+
+local function prune_tokens(key, hkey, window)
+  local expired = redis.call('ZRANGEBYSCORE', key, '-inf', '(' .. (now - window))
+  if #expired > 0 then
+    local costs = redis.call('HMGET', hkey, unpack(expired))
+    local freed = 0
+    for i = 1, #costs do freed = freed + (tonumber(costs[i]) or 0) end
+    redis.call('HDEL', hkey, unpack(expired))
+    redis.call('ZREMRANGEBYSCORE', key, '-inf', '(' .. (now - window))
+    redis.call('HINCRBY', hkey, '_total', -freed)
+  end
+  return tonumber(redis.call('HGET', hkey, '_total') or '0')
+end
+
+for i = 1, n do
+  local key = KEYS[2 * i - 1]
+  local hkey = KEYS[2 * i]
+  local base = 4 + (i - 1) * 4
+  local dim = tonumber(ARGV[base + 1])
+  local limit = tonumber(ARGV[base + 2])
+  local shadow = tonumber(ARGV[base + 3])
+  local extra = tonumber(ARGV[base + 4])
+  local pass, remaining, retry, reset = 1, 0, 0, 0
+  if dim == 1 or dim == 2 then
+    local window = (dim == 1) and MINUTE or HOUR
+    prune_log(key, window)
+    local count = redis.call('ZCARD', key)
+    if count + 1 > limit then
+      pass = 0
+      remaining = limit - count
+      if limit <= 0 then
+        retry = window
+      else
+        local k = count - limit
+        local entry = redis.call('ZRANGE', key, k, k, 'WITHSCORES')
+        retry = tonumber(entry[2]) + window - now
+      end
+    else
+      remaining = limit - count - 1
+    end
+    local newest = redis.call('ZRANGE', key, -1, -1, 'WITHSCORES')
+    if pass == 1 then reset = window elseif newest[2] then reset = tonumber(newest[2]) + window - now end
+  elseif dim == 3 then
+    local total = prune_tokens(key, hkey, MINUTE)
+    if total + tokens > limit then
+      pass = 0
+      remaining = limit - total
+      if tokens > limit then
+        retry = MINUTE
+      else
+        local entries = redis.call('ZRANGE', key, 0, -1, 'WITHSCORES')
+        local used = total
+        retry = MINUTE
+        for j = 1, #entries, 2 do
+          used = used - (tonumber(redis.call('HGET', hkey, entries[j])) or 0)
+          if used + tokens <= limit then
+            retry = tonumber(entries[j + 1]) + MINUTE - now
+            break
+          end
+        end
+      end
+    else
+      remaining = limit - total - tokens
+    end
+    local newest = redis.call('ZRANGE', key, -1, -1, 'WITHSCORES')
+    if pass == 1 and tokens > 0 then
+      reset = MINUTE
+    elseif newest[2] then
+      reset = tonumber(newest[2]) + MINUTE - now
+    end
+  elseif dim == 4 then
+    redis.call('ZREMRANGEBYSCORE', key, '-inf', '(' .. now)
+    local count = redis.call('ZCARD', key)
+    if count + 1 > limit then
+      pass = 0
+      remaining = limit - count
+      retry = 1000000
+    else
+      remaining = limit - count - 1
+    end
+  elseif dim == 5 then
+    local rate = extra / MINUTE
+    local bucket = redis.call('HMGET', key, 'tokens', 'ts')
+    local level = tonumber(bucket[1]) or limit
+    local ts = tonumber(bucket[2]) or now
+    level = math.min(limit, level + math.max(0, now - ts) * rate)
+    state[i] = level
+    if level < 1 then
+      pass = 0
+      remaining = 0
+      if rate > 0 then retry = math.ceil((1 - level) / rate) else retry = MINUTE end
+    else
+      remaining = math.floor(level - 1)
+    end
+    if rate > 0 then reset = math.ceil((limit - level + pass) / rate) end
+  end
+  if remaining < 0 then remaining = 0 end
+  if pass == 0 and shadow == 0 then admitted = 0 end
+  table.insert(out, pass)
+  table.insert(out, remaining)
+  table.insert(out, retry)
+  table.insert(out, reset)
+end
+
+if admitted == 1 then
+  for i = 1, n do
+    local key = KEYS[2 * i - 1]
+    local hkey = KEYS[2 * i]
+    local base = 4 + (i - 1) * 4
+    local dim = tonumber(ARGV[base + 1])
+    if dim == 1 then
+      redis.call('ZADD', key, now, lease_id)
+      redis.call('PEXPIRE', key, 61000)
+    elseif dim == 2 then
+      redis.call('ZADD', key, now, lease_id)
+      redis.call('PEXPIRE', key, 3601000)
+    elseif dim == 3 then
+      if tokens > 0 then
+        redis.call('ZADD', key, now, lease_id)
+        redis.call('HSET', hkey, lease_id, tokens)
+        redis.call('HINCRBY', hkey, '_total', tokens)
+      end
+      redis.call('PEXPIRE', key, 61000)
+      redis.call('PEXPIRE', hkey, 61000)
+    elseif dim == 4 then
+      redis.call('ZADD', key, now + lease_us, lease_id)
+      local ttl = redis.call('PTTL', key)
+      local want = math.floor(lease_us / 1000) + 1000
+      if ttl < want then redis.call('PEXPIRE', key, want) end
+    elseif dim == 5 then
+      local limit = tonumber(ARGV[base + 2])
+      local rate = tonumber(ARGV[base + 4]) / MINUTE
+      redis.call('HSET', key, 'tokens', tostring(state[i] - 1), 'ts', now)
+      local refill_ms = 1000
+      if rate > 0 then refill_ms = math.ceil(limit / rate / 1000) + 1000 end
+      redis.call('PEXPIRE', key, refill_ms)
+    end
+  end
+  out[1] = 1
+end
+return out
+"""
+
+SETTLE = r"""
+local lease_id = ARGV[1]
+local actual = tonumber(ARGV[2])
+local n = tonumber(ARGV[3])
+for i = 1, n do
+  local key = KEYS[2 * i - 1]
+  local hkey = KEYS[2 * i]
+  local dim = tonumber(ARGV[3 + i])
+  if dim == 3 then
+    local charged = redis.call('HGET', hkey, lease_id)
+    if charged then
+      redis.call('HSET', hkey, lease_id, actual)
+      redis.call('HINCRBY', hkey, '_total', actual - tonumber(charged))
+    end
+  elseif dim == 4 then
+    redis.call('ZREM', key, lease_id)
+  end
+end
+return 1
+"""
