@@ -37,6 +37,7 @@ log = logging.getLogger("llmroute.sidecar")
 
 #: The traffic app accepts large bodies itself; the route's maxRequestBytes is checked per request.
 CLIENT_MAX_SIZE = 1024**3
+STORE_PING_SECONDS = 0.25
 
 
 def make_store(settings: Settings, route: LLMRoute) -> QuotaStore:
@@ -95,6 +96,7 @@ class Sidecar:
         self._tasks.append(asyncio.create_task(self._watch_route_file(), name="route-watch"))
         self._tasks.append(asyncio.create_task(self._probe_upstream(), name="upstream-health"))
         self._tasks.append(asyncio.create_task(self._sample_load(), name="load-sampler"))
+        self._tasks.append(asyncio.create_task(self._watch_store(), name="store-watch"))
         log.info(
             "sidecar started",
             extra={
@@ -242,6 +244,17 @@ class Sidecar:
             return False, f"no answer within {timeout:g}s"
         except aiohttp.ClientError as error:
             return False, f"unreachable: {type(error).__name__}"
+
+    async def _watch_store(self) -> None:
+        """While the quota store is marked unavailable, ping it so readiness recovers without traffic."""
+        ping = getattr(self.store, "ping", None)
+        if ping is None:
+            return
+        while True:
+            await asyncio.sleep(STORE_PING_SECONDS)
+            if not self.health.store_available and await ping():
+                self.health.store_available = True
+                log.info("quota store available again")
 
     async def _sample_load(self) -> None:
         """Feed the autoscaling hints with the in-flight count, once a second."""

@@ -18,7 +18,7 @@ def backoff_delays(base: float = 0.1, cap: float = 5.0, rng: random.Random | Non
 
 
 def bounded_delay(delay: float, remaining_budget: float, reserve: float = 0.05) -> float | None:
-    """``delay`` if sleeping it still leaves ``reserve`` seconds of the deadline, else None (stop retrying)."""
+    """``delay`` if sleeping it leaves ``reserve`` seconds of the deadline, else None (stop retrying)."""
     delay = max(0.0, delay)
     if remaining_budget - delay < reserve:
         return None

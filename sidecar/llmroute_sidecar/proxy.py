@@ -14,7 +14,7 @@ import json
 import logging
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import aiohttp
 from aiohttp import web
@@ -23,6 +23,7 @@ from yarl import URL
 
 from llmroute_sidecar import errors
 from llmroute_sidecar.accesslog import AccessLog, AccessRecord
+from llmroute_sidecar.api.spec import StoreFailurePolicy
 from llmroute_sidecar.backoff import backoff_delays, bounded_delay
 from llmroute_sidecar.breaker import BreakerState, CircuitBreaker
 from llmroute_sidecar.config import Settings
@@ -47,7 +48,15 @@ from llmroute_sidecar.openai.sse import (
 )
 from llmroute_sidecar.openai.tokens import estimate_cost, estimate_prompt_tokens
 from llmroute_sidecar.policy import ClientIdentity, RoutePolicy, build_checks, identify
-from llmroute_sidecar.quota.base import AdmissionRequest, Decision, Lease, QuotaStore
+from llmroute_sidecar.quota.base import (
+    AdmissionRequest,
+    Decision,
+    Lease,
+    LimitCheck,
+    QuotaStore,
+    StoreUnavailableError,
+)
+from llmroute_sidecar.quota.memory import MemoryQuotaStore
 from llmroute_sidecar.tracing import child_trace, request_id
 
 log = logging.getLogger("llmroute.proxy")
@@ -85,6 +94,7 @@ class Exchange:
     client_disconnected: bool = False
     error: str | None = None
     lease: Lease | None = None
+    lease_store: QuotaStore | None = None
     response_started: bool = False
     first_byte: float | None = None
     headers: dict[str, str] = field(default_factory=dict)
@@ -112,6 +122,8 @@ class Gateway:
     ) -> None:
         self.policy = policy
         self.store = store
+        self.fallback = MemoryQuotaStore()
+        """Local limiter used while the shared store is unreachable (onStoreFailure: allow)."""
         self.settings = settings
         self.metrics = metrics
         self.health = health
@@ -327,7 +339,7 @@ class Gateway:
         started = time.monotonic()
         queue_deadline = started + spec.queue_timeout_seconds
         while True:
-            decision = await self.store.admit(admission)
+            decision, ex.lease_store = await self._store_admit(policy, admission)
             self._count_shadow(policy, decision)
             remaining = queue_deadline - time.monotonic()
             if decision.admitted or not decision.waits_for_concurrency or remaining <= 0:
@@ -359,6 +371,33 @@ class Gateway:
             "quota_rejected",
             headers,
         )
+
+    async def _store_admit(
+        self, policy: RoutePolicy, admission: AdmissionRequest
+    ) -> tuple[Decision, QuotaStore]:
+        """Admit through the shared store; on its failure apply the route's onStoreFailure policy."""
+        try:
+            decision = await self.store.admit(admission)
+        except StoreUnavailableError as error:
+            self.health.store_available = False
+            self.metrics.store_errors_total.labels(policy.name, "admit").inc()
+            if policy.route.spec.on_store_failure is StoreFailurePolicy.DENY:
+                raise errors.overloaded(
+                    "store_unavailable",
+                    "the quota store is unavailable and this route denies traffic without it",
+                    "store_unavailable",
+                ) from error
+            self.metrics.store_fallback_total.labels(policy.name).inc()
+            local = replace(admission, checks=tuple(_share(c, self.replicas) for c in admission.checks))
+            return replace(await self.fallback.admit(local), degraded=True), self.fallback
+        self.health.store_available = True
+        return decision, self.store
+
+    @property
+    def replicas(self) -> int:
+        """Replicas sharing the route: configured, or seen by the store's fleet heartbeat."""
+        seen = getattr(self.store, "replicas", 1)
+        return max(self.settings.replicas, seen if isinstance(seen, int) else 1)
 
     def _count_shadow(self, policy: RoutePolicy, decision: Decision) -> None:
         for state in decision.shadow_rejections:
@@ -594,7 +633,11 @@ class Gateway:
             if ex.lease is not None:
                 actual = self._tokens_to_charge(ex)
                 try:
-                    await self.store.settle(ex.lease, actual)
+                    await (ex.lease_store or self.store).settle(ex.lease, actual)
+                except StoreUnavailableError:
+                    # The lease expires on its own; the reservation stays charged until its window ends.
+                    self.metrics.store_errors_total.labels(policy_name, "settle").inc()
+                    self.health.store_available = False
                 except Exception:
                     log.exception(
                         "settling the lease failed", extra={"fields": {"request_id": ex.request_id}}
@@ -650,6 +693,22 @@ class Gateway:
         if not ex.response_started or ex.status >= 400:
             return 0
         return ex.tokens_reserved
+
+
+def _share(check: LimitCheck, replicas: int) -> LimitCheck:
+    """This pod's share of a limit while it decides alone: value // replicas, at least 1."""
+
+    def part(value: int | None) -> int | None:
+        return None if value is None else max(1, value // replicas)
+
+    return replace(
+        check,
+        requests_per_minute=part(check.requests_per_minute),
+        requests_per_hour=part(check.requests_per_hour),
+        tokens_per_minute=part(check.tokens_per_minute),
+        concurrent_requests=part(check.concurrent_requests),
+        burst=part(check.burst),
+    )
 
 
 def _status_kind(status: int) -> str:

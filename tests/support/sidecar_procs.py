@@ -6,9 +6,12 @@ can wait for a log record with a deadline instead of sleeping.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -19,12 +22,20 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from tests.support.redis_procs import free_port
+
+def free_port() -> int:
+    """A free loopback TCP port."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
 
 STARTUP_SECONDS = 20.0
 
 
-def wait_for(predicate: Callable[[], Any], timeout: float = 10.0, interval: float = 0.02, what: str = "") -> Any:
+def wait_for(
+    predicate: Callable[[], Any], timeout: float = 10.0, interval: float = 0.02, what: str = ""
+) -> Any:
     """Poll ``predicate`` until it returns something truthy; fail after ``timeout`` seconds."""
     deadline = time.monotonic() + timeout
     while True:
@@ -94,10 +105,26 @@ class ManagedProcess:
         return [r for r in self.records() if r.get("msg") == "access"]
 
     def wait_record(self, match: Callable[[dict[str, Any]], bool], timeout: float = 10.0) -> dict[str, Any]:
-        found: dict[str, Any] = wait_for(
-            lambda: next((r for r in self.records() if match(r)), None), timeout, what="a matching log record"
-        )
+        try:
+            found: dict[str, Any] = wait_for(
+                lambda: next((r for r in self.records() if match(r)), None), timeout, what="a log record"
+            )
+        except AssertionError as error:
+            raise AssertionError(f"{error}; the process printed:\n{self.output()[-4000:]}") from None
         return found
+
+    async def record(self, match: Callable[[dict[str, Any]], bool], timeout: float = 10.0) -> dict[str, Any]:
+        """``wait_record`` for async tests: polls without blocking the event loop."""
+        deadline = time.monotonic() + timeout
+        while True:
+            found = next((r for r in self.records() if match(r)), None)
+            if found is not None:
+                return found
+            if time.monotonic() > deadline:
+                raise AssertionError(
+                    f"timed out after {timeout}s waiting for a log record:\n{self.output()[-4000:]}"
+                )
+            await asyncio.sleep(0.02)
 
     @property
     def alive(self) -> bool:
@@ -119,10 +146,8 @@ class ManagedProcess:
                 os.killpg(self.proc.pid, signal.SIGTERM)
                 self.proc.wait(10)
             except (ProcessLookupError, subprocess.TimeoutExpired):
-                try:
+                with contextlib.suppress(ProcessLookupError):
                     os.killpg(self.proc.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
                 self.proc.wait(10)
         self._reader.join(5)
 
@@ -133,7 +158,14 @@ class MockUpstream(ManagedProcess):
     def __init__(self, *extra: str) -> None:
         self.port = free_port()
         super().__init__(
-            [sys.executable, "-m", "llmroute_sidecar.mockupstream", "--listen", f"127.0.0.1:{self.port}", *extra]
+            [
+                sys.executable,
+                "-m",
+                "llmroute_sidecar.mockupstream",
+                "--listen",
+                f"127.0.0.1:{self.port}",
+                *extra,
+            ]
         )
         wait_for(lambda: http_get(f"{self.url}/health")[0] == 200 or not self.alive, STARTUP_SECONDS)
         if not self.alive:

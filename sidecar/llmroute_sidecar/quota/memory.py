@@ -1,23 +1,50 @@
 """The in-memory quota store: exact within one process; the embedded default and the reference model.
 
-Semantics (the Redis store implements the same ones):
+The Redis store is property-tested against this one, so the semantics here are the specification:
+
+- Counters are keyed by (route, limit name, subject, dimension): the same limit on another route or
+  subject counts separately. Limit values are read on every call, so a changed value (config reload)
+  applies at once to what is already counted.
 - requestsPerMinute / requestsPerHour are sliding logs: at most N admissions in any 60 s / 3600 s
-  window — no fixed-window boundary that admits 2N;
-- tokensPerMinute is a sliding log of charges: admitted only if the charges of the last 60 s plus
-  this request's reservation stay within N. A reservation larger than N can never pass (retry after
-  60 s, reported as such). Settlement rewrites the entry's charge in place (refund or debt);
-- burst (with requestsPerMinute) is a token bucket of that capacity refilled at rpm/60 per second;
-- concurrentRequests counts unexpired, unsettled leases;
-- all or nothing: a rejected request consumes nothing; shadow limits report but never reject, and
-  consume like the others when the request is admitted;
-- counters are keyed by (route, limit, subject, dimension); changed limit values apply to the
-  existing log at once.
+  window (an entry admitted at ``t`` counts while ``now < t + window``), so there is no fixed-window
+  boundary that lets 2N through.
+- tokensPerMinute is a sliding log of charges: a request passes only if the charges of the last 60 s
+  plus its reservation stay within N. A reservation larger than N can never pass: it is rejected with
+  ``retry_after`` = 60 and ``remaining`` 0. Admission charges the reservation; ``settle`` rewrites the
+  entry's charge to the actual usage (refund or debt; the entry keeps its admission time; an entry
+  already out of the window is left alone). Debt can push usage above N: nothing passes until it ages
+  out. A reservation of 0 still logs an entry, so settlement can charge it.
+- burst (only with requestsPerMinute) is a token bucket of capacity ``burst``, starting full, refilled
+  continuously at requestsPerMinute/60 per second; each admission takes 1. It never goes below empty.
+- concurrentRequests counts the unsettled, unexpired leases holding a slot. A lease expires
+  ``lease_seconds`` after admission and its slots return, so nothing locks a key forever.
+- ``admit`` is all or nothing: every dimension of every check is evaluated; if an enforced one fails,
+  nothing is consumed (shadow counters included). Shadow checks never reject; when the request is
+  admitted they consume like the others (their counters mirror admitted traffic) and the ones that
+  failed are reported in ``shadow_rejections`` (empty on rejected decisions).
+- Decisions: ``states`` describe every dimension after the decision (after consumption when admitted,
+  unchanged when rejected); ``remaining`` is what is left (requests, tokens, whole bucket tokens or
+  slots, never below 0); ``reset_seconds`` is the time until the window frees everything counted now
+  (newest charged entry + window - now; for burst, until the bucket is full; 0 for concurrency and
+  empty logs). ``rejected`` is the failing enforced state with the largest ``retry_after`` and
+  ``retry_after`` is the exact time until every failing enforced dimension would pass, given no other
+  traffic: the oldest entries ageing out, the bucket refilling to 1. A limit of 0 retries after its
+  window. Concurrency retries after 1 s (``CONCURRENCY_RETRY_SECONDS``): slots free when other
+  requests finish, not on a schedule. ``tightest`` is the enforced state with the least remaining
+  (ties: the shorter window, concurrency counting as 0 s and burst as 60 s).
+- ``settle`` releases the slots and settles the tokens; it is idempotent and ignores unknown leases.
+  After its lease expired, a lease's token entries can still be settled while they are in the window.
+- ``wait_for_capacity`` returns when a lease is settled or expires, or after ``timeout``.
+- Memory stays bounded: logs are pruned on access and swept every minute, empty counters and full
+  buckets are dropped, lease records go once their slots expired and their entries left the window.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import heapq
+import math
 import time
 import uuid
 from collections import deque
@@ -34,19 +61,34 @@ from llmroute_sidecar.quota.base import (
     LimitState,
 )
 
+#: ``retry_after`` of a concurrency rejection: slots free when other requests finish.
 CONCURRENCY_RETRY_SECONDS = 1.0
+#: How often every counter is pruned, so idle subjects do not accumulate.
+SWEEP_SECONDS = 60.0
+#: Float slack of the token bucket, whose level accumulates rounding.
+EPSILON = 1e-9
+#: Window of each dimension for ranking ``tightest`` (and for retrying a limit of 0).
+RANK_WINDOWS = {
+    **WINDOW_SECONDS,
+    Dimension.BURST: 60.0,
+    Dimension.CONCURRENT_REQUESTS: 0.0,
+}
+TOKEN_WINDOW = WINDOW_SECONDS[Dimension.TOKENS_PER_MINUTE]
+
 Key = tuple[str, str, str, Dimension]
+"""(route, limit name, subject, dimension)."""
 
 
 @dataclass
 class _Entry:
     at: float
-    lease_id: str
-    charge: int = 1
+    charge: int
 
 
 @dataclass
 class _Log:
+    """A sliding log: entries oldest first and the sum of their charges."""
+
     entries: deque[_Entry] = field(default_factory=deque)
     total: int = 0
 
@@ -54,171 +96,293 @@ class _Log:
         while self.entries and self.entries[0].at <= horizon:
             self.total -= self.entries.popleft().charge
 
+    def append(self, entry: _Entry) -> None:
+        self.entries.append(entry)
+        self.total += entry.charge
+
+    def time_until(self, allowed: int, window: float, now: float) -> float:
+        """Seconds until the total is at most ``allowed`` (>= 0) as the oldest entries age out."""
+        used = self.total
+        for entry in self.entries:
+            used -= entry.charge
+            if used <= allowed:
+                return entry.at + window - now
+        return window
+
+    def newest_charged(self) -> float | None:
+        return next((entry.at for entry in reversed(self.entries) if entry.charge > 0), None)
+
 
 @dataclass
 class _Bucket:
     level: float
     at: float
+    full_at: float
 
 
 @dataclass
-class _Outcome:
-    state: LimitState
-    passed: bool
-    retry: float
+class _Hold:
+    """What a lease holds until settled: concurrency slots and token-log entries."""
+
+    expires_at: float
+    drop_at: float
+    slots: list[Key] = field(default_factory=list)
+    charges: list[tuple[Key, _Entry]] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class _Item:
+    """One dimension of one check of a request."""
+
+    check: LimitCheck
+    dimension: Dimension
+    value: int
+    key: Key
+
+    @property
+    def window(self) -> float:
+        return RANK_WINDOWS[self.dimension]
+
+    @property
+    def rate(self) -> float:
+        """Refill rate of a burst bucket, per second."""
+        return (self.check.requests_per_minute or 0) / 60.0
+
+    def state(self, remaining: int, reset_seconds: float) -> LimitState:
+        return LimitState(
+            self.check.limit,
+            self.check.scope,
+            self.dimension,
+            self.value,
+            max(0, remaining),
+            max(0.0, reset_seconds),
+        )
+
+
+def _items(request: AdmissionRequest) -> list[_Item]:
+    return [
+        _Item(check, dimension, value, (request.route, check.limit, check.subject, dimension))
+        for check in request.checks
+        for dimension, value in check.values().items()
+    ]
+
+
+def _cost(item: _Item, tokens: int) -> int:
+    return tokens if item.dimension is Dimension.TOKENS_PER_MINUTE else 1
 
 
 class MemoryQuotaStore:
-    """Quota state in this process's memory."""
+    """Quota state in this process's memory; ``clock`` returns seconds (injectable for tests)."""
 
     def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self._clock = clock
         self._logs: dict[Key, _Log] = {}
         self._buckets: dict[Key, _Bucket] = {}
-        self._leases: dict[Key, dict[str, float]] = {}
-        self._entries: dict[str, list[tuple[Key, _Entry]]] = {}
-        self._settled: set[str] = set()
-        self._freed: asyncio.Condition | None = None
-
-    # -- evaluation ------------------------------------------------------------------------------
-
-    def _evaluate(
-        self, check: LimitCheck, key: Key, dimension: Dimension, limit: int, tokens: int, now: float
-    ) -> _Outcome:
-        check_limit, scope = check.limit, check.scope
-        if dimension is Dimension.CONCURRENT_REQUESTS:
-            holders = self._live_leases(key, now)
-            passed = len(holders) + 1 <= limit
-            remaining = limit - len(holders) - (1 if passed else 0)
-            state = LimitState(check_limit, scope, dimension, limit, max(0, remaining), 0.0)
-            return _Outcome(state, passed, 0.0 if passed else CONCURRENCY_RETRY_SECONDS)
-        if dimension is Dimension.BURST:
-            return self._evaluate_bucket(check, key, limit, now)
-        window = WINDOW_SECONDS[dimension]
-        log = self._logs.setdefault(key, _Log())
-        log.prune(now - window)
-        cost = tokens if dimension is Dimension.TOKENS_PER_MINUTE else 1
-        passed = log.total + cost <= limit
-        retry = 0.0
-        if not passed:
-            retry = window if cost > limit else self._time_until_fits(log, limit, cost, window, now)
-        remaining = limit - log.total - (cost if passed else 0)
-        newest = log.entries[-1].at if log.entries else None
-        reset = window if passed and cost > 0 else newest + window - now if newest is not None else 0.0
-        state = LimitState(check_limit, scope, dimension, limit, max(0, remaining), reset)
-        return _Outcome(state, passed, retry)
-
-    @staticmethod
-    def _time_until_fits(log: _Log, limit: int, cost: int, window: float, now: float) -> float:
-        used = log.total
-        for entry in log.entries:
-            used -= entry.charge
-            if used + cost <= limit:
-                return entry.at + window - now
-        return window
-
-    def _evaluate_bucket(self, check: LimitCheck, key: Key, capacity: int, now: float) -> _Outcome:
-        rate = (check.requests_per_minute or 0) / 60.0
-        bucket = self._buckets.get(key) or _Bucket(float(capacity), now)
-        level = min(float(capacity), bucket.level + max(0.0, now - bucket.at) * rate)
-        passed = level >= 1.0
-        retry = 0.0 if passed else ((1.0 - level) / rate if rate > 0 else 60.0)
-        remaining = int(level - 1) if passed else 0
-        reset = (capacity - level + (1 if passed else 0)) / rate if rate > 0 else 0.0
-        state = LimitState(check.limit, check.scope, Dimension.BURST, capacity, max(0, remaining), reset)
-        return _Outcome(state, passed, retry)
-
-    def _live_leases(self, key: Key, now: float) -> dict[str, float]:
-        holders = self._leases.get(key, {})
-        expired = [lease for lease, expiry in holders.items() if expiry <= now]
-        for lease in expired:
-            del holders[lease]
-        return holders
+        self._slots: dict[Key, set[str]] = {}
+        self._holds: dict[str, _Hold] = {}
+        self._deadlines: list[tuple[float, str]] = []
+        self._freed: asyncio.Event | None = None
+        self._next_sweep = clock() + SWEEP_SECONDS
 
     # -- QuotaStore ------------------------------------------------------------------------------
 
     async def admit(self, request: AdmissionRequest) -> Decision:
+        """Check every dimension of every check; consume all of them or none."""
         now = self._clock()
-        outcomes: list[tuple[LimitCheck, Key, Dimension, _Outcome]] = []
-        for check in request.checks:
-            for dimension, value in check.values().items():
-                key: Key = (request.route, check.limit, check.scope + "|" + check.subject, dimension)
-                outcome = self._evaluate(check, key, dimension, value, request.tokens, now)
-                outcomes.append((check, key, dimension, outcome))
-        states = tuple(o.state for _, _, _, o in outcomes)
-        failing = [o for c, _, _, o in outcomes if not o.passed and not c.shadow]
-        shadow = tuple(o.state for c, _, _, o in outcomes if not o.passed and c.shadow)
+        self._maintain(now)
+        tokens = max(0, request.tokens)
+        items = _items(request)
+        retries = [self._verdict(item, tokens, now) for item in items]
+        failing = [
+            (index, retry)
+            for index, retry in enumerate(retries)
+            if retry is not None and not items[index].check.shadow
+        ]
+        lease = None
+        if not failing:
+            lease = Lease(uuid.uuid4().hex, request, tokens)
+            self._consume(items, lease, now)
+        states = tuple(self._state(item, tokens, now) for item in items)
+        enforced = [state for item, state in zip(items, states, strict=True) if not item.check.shadow]
+        tightest = min(enforced, key=lambda s: (s.remaining, RANK_WINDOWS[s.dimension]), default=None)
         if failing:
-            binding = max(failing, key=lambda o: o.retry)
-            return Decision(False, None, binding.state, binding.retry, binding.state, states, ())
-        lease_id = uuid.uuid4().hex
-        for check, key, dimension, outcome in outcomes:
-            self._consume(check, key, dimension, request, lease_id, now, outcome)
-        enforce = [o.state for c, _, _, o in outcomes if not c.shadow]
-        tightest = min(enforce, key=lambda s: (s.remaining, s.reset_seconds), default=None)
-        lease = Lease(lease_id, request, request.tokens)
+            index, retry = max(failing, key=lambda pair: pair[1])
+            return Decision(False, None, states[index], retry, tightest, states)
+        shadow = tuple(
+            state
+            for item, state, retry in zip(items, states, retries, strict=True)
+            if retry is not None and item.check.shadow
+        )
         return Decision(True, lease, None, 0.0, tightest, states, shadow)
 
-    def _consume(
-        self,
-        check: LimitCheck,
-        key: Key,
-        dimension: Dimension,
-        request: AdmissionRequest,
-        lease_id: str,
-        now: float,
-        outcome: _Outcome,
-    ) -> None:
-        if dimension is Dimension.CONCURRENT_REQUESTS:
-            self._leases.setdefault(key, {})[lease_id] = now + request.lease_seconds
-        elif dimension is Dimension.BURST:
-            rate = (check.requests_per_minute or 0) / 60.0
-            bucket = self._buckets.get(key) or _Bucket(float(outcome.state.limit_value), now)
-            level = min(float(outcome.state.limit_value), bucket.level + max(0.0, now - bucket.at) * rate)
-            self._buckets[key] = _Bucket(level - 1.0, now)
-        else:
-            charge = request.tokens if dimension is Dimension.TOKENS_PER_MINUTE else 1
-            if charge <= 0:
-                return
-            entry = _Entry(now, lease_id, charge)
-            log = self._logs.setdefault(key, _Log())
-            log.entries.append(entry)
-            log.total += charge
-            if dimension is Dimension.TOKENS_PER_MINUTE:
-                self._entries.setdefault(lease_id, []).append((key, entry))
-
     async def settle(self, lease: Lease, actual_tokens: int) -> None:
-        if lease.lease_id in self._settled:
-            return
-        self._settled.add(lease.lease_id)
+        """Release the lease's slots and charge ``actual_tokens``; a no-op for unknown or settled leases."""
         now = self._clock()
-        for key, entry in self._entries.pop(lease.lease_id, []):
+        self._maintain(now)
+        hold = self._holds.pop(lease.lease_id, None)
+        if hold is None:
+            return
+        self._release(lease.lease_id, hold)
+        actual = max(0, actual_tokens)
+        for key, entry in hold.charges:
             log = self._logs.get(key)
-            if log is None or entry.at <= now - WINDOW_SECONDS[Dimension.TOKENS_PER_MINUTE]:
+            if log is None or entry.at <= now - TOKEN_WINDOW:
                 continue
-            log.total += max(0, actual_tokens) - entry.charge
-            entry.charge = max(0, actual_tokens)
-        for holders in self._leases.values():
-            holders.pop(lease.lease_id, None)
-        if len(self._settled) > 100_000:
-            self._settled.clear()
-        await self._notify()
-
-    async def _notify(self) -> None:
-        condition = self._condition()
-        async with condition:
-            condition.notify_all()
-
-    def _condition(self) -> asyncio.Condition:
-        if self._freed is None:
-            self._freed = asyncio.Condition()
-        return self._freed
+            log.total += actual - entry.charge
+            entry.charge = actual
+        self._signal()
 
     async def wait_for_capacity(self, timeout: float) -> None:
-        condition = self._condition()
-        async with condition:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(condition.wait(), timeout)
+        """Return when a lease is settled or expires, or after ``timeout`` seconds."""
+        event = self._event()
+        now = self._clock()
+        self._maintain(now)
+        if event.is_set():
+            return
+        delay = timeout
+        if self._deadlines:
+            delay = min(delay, self._deadlines[0][0] - now)
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(max(0.0, delay)):
+                await event.wait()
 
     async def close(self) -> None:
-        return None
+        """Wake every waiter; there is nothing else to release."""
+        self._signal()
+
+    # -- evaluation ------------------------------------------------------------------------------
+
+    def _verdict(self, item: _Item, tokens: int, now: float) -> float | None:
+        """None when ``item`` admits the request, else the seconds until it would."""
+        if item.dimension is Dimension.CONCURRENT_REQUESTS:
+            held = len(self._slots.get(item.key, ()))
+            return None if held < item.value else CONCURRENCY_RETRY_SECONDS
+        if item.dimension is Dimension.BURST:
+            return self._bucket_verdict(item, now)
+        return self._log_verdict(item, _cost(item, tokens), now)
+
+    def _log_verdict(self, item: _Item, cost: int, now: float) -> float | None:
+        log = self._log(item.key, now)
+        used = log.total if log is not None else 0
+        if used + cost <= item.value:
+            return None
+        if cost > item.value or log is None:
+            return item.window
+        return log.time_until(item.value - cost, item.window, now)
+
+    def _bucket_verdict(self, item: _Item, now: float) -> float | None:
+        level = self._level(item, now)
+        if level >= 1.0 - EPSILON:
+            return None
+        return (1.0 - level) / item.rate if item.rate > 0 else item.window
+
+    def _state(self, item: _Item, tokens: int, now: float) -> LimitState:
+        if item.dimension is Dimension.CONCURRENT_REQUESTS:
+            return item.state(item.value - len(self._slots.get(item.key, ())), 0.0)
+        if item.dimension is Dimension.BURST:
+            level = self._level(item, now)
+            reset = (item.value - level) / item.rate if item.rate > 0 else 0.0
+            return item.state(math.floor(level + EPSILON), reset)
+        log = self._log(item.key, now)
+        used = log.total if log is not None else 0
+        newest = log.newest_charged() if log is not None else None
+        reset = newest + item.window - now if newest is not None else 0.0
+        oversize = _cost(item, tokens) > item.value
+        return item.state(0 if oversize else item.value - used, reset)
+
+    def _log(self, key: Key, now: float) -> _Log | None:
+        """The key's log with expired entries pruned; None (and dropped) when empty."""
+        log = self._logs.get(key)
+        if log is None:
+            return None
+        log.prune(now - WINDOW_SECONDS[key[3]])
+        if not log.entries:
+            del self._logs[key]
+            return None
+        return log
+
+    def _level(self, item: _Item, now: float) -> float:
+        bucket = self._buckets.get(item.key)
+        if bucket is None:
+            return float(item.value)
+        return min(float(item.value), bucket.level + max(0.0, now - bucket.at) * item.rate)
+
+    # -- consumption -----------------------------------------------------------------------------
+
+    def _consume(self, items: list[_Item], lease: Lease, now: float) -> None:
+        expires_at = now + lease.request.lease_seconds
+        hold = _Hold(expires_at, expires_at)
+        for item in items:
+            if item.dimension is Dimension.CONCURRENT_REQUESTS:
+                self._slots.setdefault(item.key, set()).add(lease.lease_id)
+                hold.slots.append(item.key)
+            elif item.dimension is Dimension.BURST:
+                self._take(item, now)
+            else:
+                entry = _Entry(now, _cost(item, lease.reserved_tokens))
+                self._logs.setdefault(item.key, _Log()).append(entry)
+                if item.dimension is Dimension.TOKENS_PER_MINUTE:
+                    hold.charges.append((item.key, entry))
+        if hold.charges:
+            hold.drop_at = max(expires_at, now + TOKEN_WINDOW)
+        if hold.slots or hold.charges:
+            self._holds[lease.lease_id] = hold
+            heapq.heappush(self._deadlines, (expires_at, lease.lease_id))
+            if hold.drop_at > expires_at:
+                heapq.heappush(self._deadlines, (hold.drop_at, lease.lease_id))
+
+    def _take(self, item: _Item, now: float) -> None:
+        level = max(0.0, self._level(item, now) - 1.0)
+        full_at = now + (item.value - level) / item.rate if item.rate > 0 else math.inf
+        self._buckets[item.key] = _Bucket(level, now, full_at)
+
+    def _release(self, lease_id: str, hold: _Hold) -> None:
+        for key in hold.slots:
+            holders = self._slots.get(key)
+            if holders is None:
+                continue
+            holders.discard(lease_id)
+            if not holders:
+                del self._slots[key]
+        hold.slots.clear()
+
+    # -- housekeeping ----------------------------------------------------------------------------
+
+    def _maintain(self, now: float) -> None:
+        self._expire(now)
+        if now >= self._next_sweep:
+            self._sweep(now)
+            self._next_sweep = now + SWEEP_SECONDS
+
+    def _expire(self, now: float) -> None:
+        """Return the slots of expired leases; forget leases with nothing left to settle."""
+        freed = False
+        while self._deadlines and self._deadlines[0][0] <= now:
+            _, lease_id = heapq.heappop(self._deadlines)
+            hold = self._holds.get(lease_id)
+            if hold is None:
+                continue
+            if hold.slots and hold.expires_at <= now:
+                self._release(lease_id, hold)
+                freed = True
+            if hold.drop_at <= now:
+                del self._holds[lease_id]
+        if freed:
+            self._signal()
+
+    def _sweep(self, now: float) -> None:
+        for key in list(self._logs):
+            self._log(key, now)
+        for key in [key for key, bucket in self._buckets.items() if bucket.full_at <= now]:
+            del self._buckets[key]
+
+    def _event(self) -> asyncio.Event:
+        if self._freed is None:
+            self._freed = asyncio.Event()
+        return self._freed
+
+    def _signal(self) -> None:
+        """Wake the current waiters; later waiters wait on a fresh event."""
+        if self._freed is not None:
+            self._freed.set()
+            self._freed = None

@@ -208,6 +208,16 @@ class RedisQuotaStore:
             args.append(DIMENSION_CODES[dimension.value])
         await self._run(self._settle, keys, args)
 
+    async def ping(self) -> bool:
+        """True when Redis answers; resets the failure pause so exact limiting resumes at once."""
+        try:
+            async with asyncio.timeout(OPERATION_TIMEOUT * 2):
+                await self.client.ping()
+        except (RedisError, OSError, TimeoutError):
+            return False
+        self._succeeded()
+        return True
+
     async def wait_for_capacity(self, timeout: float) -> None:
         # Slots free up in other pods too: poll at a short, bounded interval.
         await asyncio.sleep(min(timeout, 0.02))
