@@ -122,10 +122,10 @@ def client_key(headers: Mapping[str, str], header: str) -> str | None:
     raw = headers.get(header)
     if raw is None:
         return None
-    raw = raw.strip()
-    if raw[:7].lower() == "bearer ":
-        raw = raw[7:].strip()
-    return raw or None
+    scheme, _, rest = raw.strip().partition(" ")
+    if scheme.lower() == "bearer":
+        return rest.strip() or None
+    return raw.strip() or None
 
 
 def identify(policy: RoutePolicy, headers: Mapping[str, str]) -> ClientIdentity:
