@@ -247,7 +247,9 @@ async def test_burst_bucket_paces_requests(store: MemoryQuotaStore, clock: FakeC
     for remaining in (2, 1, 0):
         decision = await store.admit(request)
         assert decision.admitted
-        assert state(decision, "l", BURST) == LimitState("l", "route", BURST, 3, remaining, (3 - remaining) * 2.0)
+        assert state(decision, "l", BURST) == LimitState(
+            "l", "route", BURST, 3, remaining, (3 - remaining) * 2.0
+        )
     decision = await store.admit(request)
     assert not decision.admitted
     assert decision.rejected == LimitState("l", "route", BURST, 3, 0, 6.0)

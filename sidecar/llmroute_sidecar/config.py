@@ -54,6 +54,8 @@ class Settings:
     watch_interval: float = 1.0
     health_interval: float = 5.0
     heartbeat_seconds: float = 15.0
+    lease_margin_seconds: float = 30.0
+    """Concurrency leases expire deadlineSeconds + this after admission (a killed pod's slots return)."""
     replicas: int = 1
     pod_name: str = ""
     pod_namespace: str = ""
@@ -131,6 +133,7 @@ def load_settings(argv: Sequence[str] | None = None, env: Mapping[str, str] | No
         watch_interval=max(0.05, _number(env, "LLMROUTE_WATCH_INTERVAL", 1.0)),
         health_interval=max(0.05, _number(env, "LLMROUTE_HEALTH_INTERVAL", 5.0)),
         heartbeat_seconds=max(0.05, _number(env, "LLMROUTE_HEARTBEAT_SECONDS", 15.0)),
+        lease_margin_seconds=_number(env, "LLMROUTE_LEASE_MARGIN_SECONDS", 30.0),
         replicas=max(1, replicas),
         pod_name=env.get("LLMROUTE_POD_NAME", ""),
         pod_namespace=env.get("LLMROUTE_POD_NAMESPACE", ""),

@@ -61,7 +61,6 @@ from llmroute_sidecar.tracing import child_trace, request_id
 
 log = logging.getLogger("llmroute.proxy")
 
-LEASE_MARGIN_SECONDS = 30.0
 #: Bodies of non-OpenAI requests up to this size are buffered (so they can be retried).
 BUFFERED_BODY_LIMIT = 1024 * 1024
 #: JSON responses up to this size are kept to read their usage.
@@ -333,7 +332,7 @@ class Gateway:
             route=policy.name,
             checks=checks,
             tokens=tokens,
-            lease_seconds=spec.deadline_seconds + LEASE_MARGIN_SECONDS,
+            lease_seconds=spec.deadline_seconds + self.settings.lease_margin_seconds,
             request_id=ex.request_id,
         )
         started = time.monotonic()

@@ -236,9 +236,7 @@ class MemoryQuotaStore:
         """Return when a lease is settled or expires, or after ``timeout`` seconds."""
         event = self._event()
         now = self._clock()
-        self._maintain(now)
-        if event.is_set():
-            return
+        self._maintain(now)  # may expire leases, which sets the event
         delay = timeout
         if self._deadlines:
             delay = min(delay, self._deadlines[0][0] - now)

@@ -89,6 +89,7 @@ for i = 1, n do
       pass = 0
       remaining = limit - total
       if tokens > limit then
+        remaining = 0
         retry = MINUTE
       else
         local entries = redis.call('ZRANGE', key, 0, -1, 'WITHSCORES')
@@ -158,11 +159,9 @@ if admitted == 1 then
       redis.call('ZADD', key, now, lease_id)
       redis.call('PEXPIRE', key, 3601000)
     elseif dim == 3 then
-      if tokens > 0 then
-        redis.call('ZADD', key, now, lease_id)
-        redis.call('HSET', hkey, lease_id, tokens)
-        redis.call('HINCRBY', hkey, '_total', tokens)
-      end
+      redis.call('ZADD', key, now, lease_id)
+      redis.call('HSET', hkey, lease_id, tokens)
+      redis.call('HINCRBY', hkey, '_total', tokens)
       redis.call('PEXPIRE', key, 61000)
       redis.call('PEXPIRE', hkey, 61000)
     elseif dim == 4 then
@@ -173,7 +172,7 @@ if admitted == 1 then
     elseif dim == 5 then
       local limit = tonumber(ARGV[base + 2])
       local rate = tonumber(ARGV[base + 4]) / MINUTE
-      redis.call('HSET', key, 'tokens', tostring(state[i] - 1), 'ts', now)
+      redis.call('HSET', key, 'tokens', tostring(math.max(0, state[i] - 1)), 'ts', now)
       local refill_ms = 1000
       if rate > 0 then refill_ms = math.ceil(limit / rate / 1000) + 1000 end
       redis.call('PEXPIRE', key, refill_ms)
