@@ -1,11 +1,14 @@
 """A built-in mock OpenAI upstream (JSON and SSE), for ``make demo``, tests and benchmarks.
 
-Test-control request headers:
+Prompt tokens in ``usage`` use :func:`estimate_prompt_tokens`, so tests can predict exact numbers;
+completion tokens are the number of content chunks. Test-control request headers:
 ``X-Mock-Status: N`` answer N with an OpenAI-style error; ``X-Mock-Fail-First: N`` with
 ``X-Mock-Key: K`` the first N requests of key K get 503; ``X-Mock-Latency: S`` extra seconds before
-the first byte; ``X-Mock-Stream-Error-After: N`` break the stream after N content chunks;
+the first byte; ``X-Mock-Stream-Error-After: N`` close the connection after N content chunks;
 ``X-Mock-Tokens: N`` completion tokens; ``X-Mock-No-Usage: 1`` never send usage in a stream;
-``X-Mock-Hold: 1`` hold the stream after its first chunk until ``POST /mock/release``.
+``X-Mock-Hold: 1`` hold the stream after its first content chunk until ``POST /mock/release``.
+Received requests are kept in ``app[REQUESTS]`` (also ``GET /mock/requests``), counters in
+``app[COUNTERS]``; ``POST /mock/health {"healthy": false}`` makes ``GET /health`` answer 503.
 """
 
 from __future__ import annotations
@@ -21,56 +24,38 @@ from typing import Any
 
 from aiohttp import web
 
-from llmroute_sidecar.openai.requests import RequestValidationError, parse_request
+from llmroute_sidecar.openai.requests import ParsedRequest, RequestValidationError, parse_request
 from llmroute_sidecar.openai.tokens import estimate_prompt_tokens
 
-WORDS = [
-    "the",
-    "quick",
-    "brown",
-    "fox",
-    "jumps",
-    "over",
-    "the",
-    "lazy",
-    "dog",
-    "while",
-    "rate",
-    "limits",
-    "keep",
-    "every",
-    "replica",
-    "honest",
-]
+_SENTENCE = "the quick brown fox jumps over the lazy dog while rate limits keep every replica honest"
+WORDS = tuple(_SENTENCE.split())
 
 
 @dataclass(frozen=True)
 class MockSettings:
+    """Pacing of the mock's answers, in seconds, and its default completion length."""
+
     first_token_latency: float = 0.05
     token_interval: float = 0.01
     completion_tokens: int = 16
     json_latency: float = 0.05
 
 
-def _error(status: int, message: str) -> web.Response:
-    body = {"error": {"message": message, "type": "mock_error", "code": f"mock_{status}"}}
-    return web.json_response(body, status=status)
-
-
-def _completion_tokens(request: web.Request, settings: MockSettings, max_tokens: int | None) -> int:
-    wanted = int(request.headers.get("X-Mock-Tokens", settings.completion_tokens))
-    return min(wanted, max_tokens) if max_tokens else wanted
+SETTINGS = web.AppKey("settings", MockSettings)
+REQUESTS = web.AppKey("requests", list[dict[str, Any]])
+COUNTERS = web.AppKey("counters", defaultdict[str, int])
+HEALTHY = web.AppKey("healthy", list[bool])
+RELEASE = web.AppKey("release", list[asyncio.Event])
 
 
 def create_app(settings: MockSettings | None = None) -> web.Application:
     """The mock upstream application."""
-    settings = settings or MockSettings()
     app = web.Application()
-    app["settings"] = settings
-    app["requests"] = []
-    app["counters"] = defaultdict(int)
-    app["healthy"] = True
-    app["release"] = asyncio.Event()
+    app[SETTINGS] = settings or MockSettings()
+    app[REQUESTS] = []
+    app[COUNTERS] = defaultdict(int)
+    app[HEALTHY] = [True]
+    app[RELEASE] = [asyncio.Event()]
     app.router.add_get("/health", _health)
     app.router.add_post("/mock/health", _set_health)
     app.router.add_post("/mock/release", _release)
@@ -83,166 +68,173 @@ def create_app(settings: MockSettings | None = None) -> web.Application:
     return app
 
 
+def _error(status: int, message: str) -> web.Response:
+    body = {"error": {"message": message, "type": "mock_error", "param": None, "code": f"mock_{status}"}}
+    return web.json_response(body, status=status)
+
+
+def _number(request: web.Request, name: str, default: float = 0) -> float:
+    """A numeric control header; a malformed one is answered 400."""
+    try:
+        return float(request.headers.get(name, default))
+    except ValueError:
+        raise web.HTTPBadRequest(
+            text=json.dumps({"error": {"message": f"bad {name} header", "code": "mock_bad_header"}}),
+            content_type="application/json",
+        ) from None
+
+
+def _sse(payload: dict[str, Any]) -> bytes:
+    return b"data: " + json.dumps(payload, separators=(",", ":")).encode() + b"\n\n"
+
+
 async def _health(request: web.Request) -> web.Response:
-    healthy = request.app["healthy"]
+    healthy = request.app[HEALTHY][0]
     return web.json_response({"status": "ok" if healthy else "unhealthy"}, status=200 if healthy else 503)
 
 
 async def _set_health(request: web.Request) -> web.Response:
-    request.app["healthy"] = bool((await request.json()).get("healthy", True))
-    return web.json_response({"healthy": request.app["healthy"]})
+    try:
+        body = await request.json()
+    except ValueError:
+        return _error(400, 'expected a JSON body like {"healthy": false}')
+    request.app[HEALTHY][0] = bool(body.get("healthy", True)) if isinstance(body, dict) else True
+    return web.json_response({"healthy": request.app[HEALTHY][0]})
 
 
 async def _release(request: web.Request) -> web.Response:
-    request.app["release"].set()
-    request.app["release"] = asyncio.Event()
+    events = request.app[RELEASE]
+    events[0].set()
+    events[0] = asyncio.Event()
     return web.json_response({"released": True})
 
 
 async def _requests(request: web.Request) -> web.Response:
-    return web.json_response(request.app["requests"])
+    return web.json_response(request.app[REQUESTS])
 
 
 async def _models(request: web.Request) -> web.Response:
-    return web.json_response({"object": "list", "data": [{"id": "mock-gpt", "object": "model"}]})
+    model = {"id": "mock-gpt", "object": "model", "created": 0, "owned_by": "llmroute-mock"}
+    return web.json_response({"object": "list", "data": [model]})
 
 
 async def _record(request: web.Request) -> tuple[bytes, web.Response | None]:
+    """Record the request, apply latency and failure headers; a response here ends the request."""
     body = await request.read()
     app = request.app
-    app["requests"].append(
-        {
-            "method": request.method,
-            "path": request.path_qs,
-            "headers": dict(request.headers),
-            "body_length": len(body),
-        }
-    )
-    app["counters"][request.path] += 1
-    latency = float(request.headers.get("X-Mock-Latency", "0") or 0)
-    if latency:
+    record = {"method": request.method, "path": request.path_qs, "headers": dict(request.headers)}
+    app[REQUESTS].append({**record, "body_length": len(body)})
+    app[COUNTERS][request.path] += 1
+    latency = _number(request, "X-Mock-Latency")
+    if latency > 0:
         await asyncio.sleep(latency)
     if "X-Mock-Status" in request.headers:
-        status = int(request.headers["X-Mock-Status"])
+        status = int(_number(request, "X-Mock-Status"))
+        if not 400 <= status <= 599:
+            return body, _error(400, "X-Mock-Status must be 400..599")
         return body, _error(status, f"mock answered {status} as asked")
     if "X-Mock-Fail-First" in request.headers:
         key = f"fail:{request.headers.get('X-Mock-Key', '')}"
-        app["counters"][key] += 1
-        if app["counters"][key] <= int(request.headers["X-Mock-Fail-First"]):
+        app[COUNTERS][key] += 1
+        if app[COUNTERS][key] <= _number(request, "X-Mock-Fail-First"):
             return body, _error(503, "mock upstream failing as asked")
     return body, None
 
 
-async def _completion(request: web.Request) -> web.StreamResponse:
+async def _parsed(request: web.Request) -> ParsedRequest | web.Response:
     raw, failure = await _record(request)
     if failure is not None:
         return failure
     try:
-        parsed = parse_request(request.path, raw)
+        return parse_request(request.path, raw)
     except RequestValidationError as error:
         return _error(400, error.message)
-    settings: MockSettings = request.app["settings"]
+
+
+async def _completion(request: web.Request) -> web.StreamResponse:
+    parsed = await _parsed(request)
+    if isinstance(parsed, web.Response):
+        return parsed
+    settings = request.app[SETTINGS]
+    wanted = int(_number(request, "X-Mock-Tokens", settings.completion_tokens))
+    limit = parsed.max_output_tokens
+    completion = min(wanted, limit) if limit else wanted
+    finish = "length" if limit is not None and limit < wanted else "stop"
     prompt = estimate_prompt_tokens(parsed)
-    completion = _completion_tokens(request, settings, parsed.max_output_tokens)
-    chat = parsed.kind == "chat"
-    ident = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
     usage = {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
-    if not parsed.stream:
-        await asyncio.sleep(settings.json_latency)
-        text = " ".join(WORDS[i % len(WORDS)] for i in range(completion))
-        choice: dict[str, Any] = {"index": 0, "finish_reason": "stop"}
-        if chat:
-            choice["message"] = {"role": "assistant", "content": text}
-        else:
-            choice["text"] = text
-        return web.json_response(
-            {
-                "id": ident,
-                "object": "chat.completion" if chat else "text_completion",
-                "created": int(time.time()),
-                "model": parsed.model,
-                "choices": [choice],
-                "usage": usage,
-            }
-        )
-    return await _stream(
-        request, parsed.model, chat, ident, completion, usage, parsed.include_usage_requested
-    )
+    chat = parsed.kind == "chat"
+    head = {
+        "id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}",
+        "object": "chat.completion" if chat else "text_completion",
+        "created": int(time.time()),
+        "model": parsed.model,
+        "system_fingerprint": "fp_llmroute_mock",
+    }
+    if parsed.stream:
+        return await _stream(request, head, completion, finish, usage, parsed.include_usage_requested)
+    await asyncio.sleep(settings.json_latency)
+    text = " ".join(WORDS[i % len(WORDS)] for i in range(completion))
+    choice: dict[str, Any] = {"index": 0, "logprobs": None, "finish_reason": finish}
+    if chat:
+        choice["message"] = {"role": "assistant", "content": text, "refusal": None}
+    else:
+        choice["text"] = text
+    return web.json_response({**head, "choices": [choice], "usage": usage})
 
 
 async def _stream(
     request: web.Request,
-    model: str,
-    chat: bool,
-    ident: str,
+    head: dict[str, Any],
     completion: int,
+    finish: str,
     usage: dict[str, int],
     include_usage: bool,
 ) -> web.StreamResponse:
-    settings: MockSettings = request.app["settings"]
-    response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
-    await response.prepare(request)
-    created = int(time.time())
-    break_after = request.headers.get("X-Mock-Stream-Error-After")
+    """Role chunk (chat), one word per chunk, finish chunk, optional usage-only chunk, [DONE]."""
+    settings = request.app[SETTINGS]
+    chat = head["object"] == "chat.completion"
+    head = {**head, "object": "chat.completion.chunk" if chat else "text_completion"}
+    break_after = int(_number(request, "X-Mock-Stream-Error-After", -1))
     hold = request.headers.get("X-Mock-Hold") == "1"
     send_usage = include_usage and request.headers.get("X-Mock-No-Usage") != "1"
 
-    def chunk(delta: dict[str, Any] | str | None, finish: str | None = None) -> bytes:
+    def chunk(text: str | None, finish_reason: str | None = None) -> bytes:
         if chat:
-            choice: dict[str, Any] = {"index": 0, "delta": delta or {}, "finish_reason": finish}
-            obj = "chat.completion.chunk"
+            delta = {"role": "assistant", "content": ""} if text is None else {"content": text}
+            choice: dict[str, Any] = {"index": 0, "delta": {} if finish_reason else delta}
         else:
-            choice = {"index": 0, "text": delta or "", "finish_reason": finish}
-            obj = "text_completion"
-        payload: dict[str, Any] = {
-            "id": ident,
-            "object": obj,
-            "created": created,
-            "model": model,
-            "choices": [choice],
-        }
-        if send_usage:
-            payload["usage"] = None
-        return b"data: " + json.dumps(payload, separators=(",", ":")).encode() + b"\n\n"
+            choice = {"index": 0, "text": text or ""}
+        choice.update(logprobs=None, finish_reason=finish_reason)
+        return _sse({**head, "choices": [choice], **({"usage": None} if send_usage else {})})
 
+    response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+    await response.prepare(request)
     await asyncio.sleep(settings.first_token_latency)
     if chat:
-        await response.write(chunk({"role": "assistant", "content": ""}))
+        await response.write(chunk(None))
     for index in range(completion):
-        if break_after is not None and index >= int(break_after):
+        if index == break_after:
             assert request.transport is not None
-            request.transport.close()
+            request.transport.close()  # abrupt: no terminating chunk, no [DONE]
             return response
-        word = WORDS[index % len(WORDS)] + " "
-        await response.write(chunk({"content": word} if chat else word))
+        await response.write(chunk(WORDS[index % len(WORDS)] + " "))
         if hold and index == 0:
-            await request.app["release"].wait()
+            await request.app[RELEASE][0].wait()
         if settings.token_interval:
             await asyncio.sleep(settings.token_interval)
-    await response.write(chunk({} if chat else "", finish="stop"))
+    await response.write(chunk("", finish_reason=finish))
     if send_usage:
-        payload: dict[str, Any] = {
-            "id": ident,
-            "object": "chat.completion.chunk" if chat else "text_completion",
-            "created": created,
-            "model": model,
-            "choices": [],
-            "usage": usage,
-        }
-        await response.write(b"data: " + json.dumps(payload, separators=(",", ":")).encode() + b"\n\n")
+        await response.write(_sse({**head, "choices": [], "usage": usage}))
     await response.write(b"data: [DONE]\n\n")
     await response.write_eof()
     return response
 
 
 async def _embeddings(request: web.Request) -> web.Response:
-    raw, failure = await _record(request)
-    if failure is not None:
-        return failure
-    try:
-        parsed = parse_request(request.path, raw)
-    except RequestValidationError as error:
-        return _error(400, error.message)
+    parsed = await _parsed(request)
+    if isinstance(parsed, web.Response):
+        return parsed
+    await asyncio.sleep(request.app[SETTINGS].json_latency)
     inputs = parsed.body["input"]
     count = len(inputs) if isinstance(inputs, list) and inputs and not isinstance(inputs[0], int) else 1
     prompt = estimate_prompt_tokens(parsed)
@@ -269,6 +261,7 @@ async def _echo(request: web.Request) -> web.Response:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """``python -m llmroute_sidecar.mockupstream --listen HOST:PORT [pacing options]``."""
     parser = argparse.ArgumentParser(description="Mock OpenAI-compatible upstream for llmroute.")
     parser.add_argument("--listen", default="127.0.0.1:8000", help="HOST:PORT")
     parser.add_argument("--first-token-latency", type=float, default=MockSettings.first_token_latency)

@@ -1,9 +1,9 @@
 """Token cost estimates at admission, before the upstream says what a request really used.
 
-Heuristic: about four characters per token for English text (OpenAI's rule of thumb), plus a small
-per-message overhead. It is an estimate: typical prose lands within ±25 % of a BPE tokenizer; code,
-CJK text and numbers can be off by 2x. Settlement replaces it with the upstream's actual usage, so
-the estimate only decides admission, never the final charge.
+Heuristic, not a tokenizer: about four characters per token (OpenAI's rule of thumb for English), plus
+a small per-message overhead for chat. Typical English prose lands within roughly ±25 % of a BPE
+tokenizer; code, CJK text, numbers and base64 can be off by 2x or more in either direction. Settlement
+replaces the estimate with the upstream's reported usage, so it only sizes the admission reservation.
 """
 
 from __future__ import annotations
@@ -18,20 +18,32 @@ PER_MESSAGE_TOKENS = 4
 PRIMING_TOKENS = 3
 
 
+def tokens_for_chars(chars: int) -> int:
+    """ceil(chars / 4): the character heuristic shared by every estimate here."""
+    return math.ceil(chars / CHARS_PER_TOKEN)
+
+
 def estimate_text_tokens(text: str) -> int:
-    return math.ceil(len(text) / CHARS_PER_TOKEN)
+    """Estimated tokens of a text, e.g. a streamed completion without upstream usage."""
+    return tokens_for_chars(len(text))
 
 
 def estimate_prompt_tokens(parsed: ParsedRequest) -> int:
-    """Prompt tokens: ceil(chars / 4) + 4 per chat message + 3 (chat), plus literal token ids."""
-    tokens = math.ceil(parsed.prompt_chars / CHARS_PER_TOKEN) + parsed.prompt_token_ids
+    """Prompt tokens: ceil(chars / 4) + literal token ids, plus 4 per message + 3 for chat.
+
+    Rough (see the module docstring): good for admission, not for billing.
+    """
+    tokens = tokens_for_chars(parsed.prompt_chars) + parsed.prompt_token_ids
     if parsed.kind == "chat":
         tokens += PER_MESSAGE_TOKENS * parsed.messages + PRIMING_TOKENS
     return tokens
 
 
 def estimate_cost(parsed: ParsedRequest) -> int:
-    """Tokens reserved at admission: the prompt estimate plus the most the response may use."""
+    """Tokens reserved at admission: prompt estimate + (max output tokens or the budget) * n.
+
+    Embeddings produce no completion, so they cost their prompt estimate (at least 1).
+    """
     if parsed.kind == "embeddings":
         return max(1, estimate_prompt_tokens(parsed))
     completion = parsed.max_output_tokens or DEFAULT_COMPLETION_BUDGET

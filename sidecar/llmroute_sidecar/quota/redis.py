@@ -46,6 +46,10 @@ log = logging.getLogger("llmroute.quota.redis")
 
 OPERATION_TIMEOUT = 0.5
 MIN_PAUSE, MAX_PAUSE = 0.05, 0.5
+#: Connections per sidecar: bursts queue for a connection instead of opening hundreds at once.
+MAX_CONNECTIONS = 64
+#: Settlement releases slots: it is retried this long before the lease is left to expire.
+SETTLE_RETRY_SECONDS = 3.0
 HEARTBEAT_SECONDS = 5.0
 MEMBER_TTL_SECONDS = 15.0
 ORDER = (
@@ -103,7 +107,6 @@ def connect(url: str, password: str | None = None) -> Client:
     options: dict[str, Any] = {
         "socket_timeout": OPERATION_TIMEOUT,
         "socket_connect_timeout": OPERATION_TIMEOUT,
-        "retry_on_timeout": False,
     }
     if password and not parts.password:
         options["password"] = password
@@ -126,7 +129,10 @@ def connect(url: str, password: str | None = None) -> Client:
         )
         master: aioredis.Redis = sentinel.master_for(path[0], db=db, ssl=parts.scheme.startswith("rediss"))
         return master
-    return aioredis.Redis.from_url(url, **options)
+    pool = aioredis.BlockingConnectionPool.from_url(
+        url, max_connections=MAX_CONNECTIONS, timeout=OPERATION_TIMEOUT * 2, **options
+    )
+    return aioredis.Redis(connection_pool=pool)
 
 
 class RedisQuotaStore:
@@ -167,15 +173,26 @@ class RedisQuotaStore:
         self.available = True
         self._pause = MIN_PAUSE
 
-    async def _run(self, script: Any, keys: Sequence[str], args: Sequence[Any]) -> Any:
-        self._check_paused()
+    async def _run(
+        self, script: Any, keys: Sequence[str], args: Sequence[Any], fail_fast: bool = True
+    ) -> Any:
+        if fail_fast:
+            self._check_paused()
         try:
             async with asyncio.timeout(OPERATION_TIMEOUT * 2):
                 result = await script(keys=list(keys), args=list(args))
         except (RedisError, OSError, TimeoutError) as error:
+            await self._drop_connections()
             raise self._failed(error) from None
         self._succeeded()
         return result
+
+    async def _drop_connections(self) -> None:
+        """Forget pooled connections after a failure so none goes stale across a Redis restart."""
+        pool = getattr(self.client, "connection_pool", None)
+        if pool is not None:
+            with contextlib.suppress(Exception):
+                await pool.disconnect()
 
     # -- QuotaStore ------------------------------------------------------------------------------
 
@@ -206,7 +223,18 @@ class RedisQuotaStore:
         for check, dimension in items:
             keys.extend(_keys(lease.request.route, check, dimension))
             args.append(DIMENSION_CODES[dimension.value])
-        await self._run(self._settle, keys, args)
+        # Retried (not fail-fast) because a lost settlement holds slots until the lease expires.
+        deadline = time.monotonic() + SETTLE_RETRY_SECONDS
+        delay = MIN_PAUSE
+        while True:
+            try:
+                await self._run(self._settle, keys, args, fail_fast=False)
+                return
+            except StoreUnavailableError:
+                if time.monotonic() + delay > deadline:
+                    raise
+            await asyncio.sleep(delay)
+            delay = min(MAX_PAUSE, delay * 2)
 
     async def ping(self) -> bool:
         """True when Redis answers; resets the failure pause so exact limiting resumes at once."""

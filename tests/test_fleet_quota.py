@@ -1,0 +1,207 @@
+"""Fleet-wide quotas with real processes: several sidecars, one Redis, limits held together.
+
+Load here is bounded (at most 1,000 requests per test), loopback only, and every process is stopped
+by its fixture.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+
+import aiohttp
+import pytest
+from redis import Redis
+
+from tests.support.redis_procs import RedisCluster, RedisServer
+from tests.support.sidecar_procs import MockUpstream, SidecarProcess, wait_for
+from tests.test_sidecar_proxy import CHAT, chat_body, write_route
+
+pytestmark = pytest.mark.slow
+FLEET = 4
+TOTAL = 1000
+
+
+@pytest.fixture(scope="module")
+def mock() -> Iterator[MockUpstream]:
+    upstream = MockUpstream("--first-token-latency", "0", "--token-interval", "0", "--json-latency", "0")
+    try:
+        yield upstream
+    finally:
+        upstream.stop()
+
+
+@pytest.fixture
+def fleet_factory() -> Iterator[list[SidecarProcess]]:
+    started: list[SidecarProcess] = []
+    try:
+        yield started
+    finally:
+        for process in started:
+            process.stop()
+
+
+def start_fleet(
+    started: list[SidecarProcess],
+    route: Path,
+    *extra: str,
+    count: int = FLEET,
+    env: dict[str, str] | None = None,
+) -> list[SidecarProcess]:
+    fleet = [SidecarProcess(route, *extra, env=env) for _ in range(count)]
+    started.extend(fleet)
+    return fleet
+
+
+async def fire(
+    fleet: list[SidecarProcess], total: int, path: str = CHAT, stream: bool = False
+) -> Counter[int]:
+    """``total`` concurrent requests spread round-robin over the fleet; the status codes seen."""
+    connector = aiohttp.TCPConnector(limit=200)
+    async with aiohttp.ClientSession(connector=connector) as session:
+
+        async def one(index: int) -> int:
+            target = fleet[index % len(fleet)]
+            async with session.post(f"{target.url}{path}", json=chat_body(stream=stream)) as response:
+                await response.read()
+                return response.status
+
+        return Counter(await asyncio.gather(*(one(i) for i in range(total))))
+
+
+async def test_four_sidecars_share_one_limit_exactly(
+    tmp_path: Path, mock: MockUpstream, redis_server: RedisServer, fleet_factory: list[SidecarProcess]
+) -> None:
+    route = write_route(tmp_path / "r.yaml", mock.url, limits=[{"name": "fleet", "requestsPerMinute": 100}])
+    fleet = start_fleet(fleet_factory, route, "--redis", redis_server.url)
+    statuses = await fire(fleet, TOTAL)
+    assert statuses == Counter({200: 100, 429: TOTAL - 100})
+
+
+async def test_per_pod_limiting_admits_n_times_the_limit(
+    tmp_path: Path, mock: MockUpstream, fleet_factory: list[SidecarProcess]
+) -> None:
+    """The baseline the product exists to fix: per-process limiters admit FLEET x the limit."""
+    route = write_route(tmp_path / "r.yaml", mock.url, limits=[{"name": "fleet", "requestsPerMinute": 100}])
+    fleet = start_fleet(fleet_factory, route, "--store", "memory")
+    statuses = await fire(fleet, TOTAL)
+    assert statuses[200] == 100 * FLEET
+
+
+@pytest.mark.cluster
+async def test_exact_on_a_redis_cluster(
+    tmp_path: Path, mock: MockUpstream, redis_cluster: RedisCluster, fleet_factory: list[SidecarProcess]
+) -> None:
+    route = write_route(
+        tmp_path / "r.yaml",
+        mock.url,
+        limits=[
+            {"name": "fleet", "requestsPerMinute": 100},
+            {"name": "tenant", "key": "header:X-Tenant", "requestsPerMinute": 1000},
+        ],
+    )
+    url = redis_cluster.url.replace("redis://", "redis+cluster://", 1)
+    fleet = start_fleet(fleet_factory, route, "--redis", url)
+    statuses = await fire(fleet, TOTAL)
+    assert statuses == Counter({200: 100, 429: TOTAL - 100})
+
+
+async def test_killed_sidecar_loses_its_leases_after_expiry(
+    tmp_path: Path, mock: MockUpstream, redis_server: RedisServer, fleet_factory: list[SidecarProcess]
+) -> None:
+    route = write_route(
+        tmp_path / "r.yaml", mock.url, deadlineSeconds=1, limits=[{"name": "conc", "concurrentRequests": 2}]
+    )
+    env = {"LLMROUTE_LEASE_MARGIN_SECONDS": "0.5"}
+    victim, survivor = start_fleet(fleet_factory, route, "--redis", redis_server.url, count=2, env=env)
+    async with aiohttp.ClientSession() as session:
+        held = [
+            await session.post(
+                f"{victim.url}{CHAT}", json=chat_body(stream=True), headers={"X-Mock-Hold": "1"}
+            )
+            for _ in range(2)
+        ]
+        for response in held:
+            await response.content.readuntil(b"\n\n")
+        async with session.post(f"{survivor.url}{CHAT}", json=chat_body()) as response:
+            assert response.status == 429
+        victim.proc.send_signal(signal.SIGKILL)  # no cleanup runs in a killed pod
+        victim.wait_exit(10)
+        deadline = asyncio.get_running_loop().time() + 10
+        while True:
+            async with session.post(f"{survivor.url}{CHAT}", json=chat_body()) as response:
+                await response.read()
+                if response.status == 200:
+                    break
+            assert asyncio.get_running_loop().time() < deadline, "a dead pod's leases never expired"
+            await asyncio.sleep(0.1)
+        for response in held:
+            response.close()
+
+
+async def test_aborted_streams_leak_no_slots(
+    tmp_path: Path, mock: MockUpstream, redis_server: RedisServer, fleet_factory: list[SidecarProcess]
+) -> None:
+    route = write_route(tmp_path / "r.yaml", mock.url, limits=[{"name": "conc", "concurrentRequests": 1000}])
+    fleet = start_fleet(
+        fleet_factory, route, "--redis", redis_server.url, count=2, env={"LLMROUTE_HEARTBEAT_SECONDS": "0.05"}
+    )
+    connector = aiohttp.TCPConnector(limit=0)
+    async with aiohttp.ClientSession(connector=connector) as session:
+
+        async def abort(index: int) -> None:
+            response = await session.post(
+                f"{fleet[index % 2].url}{CHAT}", json=chat_body(stream=True), headers={"X-Mock-Hold": "1"}
+            )
+            await response.content.readuntil(b"\n\n")
+            response.close()
+
+        for batch in range(5):
+            await asyncio.gather(*(abort(batch * 200 + i) for i in range(200)))
+    client = Redis.from_url(redis_server.url)
+    try:
+        keys = [k for k in client.keys("*conc*")]
+        assert keys
+        wait_for(lambda: sum(client.zcard(k) for k in keys) == 0, timeout=30, what="every slot released")
+    finally:
+        client.close()
+    for sidecar in fleet:
+        assert sidecar.metric("llmroute_client_disconnects_total") > 0
+
+
+@pytest.mark.parametrize("policy", ["allow", "deny"])
+async def test_redis_killed_mid_load(
+    tmp_path: Path,
+    mock: MockUpstream,
+    redis_server: RedisServer,
+    fleet_factory: list[SidecarProcess],
+    policy: str,
+) -> None:
+    route = write_route(
+        tmp_path / "r.yaml",
+        mock.url,
+        onStoreFailure=policy,
+        limits=[{"name": "l", "requestsPerMinute": 1000}],
+    )
+    fleet = start_fleet(
+        fleet_factory, route, "--redis", redis_server.url, count=2, env={"LLMROUTE_REPLICAS": "2"}
+    )
+    before = await fire(fleet, 100)
+    assert before == Counter({200: 100})
+    redis_server.kill()
+    during = await fire(fleet, 200)
+    assert 500 not in during
+    if policy == "allow":
+        assert during[200] > 0 and set(during) <= {200, 429}
+        assert sum(s.metric("llmroute_store_fallback_total") for s in fleet) > 0
+    else:
+        assert during == Counter({503: 200})
+        wait_for(lambda: all(s.readyz()[0] == 503 for s in fleet), what="not ready under deny")
+    redis_server.restart()
+    wait_for(lambda: all(s.readyz()[0] == 200 for s in fleet), timeout=10, what="ready after Redis returned")
+    after = await fire(fleet, 50)
+    assert after == Counter({200: 50})
+    assert sum(s.metric("llmroute_store_errors_total") for s in fleet) > 0
