@@ -181,7 +181,8 @@ def render(results: list[Result], args: argparse.Namespace) -> str:
     lines = [
         "# Benchmarks",
         "",
-        f"Command: `make bench` (`python bench/run.py --requests {args.requests} --concurrency {args.concurrency}`)",
+        "Command: `make bench` "
+        f"(`python bench/run.py --requests {args.requests} --concurrency {args.concurrency}`)",
         f"Machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}; "
         "client, proxies and mock upstream share these cores over loopback.",
         "",
@@ -192,10 +193,16 @@ def render(results: list[Result], args: argparse.Namespace) -> str:
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for result in results:
-        lines.append(
-            f"| {result.name} | {result.rps:.0f} | {result.rps / direct.rps:.2f} | {result.percentile(0.5):.1f} | "
-            f"{result.percentile(0.99):.1f} | {statistics.mean(result.latencies) * 1000:.1f} | {result.errors} |"
-        )
+        cells = [
+            result.name,
+            f"{result.rps:.0f}",
+            f"{result.rps / direct.rps:.2f}",
+            f"{result.percentile(0.5):.1f}",
+            f"{result.percentile(0.99):.1f}",
+            f"{statistics.mean(result.latencies) * 1000:.1f}",
+            str(result.errors),
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
     lines += [
         "",
         "Reading it: with a real LLM upstream (hundreds of ms to seconds per request) the sidecar's added "

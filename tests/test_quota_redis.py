@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import pytest
+import redis
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -22,7 +24,7 @@ from llmroute_sidecar.quota.base import (
 )
 from llmroute_sidecar.quota.memory import MemoryQuotaStore
 from llmroute_sidecar.quota.redis import RedisQuotaStore, key_prefix
-from tests.support.redis_procs import RedisServer
+from tests.support.redis_procs import RedisServer, SentinelProcess
 
 
 def request(
@@ -202,3 +204,50 @@ def test_redis_decides_like_the_reference_model(redis_server: RedisServer, ops: 
             await quota.close()
 
     asyncio.run(compare())
+
+
+async def test_requests_per_hour_window(store: RedisQuotaStore) -> None:
+    hourly = LimitCheck("hourly", "route", requests_per_minute=100, requests_per_hour=3)
+    decisions = [await store.admit(request(hourly)) for _ in range(4)]
+    assert [d.admitted for d in decisions] == [True, True, True, False]
+    rejected = decisions[-1]
+    assert rejected.rejected is not None and rejected.rejected.dimension is Dimension.REQUESTS_PER_HOUR
+    assert 3590 < rejected.retry_after <= 3600
+
+
+async def test_password_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    server = RedisServer(extra_args=("--requirepass", "s3cret")).start()
+    try:
+        check = LimitCheck("rpm", "route", requests_per_minute=1)
+        monkeypatch.setenv("LLMROUTE_REDIS_PASSWORD", "s3cret")
+        quota = RedisQuotaStore.from_url(server.url)
+        monkeypatch.delenv("LLMROUTE_REDIS_PASSWORD")
+        try:
+            assert (await quota.admit(request(check))).admitted
+        finally:
+            await quota.close()
+        anonymous = RedisQuotaStore.from_url(server.url)
+        try:
+            with pytest.raises(StoreUnavailableError):
+                await anonymous.admit(request(check))
+        finally:
+            await anonymous.close()
+    finally:
+        server.cleanup()
+
+
+async def test_sentinel_url_finds_the_master(redis_server: RedisServer, tmp_path: Path) -> None:
+    sentinel = SentinelProcess(tmp_path, redis_server.port)
+    try:
+        quota = RedisQuotaStore.from_url(f"redis+sentinel://127.0.0.1:{sentinel.port}/mymaster/0")
+        try:
+            check = LimitCheck("rpm", "route", requests_per_minute=2)
+            results = [(await quota.admit(request(check))).admitted for _ in range(3)]
+        finally:
+            await quota.close()
+        assert results == [True, True, False]
+        direct = redis.Redis(port=redis_server.port)
+        assert direct.keys(f"{key_prefix('ns/r')}*")  # the counters live on the master
+        direct.close()
+    finally:
+        sentinel.stop()

@@ -122,7 +122,8 @@ class RedisServer:
             )
             _LIVE.add(self.proc)
             while time.monotonic() < deadline and self.proc.poll() is None:
-                if ping(self.port) == "+PONG":
+                reply = ping(self.port) or ""
+                if reply == "+PONG" or reply.startswith("-NOAUTH"):  # up (a password-protected one too)
                     return self
                 time.sleep(0.02)
             if self.proc.poll() is None:
@@ -237,3 +238,33 @@ def _kill_leftovers() -> None:
         if proc.poll() is None:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(proc.pid, signal.SIGKILL)
+
+
+class SentinelProcess:
+    """A redis-sentinel (``redis-server --sentinel``) watching one master as ``mymaster``."""
+
+    def __init__(self, workdir: Path, master_port: int, service: str = "mymaster") -> None:
+        self.port = free_port()
+        config = workdir / f"sentinel-{self.port}.conf"
+        config.write_text(
+            f"port {self.port}\nbind 127.0.0.1\nprotected-mode no\ndir {workdir}\n"
+            f"sentinel monitor {service} 127.0.0.1 {master_port} 1\n"
+        )
+        self.proc = subprocess.Popen(
+            [redis_server_binary(), str(config), "--sentinel"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        _LIVE.add(self.proc)
+        deadline = time.monotonic() + START_SECONDS
+        while f"{master_port}" not in command(self.port, "SENTINEL", "get-master-addr-by-name", service):
+            if time.monotonic() > deadline or self.proc.poll() is not None:
+                self.stop()
+                raise RuntimeError("redis-sentinel did not start monitoring the master")
+            time.sleep(0.05)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+        _LIVE.discard(self.proc)
