@@ -26,12 +26,21 @@ TOTAL = 1000
 
 
 @pytest.fixture(scope="module")
-def mock() -> Iterator[MockUpstream]:
+def mock_process() -> Iterator[MockUpstream]:
     upstream = MockUpstream("--first-token-latency", "0", "--token-interval", "0", "--json-latency", "0")
     try:
         yield upstream
     finally:
         upstream.stop()
+
+
+@pytest.fixture
+def mock(mock_process: MockUpstream) -> Iterator[MockUpstream]:
+    """The shared mock upstream; streams a test held are released when it ends."""
+    try:
+        yield mock_process
+    finally:
+        mock_process.release()
 
 
 @pytest.fixture
@@ -205,3 +214,28 @@ async def test_redis_killed_mid_load(
     after = await fire(fleet, 50)
     assert after == Counter({200: 50})
     assert sum(s.metric("llmroute_store_errors_total") for s in fleet) > 0
+
+
+async def test_cancelled_stream_settles_what_was_streamed(
+    tmp_path: Path, mock: MockUpstream, redis_server: RedisServer, fleet_factory: list[SidecarProcess]
+) -> None:
+    route = write_route(tmp_path / "r.yaml", mock.url, limits=[{"name": "tpm", "tokensPerMinute": 100000}])
+    (sidecar,) = start_fleet(
+        fleet_factory, route, "--redis", redis_server.url, count=1, env={"LLMROUTE_HEARTBEAT_SECONDS": "0.05"}
+    )
+    body = chat_body(stream=True, max_tokens=500)
+    async with aiohttp.ClientSession() as session:
+        held = await session.post(f"{sidecar.url}{CHAT}", json=body, headers={"X-Mock-Hold": "1"})
+        await held.content.readuntil(b"\n\n")
+        await held.content.readuntil(b"\n\n")
+        held.close()
+        record = await sidecar.record(lambda r: r.get("msg") == "access" and r.get("client_disconnected"))
+    client = Redis.from_url(redis_server.url)
+    try:
+        (charges,) = [k for k in client.keys("*tpm:c")]
+        charged = int(client.hget(charges, "_total") or 0)
+    finally:
+        client.close()
+    assert record["tokens_reserved"] > 500  # prompt estimate + max_tokens was reserved
+    assert 0 < record["tokens_actual"] < 20  # the prompt and the one word streamed
+    assert charged == record["tokens_actual"]  # settlement replaced the reservation

@@ -8,6 +8,7 @@ and their timing matter. Nothing waits on a fixed sleep: tests poll with deadlin
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import signal
 from collections.abc import AsyncIterator, Iterator
@@ -52,12 +53,21 @@ def write_route(path: Path, upstream_url: str, **spec: Any) -> Path:
 
 
 @pytest.fixture(scope="module")
-def mock() -> Iterator[MockUpstream]:
+def mock_process() -> Iterator[MockUpstream]:
     upstream = MockUpstream("--first-token-latency", "0", "--token-interval", "0", "--json-latency", "0")
     try:
         yield upstream
     finally:
         upstream.stop()
+
+
+@pytest.fixture
+def mock(mock_process: MockUpstream) -> Iterator[MockUpstream]:
+    """The shared mock upstream; streams a test held are released when it ends."""
+    try:
+        yield mock_process
+    finally:
+        mock_process.release()
 
 
 @pytest.fixture
@@ -502,15 +512,7 @@ async def test_client_disconnect_mid_stream_releases_the_slot(
                 await response.read()
         assert sidecar.metric("llmroute_client_disconnects_total") == 1
     finally:
-        http_post_release(mock)
-
-
-def http_post_release(mock: MockUpstream) -> None:
-    import urllib.request
-
-    urllib.request.urlopen(
-        urllib.request.Request(f"{mock.url}/mock/release", method="POST"), timeout=5
-    ).read()
+        mock.release()
 
 
 async def test_readiness_flips_when_saturated(
@@ -525,7 +527,7 @@ async def test_readiness_flips_when_saturated(
         await held.content.readuntil(b"\n\n")
         status, body = sidecar.readyz()
         assert status == 503 and any(reason.startswith("saturated") for reason in body["reasons"])
-        http_post_release(mock)
+        mock.release()
         assert (await held.read()).endswith(b"data: [DONE]\n\n")
         held.close()
     wait_for(lambda: sidecar.readyz()[0] == 200, what="ready again")
@@ -570,8 +572,38 @@ async def test_sigterm_drains_in_flight_streams_then_exits_zero(
         _status, body = wait_for(lambda: (r := sidecar.readyz())[0] == 503 and r, what="draining")
         assert any(reason.startswith("draining") for reason in body["reasons"])
         assert sidecar.alive
-        http_post_release(mock)
+        mock.release()
         assert (await held.read()).endswith(b"data: [DONE]\n\n")
         held.close()
     assert sidecar.wait_exit(30) == 0
     assert sidecar.wait_record(lambda r: r.get("msg") == "shutting down")["drained"] is True
+
+
+async def test_client_keys_and_tiers_apply_and_rotate_without_restart(
+    tmp_path: Path, mock: MockUpstream, sidecars: list[SidecarProcess]
+) -> None:
+    keys = tmp_path / "secrets" / "client-keys"
+    keys.mkdir(parents=True)
+    (keys / hashlib.sha256(b"sk-free").hexdigest()).write_text("free")
+    route = write_route(
+        tmp_path / "r.yaml",
+        mock.url,
+        identity={"keysSecretRef": {"name": "client-keys"}},
+        tiers={"free": {"requestsPerMinute": 1}, "premium": {"requestsPerMinute": 100}},
+        limits=[{"name": "per-key", "key": "apiKey", "requestsPerMinute": 5}],
+    )
+    sidecar = start(sidecars, route, "--secrets-dir", str(tmp_path / "secrets"))
+    async with aiohttp.ClientSession() as session:
+
+        async def status(key: str) -> int:
+            headers = {"Authorization": f"Bearer {key}"}
+            async with session.post(f"{sidecar.url}{CHAT}", json=chat_body(), headers=headers) as response:
+                await response.read()
+                return response.status
+
+        assert [await status("sk-free"), await status("sk-free")] == [200, 429]  # the free tier's 1/min
+        assert await status("sk-new") == 401
+        (keys / hashlib.sha256(b"sk-new").hexdigest()).write_text("premium")
+        await sidecar.record(lambda r: r.get("msg") == "configuration reloaded")
+        assert [await status("sk-new") for _ in range(3)] == [200, 200, 200]
+    assert "sk-new" not in sidecar.output() and "sk-free" not in sidecar.output()

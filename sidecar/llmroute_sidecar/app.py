@@ -16,7 +16,6 @@ import signal
 import socket
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import aiohttp
 from aiohttp import web
@@ -28,7 +27,7 @@ from llmroute_sidecar.config import HostPort, Settings
 from llmroute_sidecar.health import HealthState, readiness_reasons
 from llmroute_sidecar.hints import HintTracker
 from llmroute_sidecar.metrics import SidecarMetrics
-from llmroute_sidecar.policy import RoutePolicy, load_policy
+from llmroute_sidecar.policy import RoutePolicy, load_policy, secret_files
 from llmroute_sidecar.proxy import Gateway
 from llmroute_sidecar.quota.base import QuotaStore
 from llmroute_sidecar.quota.memory import MemoryQuotaStore
@@ -64,7 +63,7 @@ class Sidecar:
         self.gateway = Gateway(policy, self.store, settings, self.metrics, self.health, AccessLog())
         self._runners: list[web.AppRunner] = []
         self._tasks: list[asyncio.Task[None]] = []
-        self._route_digest = _digest(settings.route_file)
+        self._route_digest = self._config_digest()
         self.traffic_address: HostPort | None = None
         self.admin_address: HostPort | None = None
         self.stopped = asyncio.Event()
@@ -192,11 +191,25 @@ class Sidecar:
 
     # -- background loops ------------------------------------------------------------------------
 
+    def _config_digest(self) -> str | None:
+        """Digest of the route file and the Secret files it references (rotated keys reload too)."""
+        digest = hashlib.sha256()
+        try:
+            digest.update(self.settings.route_file.read_bytes())
+        except OSError:
+            return None
+        for path in secret_files(self.policy.route, self.settings.secrets_dir):
+            digest.update(path.name.encode())
+            with contextlib.suppress(OSError):
+                digest.update(path.read_bytes())
+        return digest.hexdigest()
+
     async def _watch_route_file(self) -> None:
-        """Apply edits of the route file without a restart; keep the old config when the new is invalid."""
+        """Apply edits of the route file (and its Secrets) without a restart; keep the old config when
+        the new one is invalid."""
         while True:
             await asyncio.sleep(self.settings.watch_interval)
-            digest = _digest(self.settings.route_file)
+            digest = self._config_digest()
             if digest is None or digest == self._route_digest:
                 continue
             self._route_digest = digest
@@ -261,13 +274,6 @@ class Sidecar:
         while True:
             self.hints.sample(self.health.inflight)
             await asyncio.sleep(1.0)
-
-
-def _digest(path: Path) -> str | None:
-    try:
-        return hashlib.sha256(path.read_bytes()).hexdigest()
-    except OSError:
-        return None
 
 
 async def run(

@@ -89,6 +89,20 @@ def load_policy(route: LLMRoute, secrets_dir: Path, upstream_override: str | Non
     return RoutePolicy(route, url, vendor_key, keys, config_hash(route))
 
 
+def secret_files(route: LLMRoute, secrets_dir: Path) -> list[Path]:
+    """The mounted Secret files a route reads (vendor key, client key entries)."""
+    spec = route.spec
+    files = []
+    if spec.upstream.api_key_secret_ref is not None:
+        ref = spec.upstream.api_key_secret_ref
+        files.append(secrets_dir / ref.name / ref.key)
+    if spec.identity.keys_secret_ref is not None:
+        directory = secrets_dir / spec.identity.keys_secret_ref.name
+        if directory.is_dir():
+            files.extend(sorted(p for p in directory.iterdir() if not p.name.startswith(".")))
+    return files
+
+
 def _read_secret_file(path: Path, what: str) -> str:
     try:
         value = path.read_text(encoding="utf-8").strip()

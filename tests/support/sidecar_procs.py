@@ -175,6 +175,12 @@ class MockUpstream(ManagedProcess):
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
+    def release(self) -> None:
+        """Let every stream held with ``X-Mock-Hold: 1`` go on."""
+        request = urllib.request.Request(f"{self.url}/mock/release", method="POST")
+        with urllib.request.urlopen(request, timeout=5) as response:
+            response.read()
+
 
 class SidecarProcess(ManagedProcess):
     """``llmroute-sidecar --route FILE`` on free ports, started and waited for."""
