@@ -1,4 +1,4 @@
-"""Shared fixtures: real redis-server processes, always cleaned up."""
+"""Shared fixtures: real redis-server, mock-upstream and sidecar processes, always cleaned up."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ from collections.abc import Callable, Iterator
 import pytest
 
 from tests.support.redis_procs import RedisCluster, RedisServer
+from tests.support.sidecar_procs import MockUpstream, SidecarProcess
 
 
 @pytest.fixture
@@ -44,3 +45,33 @@ def redis_cluster() -> Iterator[RedisCluster]:
         yield cluster.start()
     finally:
         cluster.stop()
+
+
+@pytest.fixture(scope="module")
+def mock_process() -> Iterator[MockUpstream]:
+    """The built-in mock OpenAI upstream as a process, without artificial latency."""
+    upstream = MockUpstream("--first-token-latency", "0", "--token-interval", "0", "--json-latency", "0")
+    try:
+        yield upstream
+    finally:
+        upstream.stop()
+
+
+@pytest.fixture
+def mock(mock_process: MockUpstream) -> Iterator[MockUpstream]:
+    """The shared mock upstream; streams a test held are released when it ends."""
+    try:
+        yield mock_process
+    finally:
+        mock_process.release()
+
+
+@pytest.fixture
+def sidecars() -> Iterator[list[SidecarProcess]]:
+    """Sidecar processes a test starts (``sidecar_procs.start``); all stopped afterwards."""
+    started: list[SidecarProcess] = []
+    try:
+        yield started
+    finally:
+        for process in started:
+            process.stop()

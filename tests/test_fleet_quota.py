@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import signal
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 
 import aiohttp
@@ -23,34 +22,6 @@ from tests.test_sidecar_proxy import CHAT, chat_body, write_route
 pytestmark = pytest.mark.slow
 FLEET = 4
 TOTAL = 1000
-
-
-@pytest.fixture(scope="module")
-def mock_process() -> Iterator[MockUpstream]:
-    upstream = MockUpstream("--first-token-latency", "0", "--token-interval", "0", "--json-latency", "0")
-    try:
-        yield upstream
-    finally:
-        upstream.stop()
-
-
-@pytest.fixture
-def mock(mock_process: MockUpstream) -> Iterator[MockUpstream]:
-    """The shared mock upstream; streams a test held are released when it ends."""
-    try:
-        yield mock_process
-    finally:
-        mock_process.release()
-
-
-@pytest.fixture
-def fleet_factory() -> Iterator[list[SidecarProcess]]:
-    started: list[SidecarProcess] = []
-    try:
-        yield started
-    finally:
-        for process in started:
-            process.stop()
 
 
 def start_fleet(
@@ -82,27 +53,27 @@ async def fire(
 
 
 async def test_four_sidecars_share_one_limit_exactly(
-    tmp_path: Path, mock: MockUpstream, redis_server: RedisServer, fleet_factory: list[SidecarProcess]
+    tmp_path: Path, mock: MockUpstream, redis_server: RedisServer, sidecars: list[SidecarProcess]
 ) -> None:
     route = write_route(tmp_path / "r.yaml", mock.url, limits=[{"name": "fleet", "requestsPerMinute": 100}])
-    fleet = start_fleet(fleet_factory, route, "--redis", redis_server.url)
+    fleet = start_fleet(sidecars, route, "--redis", redis_server.url)
     statuses = await fire(fleet, TOTAL)
     assert statuses == Counter({200: 100, 429: TOTAL - 100})
 
 
 async def test_per_pod_limiting_admits_n_times_the_limit(
-    tmp_path: Path, mock: MockUpstream, fleet_factory: list[SidecarProcess]
+    tmp_path: Path, mock: MockUpstream, sidecars: list[SidecarProcess]
 ) -> None:
     """The baseline the product exists to fix: per-process limiters admit FLEET x the limit."""
     route = write_route(tmp_path / "r.yaml", mock.url, limits=[{"name": "fleet", "requestsPerMinute": 100}])
-    fleet = start_fleet(fleet_factory, route, "--store", "memory")
+    fleet = start_fleet(sidecars, route, "--store", "memory")
     statuses = await fire(fleet, TOTAL)
     assert statuses[200] == 100 * FLEET
 
 
 @pytest.mark.cluster
 async def test_exact_on_a_redis_cluster(
-    tmp_path: Path, mock: MockUpstream, redis_cluster: RedisCluster, fleet_factory: list[SidecarProcess]
+    tmp_path: Path, mock: MockUpstream, redis_cluster: RedisCluster, sidecars: list[SidecarProcess]
 ) -> None:
     route = write_route(
         tmp_path / "r.yaml",
@@ -113,19 +84,19 @@ async def test_exact_on_a_redis_cluster(
         ],
     )
     url = redis_cluster.url.replace("redis://", "redis+cluster://", 1)
-    fleet = start_fleet(fleet_factory, route, "--redis", url)
+    fleet = start_fleet(sidecars, route, "--redis", url)
     statuses = await fire(fleet, TOTAL)
     assert statuses == Counter({200: 100, 429: TOTAL - 100})
 
 
 async def test_killed_sidecar_loses_its_leases_after_expiry(
-    tmp_path: Path, mock: MockUpstream, redis_server: RedisServer, fleet_factory: list[SidecarProcess]
+    tmp_path: Path, mock: MockUpstream, redis_server: RedisServer, sidecars: list[SidecarProcess]
 ) -> None:
     route = write_route(
         tmp_path / "r.yaml", mock.url, deadlineSeconds=1, limits=[{"name": "conc", "concurrentRequests": 2}]
     )
     env = {"LLMROUTE_LEASE_MARGIN_SECONDS": "0.5"}
-    victim, survivor = start_fleet(fleet_factory, route, "--redis", redis_server.url, count=2, env=env)
+    victim, survivor = start_fleet(sidecars, route, "--redis", redis_server.url, count=2, env=env)
     async with aiohttp.ClientSession() as session:
         held = [
             await session.post(
@@ -152,11 +123,11 @@ async def test_killed_sidecar_loses_its_leases_after_expiry(
 
 
 async def test_aborted_streams_leak_no_slots(
-    tmp_path: Path, mock: MockUpstream, redis_server: RedisServer, fleet_factory: list[SidecarProcess]
+    tmp_path: Path, mock: MockUpstream, redis_server: RedisServer, sidecars: list[SidecarProcess]
 ) -> None:
     route = write_route(tmp_path / "r.yaml", mock.url, limits=[{"name": "conc", "concurrentRequests": 1000}])
     fleet = start_fleet(
-        fleet_factory, route, "--redis", redis_server.url, count=2, env={"LLMROUTE_HEARTBEAT_SECONDS": "0.05"}
+        sidecars, route, "--redis", redis_server.url, count=2, env={"LLMROUTE_HEARTBEAT_SECONDS": "0.05"}
     )
     connector = aiohttp.TCPConnector(limit=0)
     async with aiohttp.ClientSession(connector=connector) as session:
@@ -186,7 +157,7 @@ async def test_redis_killed_mid_load(
     tmp_path: Path,
     mock: MockUpstream,
     redis_server: RedisServer,
-    fleet_factory: list[SidecarProcess],
+    sidecars: list[SidecarProcess],
     policy: str,
 ) -> None:
     route = write_route(
@@ -195,9 +166,7 @@ async def test_redis_killed_mid_load(
         onStoreFailure=policy,
         limits=[{"name": "l", "requestsPerMinute": 1000}],
     )
-    fleet = start_fleet(
-        fleet_factory, route, "--redis", redis_server.url, count=2, env={"LLMROUTE_REPLICAS": "2"}
-    )
+    fleet = start_fleet(sidecars, route, "--redis", redis_server.url, count=2, env={"LLMROUTE_REPLICAS": "2"})
     before = await fire(fleet, 100)
     assert before == Counter({200: 100})
     redis_server.kill()
@@ -217,11 +186,11 @@ async def test_redis_killed_mid_load(
 
 
 async def test_cancelled_stream_settles_what_was_streamed(
-    tmp_path: Path, mock: MockUpstream, redis_server: RedisServer, fleet_factory: list[SidecarProcess]
+    tmp_path: Path, mock: MockUpstream, redis_server: RedisServer, sidecars: list[SidecarProcess]
 ) -> None:
     route = write_route(tmp_path / "r.yaml", mock.url, limits=[{"name": "tpm", "tokensPerMinute": 100000}])
     (sidecar,) = start_fleet(
-        fleet_factory, route, "--redis", redis_server.url, count=1, env={"LLMROUTE_HEARTBEAT_SECONDS": "0.05"}
+        sidecars, route, "--redis", redis_server.url, count=1, env={"LLMROUTE_HEARTBEAT_SECONDS": "0.05"}
     )
     body = chat_body(stream=True, max_tokens=500)
     async with aiohttp.ClientSession() as session:

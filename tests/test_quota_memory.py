@@ -11,23 +11,13 @@ from hypothesis import strategies as st
 
 from llmroute_sidecar.quota.base import AdmissionRequest, Decision, Dimension, Lease, LimitCheck, LimitState
 from llmroute_sidecar.quota.memory import CONCURRENCY_RETRY_SECONDS, MemoryQuotaStore
+from tests.support.clock import FakeClock
 
 RPM = Dimension.REQUESTS_PER_MINUTE
 RPH = Dimension.REQUESTS_PER_HOUR
 TPM = Dimension.TOKENS_PER_MINUTE
 CONC = Dimension.CONCURRENT_REQUESTS
 BURST = Dimension.BURST
-
-
-class FakeClock:
-    def __init__(self, now: float = 1000.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
 
 
 @pytest.fixture

@@ -11,16 +11,15 @@ import asyncio
 import hashlib
 import json
 import signal
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import aiohttp
-import pytest
 import yaml
 from aiohttp import web
 
-from tests.support.sidecar_procs import MockUpstream, SidecarProcess, free_port, http_get, wait_for
+from tests.support.sidecar_procs import MockUpstream, SidecarProcess, free_port, http_get, start, wait_for
 
 CHAT = "/v1/chat/completions"
 
@@ -50,41 +49,6 @@ def write_route(path: Path, upstream_url: str, **spec: Any) -> Path:
     }
     path.write_text(yaml.safe_dump(manifest))
     return path
-
-
-@pytest.fixture(scope="module")
-def mock_process() -> Iterator[MockUpstream]:
-    upstream = MockUpstream("--first-token-latency", "0", "--token-interval", "0", "--json-latency", "0")
-    try:
-        yield upstream
-    finally:
-        upstream.stop()
-
-
-@pytest.fixture
-def mock(mock_process: MockUpstream) -> Iterator[MockUpstream]:
-    """The shared mock upstream; streams a test held are released when it ends."""
-    try:
-        yield mock_process
-    finally:
-        mock_process.release()
-
-
-@pytest.fixture
-def sidecars() -> Iterator[list[SidecarProcess]]:
-    """Sidecars a test starts; all stopped afterwards, whatever happened."""
-    started: list[SidecarProcess] = []
-    try:
-        yield started
-    finally:
-        for process in started:
-            process.stop()
-
-
-def start(sidecars: list[SidecarProcess], route: Path, *extra: str, **kwargs: Any) -> SidecarProcess:
-    process = SidecarProcess(route, *extra, **kwargs)
-    sidecars.append(process)
-    return process
 
 
 def mock_requests(mock: MockUpstream, key: str) -> list[dict[str, Any]]:

@@ -107,6 +107,8 @@ class AccessLog:
         self._log = logger if logger is not None else logging.getLogger(ACCESS_LOGGER)
 
     def write(self, record: AccessRecord) -> None:
-        fields = dataclasses.asdict(record)
+        if not self._log.isEnabledFor(logging.INFO):
+            return
+        fields = {field.name: getattr(record, field.name) for field in dataclasses.fields(record)}
         fields["path"] = strip_query(record.path)
         self._log.info("access", extra={"fields": fields})

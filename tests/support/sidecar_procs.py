@@ -238,3 +238,10 @@ class SidecarProcess(ManagedProcess):
             if all(f'{key}="{val}"' in head for key, val in labels.items()):
                 total += float(value)
         return total
+
+
+def start(started: list[SidecarProcess], route: Path, *extra: str, **kwargs: Any) -> SidecarProcess:
+    """Start a sidecar and record it in ``started`` (the ``sidecars`` fixture stops them all)."""
+    process = SidecarProcess(route, *extra, **kwargs)
+    started.append(process)
+    return process
