@@ -15,7 +15,7 @@ import aiohttp
 import pytest
 from redis import Redis
 
-from tests.support.redis_procs import RedisCluster, RedisServer
+from tests.support.redis_procs import RedisCluster, RedisServer, command
 from tests.support.sidecar_procs import MockUpstream, SidecarProcess, wait_for
 from tests.test_sidecar_proxy import CHAT, chat_body, write_route
 
@@ -87,6 +87,9 @@ async def test_exact_on_a_redis_cluster(
     fleet = start_fleet(sidecars, route, "--redis", url)
     statuses = await fire(fleet, TOTAL)
     assert statuses == Counter({200: 100, 429: TOTAL - 100})
+    keys = [k for node in redis_cluster.nodes for k in command(node.port, "KEYS", "llmr:*").split()]
+    slots = {command(redis_cluster.nodes[0].port, "CLUSTER", "KEYSLOT", key).strip() for key in keys}
+    assert len(keys) >= 3 and len(slots) == 1  # every key of the route in one slot: atomic admissions
 
 
 async def test_killed_sidecar_loses_its_leases_after_expiry(

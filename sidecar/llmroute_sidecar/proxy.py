@@ -279,6 +279,8 @@ class Gateway:
         ex.client = identity.label
         tokens = estimate_cost(parsed) if parsed is not None else 0
         ex.tokens_reserved = tokens
+        if self.breaker.state is BreakerState.OPEN:  # fail fast, before the request consumes quota
+            raise self._breaker_open()
         decision = await self._admit(policy, identity, request, ex, tokens)
         ex.headers.update(rate_limit_headers(decision))
         upstream = await self._forward(request, policy, ex, body)
@@ -315,6 +317,12 @@ class Gateway:
             if size > limit:
                 raise self._too_large(limit)
             yield chunk
+
+    @staticmethod
+    def _breaker_open() -> ProxyError:
+        return errors.overloaded(
+            "circuit_open", "the upstream is failing; its circuit breaker is open", "breaker_open"
+        )
 
     @staticmethod
     def _too_large(limit: int) -> ProxyError:
@@ -442,9 +450,7 @@ class Gateway:
         last_error = "no attempt made"
         for attempt in range(1, attempts_allowed + 1):
             if not self.breaker.allow():
-                raise errors.overloaded(
-                    "circuit_open", "the upstream is failing; its circuit breaker is open", "breaker_open"
-                )
+                raise self._breaker_open()
             ex.attempts = attempt
             started = time.monotonic()
             try:
@@ -535,6 +541,7 @@ class Gateway:
             usage = StreamUsage() if (parsed is not None and is_sse) else None
             parser = SSEParser() if usage is not None else None
             kept = bytearray() if (parsed is not None and not is_sse) else None
+            prompt = estimate_prompt_tokens(parsed) if parsed is not None else 0
             timeout = policy.route.spec.upstream.timeout_seconds
             async for chunk in self._chunks(upstream, response, timeout, parser, is_sse):
                 if ex.first_byte is None:
@@ -549,9 +556,7 @@ class Gateway:
                         usage.consume(event)
                     if strip_usage:
                         out = b"".join(e.raw for e in events if not is_injected_usage_event(e))
-                        self._stream_usage_into(ex, usage, parsed)
-                    else:
-                        self._stream_usage_into(ex, usage, parsed)
+                    self._stream_usage_into(ex, usage, prompt)  # kept current: a cut stream settles it
                 elif kept is not None and len(kept) + len(chunk) <= USAGE_BODY_LIMIT:
                     kept.extend(chunk)
                 if out:
@@ -560,8 +565,6 @@ class Gateway:
                 await response.write(parser.pending())
             if kept is not None and upstream.status < 400:
                 self._json_usage_into(ex, bytes(kept), parsed)
-            if parsed is not None and usage is not None and upstream.status < 400:
-                self._stream_usage_into(ex, usage, parsed)
             await response.write_eof()
             return response
         finally:
@@ -603,10 +606,8 @@ class Gateway:
             idle_since = time.monotonic()
             yield chunk
 
-    def _stream_usage_into(self, ex: Exchange, usage: StreamUsage, parsed: ParsedRequest | None) -> None:
-        if parsed is None:
-            return
-        prompt = estimate_prompt_tokens(parsed)
+    @staticmethod
+    def _stream_usage_into(ex: Exchange, usage: StreamUsage, prompt: int) -> None:
         ex.tokens_actual = usage.actual_tokens(prompt)
         ex.prompt_tokens = usage.prompt_tokens if usage.saw_usage else prompt
         ex.completion_tokens = ex.tokens_actual - ex.prompt_tokens

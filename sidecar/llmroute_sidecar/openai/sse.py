@@ -9,6 +9,9 @@ from typing import Any
 
 from llmroute_sidecar.openai.tokens import tokens_for_chars
 
+#: Cheap pre-check before decoding: only chunks with an empty choices list can be usage-only.
+_EMPTY_CHOICES = re.compile(r'"choices"\s*:\s*\[\s*\]')
+
 SSE_DONE = b"data: [DONE]\n\n"
 _EOL = re.compile(rb"[\r\n]")
 _LINES = re.compile(rb"\r\n|\r|\n")
@@ -182,7 +185,7 @@ def usage_from_json(document: dict[str, Any]) -> tuple[int, int, int] | None:
 
 def is_injected_usage_event(event: SSEEvent) -> bool:
     """The usage-only chunk sent for ``include_usage``: ``usage`` an object and ``choices`` empty."""
-    if event.data is None or '"usage"' not in event.data:
+    if event.data is None or '"usage"' not in event.data or not _EMPTY_CHOICES.search(event.data):
         return False
     try:
         document = json.loads(event.data)
