@@ -248,7 +248,8 @@ def render(sections: list[str], args: argparse.Namespace) -> str:
         "request (one Python process: validation, SSE parsing for usage, admission and settlement, "
         "competing for the same two cores as the load client and the upstream). The LLM-like table "
         "shows what a client of a real model server sees: the added milliseconds per request, against "
-        "requests that take hundreds.",
+        "requests that take hundreds. On this shared machine means move by about 10 ms from run to run; "
+        "repeat the command before reading much into a single difference.",
         "",
     ]
     return "\n".join([*header, "\n\n".join(sections), *footer])

@@ -571,3 +571,58 @@ async def test_client_keys_and_tiers_apply_and_rotate_without_restart(
         await sidecar.record(lambda r: r.get("msg") == "configuration reloaded")
         assert [await status("sk-new") for _ in range(3)] == [200, 200, 200]
     assert "sk-new" not in sidecar.output() and "sk-free" not in sidecar.output()
+
+
+async def test_requests_queue_for_a_concurrency_slot_until_queue_timeout(
+    tmp_path: Path, mock: MockUpstream, sidecars: list[SidecarProcess]
+) -> None:
+    route = write_route(
+        tmp_path / "r.yaml",
+        mock.url,
+        queueTimeoutSeconds=30,
+        limits=[{"name": "one", "concurrentRequests": 1}],
+    )
+    sidecar = start(sidecars, route)
+    async with aiohttp.ClientSession() as session:
+        held = await session.post(
+            f"{sidecar.url}{CHAT}", json=chat_body(stream=True), headers={"X-Mock-Hold": "1"}
+        )
+        await held.content.readuntil(b"\n\n")
+        queued = asyncio.create_task(session.post(f"{sidecar.url}{CHAT}", json=chat_body()))
+        done, _ = await asyncio.wait({queued}, timeout=0.5)
+        assert not done, "the second request must wait for the slot, not be answered"
+        mock.release()  # the held stream finishes and frees the slot
+        await held.read()
+        held.close()
+        response = await asyncio.wait_for(queued, 20)
+        assert response.status == 200
+        await response.read()
+    record = await sidecar.record(
+        lambda r: r.get("msg") == "access" and r.get("queue_wait_ms", 0) > 0 and r["status"] == 200
+    )
+    assert record["limit"] is None
+
+
+async def test_queue_timeout_rejects_with_429(
+    tmp_path: Path, mock: MockUpstream, sidecars: list[SidecarProcess]
+) -> None:
+    route = write_route(
+        tmp_path / "r.yaml",
+        mock.url,
+        queueTimeoutSeconds=0.3,
+        limits=[{"name": "one", "concurrentRequests": 1}],
+    )
+    sidecar = start(sidecars, route)
+    async with aiohttp.ClientSession() as session:
+        held = await session.post(
+            f"{sidecar.url}{CHAT}", json=chat_body(stream=True), headers={"X-Mock-Hold": "1"}
+        )
+        await held.content.readuntil(b"\n\n")
+        async with session.post(f"{sidecar.url}{CHAT}", json=chat_body()) as response:
+            body = await response.json()
+        assert response.status == 429 and body["error"]["code"] == "concurrent_requests_exceeded"
+        assert response.headers["Retry-After"] == "1"
+        held.close()
+    record = await sidecar.record(lambda r: r.get("msg") == "access" and r.get("status") == 429)
+    assert record["queue_wait_ms"] >= 300
+    assert sidecar.metric("llmroute_timeouts_total", layer="queue") == 1
