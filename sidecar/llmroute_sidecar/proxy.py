@@ -202,9 +202,10 @@ class Gateway:
         try:
             async with timer:
                 return await self._serve(request, policy, ex)
-        except TimeoutError:
-            if not timer.expired():
-                raise
+        except TimeoutError as error:
+            if not timer.expired():  # a timeout below the deadline that no layer handled: still JSON
+                ex.error = repr(error)
+                return await self._fail(request, ex, errors.upstream_failed("the upstream timed out"))
             self.metrics.timeouts_total.labels(policy.name, "deadline").inc()
             return await self._fail(request, ex, errors.deadline_exceeded(deadline))
         except ProxyError as error:
