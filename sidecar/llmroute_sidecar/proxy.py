@@ -258,6 +258,8 @@ class Gateway:
 
     async def _serve(self, request: web.Request, policy: RoutePolicy, ex: Exchange) -> web.StreamResponse:
         spec = policy.route.spec
+        identity = identify(policy, request.headers)  # authenticate before reading the body
+        ex.client = identity.label
         kind = kind_for_path(request.path) if request.method == "POST" else None
         parsed: ParsedRequest | None = None
         body: bytes | AsyncIterator[bytes] | None
@@ -266,18 +268,13 @@ class Gateway:
             try:
                 parsed = parse_request(request.path, raw)
             except RequestValidationError as error:
-                status_outcome = "validation_error"
-                raise ProxyError(
-                    error.status, error.code, error.message, "invalid_request_error", status_outcome
-                ) from None
+                raise errors.bad_request(error.code, error.message, error.status) from None
             ex.stream = parsed.stream
             injected = with_stream_usage(parsed)
             body = injected if injected is not None else raw
         else:
             body = await self._pass_through_body(request, spec.max_request_bytes)
             injected = None
-        identity = identify(policy, request.headers)
-        ex.client = identity.label
         tokens = estimate_cost(parsed) if parsed is not None else 0
         ex.tokens_reserved = tokens
         if self.breaker.state is BreakerState.OPEN:  # fail fast, before the request consumes quota
