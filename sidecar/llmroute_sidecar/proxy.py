@@ -366,11 +366,10 @@ class Gateway:
         if decision.waits_for_concurrency:
             self.metrics.timeouts_total.labels(policy.name, "queue").inc()
         headers = {**rate_limit_headers(decision), "Retry-After": retry_after(decision)}
-        scope = rejected.scope if rejected.scope != "route" else "route"
         raise ProxyError(
             429,
             f"{_snake(rejected.dimension.value)}_exceeded",
-            f"rate limit exceeded: limit '{rejected.limit}' ({scope}) allows {rejected.limit_value} "
+            f"rate limit exceeded: limit '{rejected.limit}' ({rejected.scope}) allows {rejected.limit_value} "
             f"{_describe(rejected.dimension.value)}; retry after {headers['Retry-After']}s",
             "rate_limit_error",
             "quota_rejected",
@@ -445,7 +444,7 @@ class Gateway:
         attempts_allowed = 1 + (spec.upstream.retries if retryable_body else 0)
         delays = backoff_delays()
         deadline_at = ex.started + spec.deadline_seconds
-        last_error = "no attempt made"
+        last_error, last_kind = "no attempt made", ""
         for attempt in range(1, attempts_allowed + 1):
             if not self.breaker.allow():
                 raise self._breaker_open()
@@ -457,13 +456,14 @@ class Gateway:
                 )
             except UpstreamAttemptError as error:
                 self._record_attempt(policy, ex, started, error.kind, ok=False)
-                last_error = f"{error.kind}: {error}"
+                last_error, last_kind = f"{error.kind}: {error}", error.kind
             except BaseException:
                 self.breaker.release_probe()
                 raise
             else:
                 ok = response.status < 500
-                self._record_attempt(policy, ex, started, _status_kind(response.status), ok=ok)
+                last_kind = _status_kind(response.status)
+                self._record_attempt(policy, ex, started, last_kind, ok=ok)
                 if ok or attempt == attempts_allowed:
                     return response
                 last_error = f"upstream answered {response.status}"
@@ -473,7 +473,7 @@ class Gateway:
             delay = bounded_delay(next(delays), deadline_at - time.monotonic())
             if delay is None:
                 break
-            self.metrics.retries_total.labels(policy.name, last_error.split(":")[0].split(" ")[0]).inc()
+            self.metrics.retries_total.labels(policy.name, last_kind).inc()
             await asyncio.sleep(delay)
         raise errors.upstream_failed(f"upstream request failed after {ex.attempts} attempt(s): {last_error}")
 
