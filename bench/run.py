@@ -196,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
     report = render(sections, args)
     print(report)
     args.output.write_text(report)
-    print(f"written to {args.output.relative_to(ROOT)}")
+    print(f"written to {args.output}")
     return 1 if failed else 0
 
 
