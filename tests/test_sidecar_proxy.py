@@ -536,6 +536,9 @@ async def test_sigterm_drains_in_flight_streams_then_exits_zero(
         _status, body = wait_for(lambda: (r := sidecar.readyz())[0] == 503 and r, what="draining")
         assert any(reason.startswith("draining") for reason in body["reasons"])
         assert sidecar.alive
+        async with session.post(f"{sidecar.url}{CHAT}", json=chat_body()) as response:
+            refused = await response.json()
+        assert response.status == 503 and refused["error"]["code"] == "draining"
         mock.release()
         assert (await held.read()).endswith(b"data: [DONE]\n\n")
         held.close()

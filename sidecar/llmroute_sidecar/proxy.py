@@ -258,6 +258,10 @@ class Gateway:
 
     async def _serve(self, request: web.Request, policy: RoutePolicy, ex: Exchange) -> web.StreamResponse:
         spec = policy.route.spec
+        if self.health.draining:  # shutting down: send the client elsewhere, finish what is in flight
+            raise errors.overloaded(
+                "draining", "this sidecar is shutting down; retry on another replica", "draining"
+            )
         identity = identify(policy, request.headers)  # authenticate before reading the body
         ex.client = identity.label
         kind = kind_for_path(request.path) if request.method == "POST" else None
