@@ -16,7 +16,7 @@ import pytest
 from redis import Redis
 
 from tests.support.redis_procs import RedisCluster, RedisServer, command
-from tests.support.sidecar_procs import MockUpstream, SidecarProcess, wait_for
+from tests.support.sidecar_procs import MockUpstream, SidecarProcess, hold_stream, wait_for
 from tests.test_sidecar_proxy import CHAT, chat_body, write_route
 
 pytestmark = pytest.mark.slow
@@ -101,14 +101,7 @@ async def test_killed_sidecar_loses_its_leases_after_expiry(
     env = {"LLMROUTE_LEASE_MARGIN_SECONDS": "0.5"}
     victim, survivor = start_fleet(sidecars, route, "--redis", redis_server.url, count=2, env=env)
     async with aiohttp.ClientSession() as session:
-        held = [
-            await session.post(
-                f"{victim.url}{CHAT}", json=chat_body(stream=True), headers={"X-Mock-Hold": "1"}
-            )
-            for _ in range(2)
-        ]
-        for response in held:
-            await response.content.readuntil(b"\n\n")
+        held = [await hold_stream(session, victim.url) for _ in range(2)]
         async with session.post(f"{survivor.url}{CHAT}", json=chat_body()) as response:
             assert response.status == 429
         victim.proc.send_signal(signal.SIGKILL)  # no cleanup runs in a killed pod
@@ -136,10 +129,7 @@ async def test_aborted_streams_leak_no_slots(
     async with aiohttp.ClientSession(connector=connector) as session:
 
         async def abort(index: int) -> None:
-            response = await session.post(
-                f"{fleet[index % 2].url}{CHAT}", json=chat_body(stream=True), headers={"X-Mock-Hold": "1"}
-            )
-            await response.content.readuntil(b"\n\n")
+            response = await hold_stream(session, fleet[index % 2].url)
             response.close()
 
         for batch in range(5):
@@ -195,10 +185,8 @@ async def test_cancelled_stream_settles_what_was_streamed(
     (sidecar,) = start_fleet(
         sidecars, route, "--redis", redis_server.url, count=1, env={"LLMROUTE_HEARTBEAT_SECONDS": "0.05"}
     )
-    body = chat_body(stream=True, max_tokens=500)
     async with aiohttp.ClientSession() as session:
-        held = await session.post(f"{sidecar.url}{CHAT}", json=body, headers={"X-Mock-Hold": "1"})
-        await held.content.readuntil(b"\n\n")
+        held = await hold_stream(session, sidecar.url, max_tokens=500)
         await held.content.readuntil(b"\n\n")
         held.close()
         record = await sidecar.record(lambda r: r.get("msg") == "access" and r.get("client_disconnected"))

@@ -19,7 +19,15 @@ import aiohttp
 import yaml
 from aiohttp import web
 
-from tests.support.sidecar_procs import MockUpstream, SidecarProcess, free_port, http_get, start, wait_for
+from tests.support.sidecar_procs import (
+    MockUpstream,
+    SidecarProcess,
+    free_port,
+    hold_stream,
+    http_get,
+    start,
+    wait_for,
+)
 
 CHAT = "/v1/chat/completions"
 
@@ -462,10 +470,7 @@ async def test_client_disconnect_mid_stream_releases_the_slot(
     sidecar = start(sidecars, route, env={"LLMROUTE_HEARTBEAT_SECONDS": "0.1"})
     try:
         async with aiohttp.ClientSession() as session:
-            held = await session.post(
-                f"{sidecar.url}{CHAT}", json=chat_body(stream=True), headers={"X-Mock-Hold": "1"}
-            )
-            await held.content.readuntil(b"\n\n")
+            held = await hold_stream(session, sidecar.url)
             async with session.post(f"{sidecar.url}{CHAT}", json=chat_body()) as response:
                 assert response.status == 429  # the held stream owns the only slot
             held.close()  # the client goes away mid-stream
@@ -485,10 +490,7 @@ async def test_readiness_flips_when_saturated(
     sidecar = start(sidecars, write_route(tmp_path / "r.yaml", mock.url, readiness={"maxInFlight": 1}))
     assert sidecar.readyz()[0] == 200
     async with aiohttp.ClientSession() as session:
-        held = await session.post(
-            f"{sidecar.url}{CHAT}", json=chat_body(stream=True), headers={"X-Mock-Hold": "1"}
-        )
-        await held.content.readuntil(b"\n\n")
+        held = await hold_stream(session, sidecar.url)
         status, body = sidecar.readyz()
         assert status == 503 and any(reason.startswith("saturated") for reason in body["reasons"])
         mock.release()
@@ -528,10 +530,7 @@ async def test_sigterm_drains_in_flight_streams_then_exits_zero(
 ) -> None:
     sidecar = start(sidecars, write_route(tmp_path / "r.yaml", mock.url))
     async with aiohttp.ClientSession() as session:
-        held = await session.post(
-            f"{sidecar.url}{CHAT}", json=chat_body(stream=True), headers={"X-Mock-Hold": "1"}
-        )
-        await held.content.readuntil(b"\n\n")
+        held = await hold_stream(session, sidecar.url)
         sidecar.signal(signal.SIGTERM)
         _status, body = wait_for(lambda: (r := sidecar.readyz())[0] == 503 and r, what="draining")
         assert any(reason.startswith("draining") for reason in body["reasons"])
@@ -587,10 +586,7 @@ async def test_requests_queue_for_a_concurrency_slot_until_queue_timeout(
     )
     sidecar = start(sidecars, route)
     async with aiohttp.ClientSession() as session:
-        held = await session.post(
-            f"{sidecar.url}{CHAT}", json=chat_body(stream=True), headers={"X-Mock-Hold": "1"}
-        )
-        await held.content.readuntil(b"\n\n")
+        held = await hold_stream(session, sidecar.url)
         queued = asyncio.create_task(session.post(f"{sidecar.url}{CHAT}", json=chat_body()))
         done, _ = await asyncio.wait({queued}, timeout=0.5)
         assert not done, "the second request must wait for the slot, not be answered"
@@ -617,10 +613,7 @@ async def test_queue_timeout_rejects_with_429(
     )
     sidecar = start(sidecars, route)
     async with aiohttp.ClientSession() as session:
-        held = await session.post(
-            f"{sidecar.url}{CHAT}", json=chat_body(stream=True), headers={"X-Mock-Hold": "1"}
-        )
-        await held.content.readuntil(b"\n\n")
+        held = await hold_stream(session, sidecar.url)
         async with session.post(f"{sidecar.url}{CHAT}", json=chat_body()) as response:
             body = await response.json()
         assert response.status == 429 and body["error"]["code"] == "concurrent_requests_exceeded"

@@ -22,6 +22,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import aiohttp
+
 
 def free_port() -> int:
     """A free loopback TCP port."""
@@ -245,3 +247,11 @@ def start(started: list[SidecarProcess], route: Path, *extra: str, **kwargs: Any
     process = SidecarProcess(route, *extra, **kwargs)
     started.append(process)
     return process
+
+
+async def hold_stream(session: aiohttp.ClientSession, base: str, **body: Any) -> aiohttp.ClientResponse:
+    """Open a chat stream the mock upstream holds after its first event; return once that event arrived."""
+    payload = {"model": "m", "messages": [{"role": "user", "content": "hello there"}], "stream": True, **body}
+    response = await session.post(f"{base}/v1/chat/completions", json=payload, headers={"X-Mock-Hold": "1"})
+    await response.content.readuntil(b"\n\n")
+    return response
