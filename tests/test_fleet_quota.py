@@ -16,7 +16,7 @@ import pytest
 from redis import Redis
 
 from tests.support.redis_procs import RedisCluster, RedisServer, command
-from tests.support.sidecar_procs import MockUpstream, SidecarProcess, hold_stream, wait_for
+from tests.support.sidecar_procs import MockUpstream, SidecarProcess, free_port, hold_stream, wait_for
 from tests.test_sidecar_proxy import CHAT, chat_body, write_route
 
 pytestmark = pytest.mark.slow
@@ -199,3 +199,16 @@ async def test_cancelled_stream_settles_what_was_streamed(
     assert record["tokens_reserved"] > 500  # prompt estimate + max_tokens was reserved
     assert 0 < record["tokens_actual"] < 20  # the prompt and the one word streamed
     assert charged == record["tokens_actual"]  # settlement replaced the reservation
+
+
+async def test_unreachable_store_under_deny_is_not_ready_from_the_start(
+    tmp_path: Path, mock: MockUpstream, sidecars: list[SidecarProcess]
+) -> None:
+    route = write_route(
+        tmp_path / "r.yaml", mock.url, onStoreFailure="deny", limits=[{"name": "l", "requestsPerMinute": 5}]
+    )
+    (sidecar,) = start_fleet(sidecars, route, "--redis", f"redis://127.0.0.1:{free_port()}/0", count=1)
+    status, body = wait_for(
+        lambda: (r := sidecar.readyz())[0] == 503 and r, what="not ready without its store"
+    )
+    assert body["storeAvailable"] is False and any("quota store" in reason for reason in body["reasons"])

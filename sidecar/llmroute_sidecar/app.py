@@ -263,6 +263,9 @@ class Sidecar:
         ping = getattr(self.store, "ping", None)
         if ping is None:
             return
+        if not await ping():  # know the store's state before the first request asks
+            self.health.store_available = False
+            log.warning("quota store unavailable at start")
         while True:
             await asyncio.sleep(STORE_PING_SECONDS)
             if not self.health.store_available and await ping():
