@@ -208,7 +208,5 @@ async def test_unreachable_store_under_deny_is_not_ready_from_the_start(
         tmp_path / "r.yaml", mock.url, onStoreFailure="deny", limits=[{"name": "l", "requestsPerMinute": 5}]
     )
     (sidecar,) = start_fleet(sidecars, route, "--redis", f"redis://127.0.0.1:{free_port()}/0", count=1)
-    _, body = wait_for(
-        lambda: (r := sidecar.readyz())[0] == 503 and r, what="not ready without its store"
-    )
+    _, body = wait_for(lambda: (r := sidecar.readyz())[0] == 503 and r, what="not ready without its store")
     assert body["storeAvailable"] is False and any("quota store" in reason for reason in body["reasons"])

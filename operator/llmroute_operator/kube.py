@@ -1,0 +1,112 @@
+"""The few Kubernetes API calls the handlers make, with plain dicts in and out.
+
+Built on the official client's configuration and transport (kubeconfig or in-cluster service
+account, TLS, token refresh); bodies stay dicts so no model conversion gets in the way.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from typing import Any
+
+import kubernetes
+
+WORKLOAD_PATHS = {
+    "Deployment": "/apis/apps/v1/namespaces/{ns}/deployments/{name}",
+    "StatefulSet": "/apis/apps/v1/namespaces/{ns}/statefulsets/{name}",
+    "DaemonSet": "/apis/apps/v1/namespaces/{ns}/daemonsets/{name}",
+}
+
+
+class ApiError(RuntimeError):
+    """A non-2xx answer from the API server."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(f"HTTP {status}: {message}")
+        self.status = status
+
+
+def load_config() -> None:
+    """In-cluster service account when running in a pod, else the kubeconfig (KUBECONFIG)."""
+    try:
+        kubernetes.config.load_incluster_config()  # type: ignore[no-untyped-call]
+    except kubernetes.config.ConfigException:
+        kubernetes.config.load_kube_config()  # type: ignore[no-untyped-call]
+
+
+class Kube:
+    """Synchronous calls (kopf runs sync handlers in its thread pool)."""
+
+    def __init__(self, api_client: Any | None = None, timeout: float = 10.0) -> None:
+        self._api = api_client if api_client is not None else kubernetes.client.ApiClient()
+        self._timeout = timeout
+
+    def request(
+        self,
+        method: str,
+        path: str,
+        body: Any = None,
+        query: Mapping[str, str] | None = None,
+        content_type: str = "application/json",
+    ) -> dict[str, Any] | None:
+        """One call; the decoded JSON answer, None on 404, ApiError on other failures."""
+        headers = {"Accept": "application/json", "Content-Type": content_type}
+        _, url, headers, payload, _ = self._api.param_serialize(
+            method=method,
+            resource_path=path,
+            query_params=list((query or {}).items()) or None,
+            header_params=headers,
+            body=body,
+            auth_settings=["BearerToken"],
+        )
+        response = self._api.call_api(
+            method, url, header_params=headers, body=payload, _request_timeout=self._timeout
+        )
+        data = response.read()
+        if response.status == 404:
+            return None
+        if not 200 <= response.status < 300:
+            raise ApiError(response.status, data.decode(errors="replace")[:500] if data else "")
+        decoded: dict[str, Any] = json.loads(data) if data else {}
+        return decoded
+
+    # -- ConfigMaps -----------------------------------------------------------------------------
+
+    def get_configmap(self, namespace: str, name: str) -> dict[str, Any] | None:
+        return self.request("GET", f"/api/v1/namespaces/{namespace}/configmaps/{name}")
+
+    def create_configmap(self, namespace: str, body: Mapping[str, Any]) -> dict[str, Any] | None:
+        return self.request("POST", f"/api/v1/namespaces/{namespace}/configmaps", body=dict(body))
+
+    def patch_configmap(self, namespace: str, name: str, patch: Mapping[str, Any]) -> dict[str, Any] | None:
+        return self.request(
+            "PATCH",
+            f"/api/v1/namespaces/{namespace}/configmaps/{name}",
+            body=dict(patch),
+            content_type="application/merge-patch+json",
+        )
+
+    def delete_configmap(self, namespace: str, name: str) -> None:
+        self.request("DELETE", f"/api/v1/namespaces/{namespace}/configmaps/{name}")
+
+    # -- pods and their owners ------------------------------------------------------------------
+
+    def list_pods(self, namespace: str, label_selector: str = "") -> list[dict[str, Any]]:
+        query = {"labelSelector": label_selector} if label_selector else None
+        answer = self.request("GET", f"/api/v1/namespaces/{namespace}/pods", query=query) or {}
+        return list(answer.get("items") or [])
+
+    def get_replicaset(self, namespace: str, name: str) -> dict[str, Any] | None:
+        return self.request("GET", f"/apis/apps/v1/namespaces/{namespace}/replicasets/{name}")
+
+    def get_workload(self, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
+        return self.request("GET", WORKLOAD_PATHS[kind].format(ns=namespace, name=name))
+
+    def patch_workload(self, kind: str, namespace: str, name: str, patch: Mapping[str, Any]) -> None:
+        self.request(
+            "PATCH",
+            WORKLOAD_PATHS[kind].format(ns=namespace, name=name),
+            body=dict(patch),
+            content_type="application/merge-patch+json",
+        )
