@@ -14,7 +14,6 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,7 +22,7 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.support.sidecar_procs import free_port, wait_for
+from tests.support.sidecar_procs import free_port, operator_command, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 NAMESPACE = "llmroute-e2e"
@@ -90,15 +89,7 @@ def kind(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Kind]:
 def operator(kind: Kind, tmp_path_factory: pytest.TempPathFactory) -> Iterator[subprocess.Popen[bytes]]:
     log = tmp_path_factory.mktemp("operator") / "operator.log"
     env = {**os.environ, "KUBECONFIG": str(kind.kubeconfig), "LLMROUTE_RESYNC_SECONDS": "2"}
-    command = [
-        str(Path(sys.executable).parent / "llmroute-operator"),
-        "--standalone",
-        "--namespace",
-        NAMESPACE,
-        "--webhook-listen",
-        f"127.0.0.1:{free_port()}",
-        "--webhook-insecure",
-    ]
+    command = operator_command(NAMESPACE, free_port())
     with log.open("wb") as output:
         process = subprocess.Popen(command, env=env, stdout=output, stderr=subprocess.STDOUT)
     try:

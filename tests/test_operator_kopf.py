@@ -12,7 +12,6 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import urllib.error
 import urllib.request
 import uuid
@@ -26,7 +25,7 @@ import yaml
 
 from llmroute_operator import render
 from tests.support.kube_emulator import EmulatorThread, write_kubeconfig
-from tests.support.sidecar_procs import free_port, wait_for
+from tests.support.sidecar_procs import free_port, operator_command, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 NAMESPACE = "tests"
@@ -135,15 +134,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
             "LLMROUTE_REDIS_URL": REDIS,
             "LLMROUTE_RESYNC_SECONDS": "1",
         }
-        command = [
-            str(Path(sys.executable).parent / "llmroute-operator"),
-            "--standalone",
-            "--namespace",
-            NAMESPACE,
-            "--webhook-listen",
-            f"127.0.0.1:{port}",
-            "--webhook-insecure",
-        ]
+        command = operator_command(NAMESPACE, port)
         with log.open("wb") as output:
             process = subprocess.Popen(command, env=env, stdout=output, stderr=subprocess.STDOUT)
         wait_for(

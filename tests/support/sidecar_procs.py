@@ -255,3 +255,16 @@ async def hold_stream(session: aiohttp.ClientSession, base: str, **body: Any) ->
     response = await session.post(f"{base}/v1/chat/completions", json=payload, headers={"X-Mock-Hold": "1"})
     await response.content.readuntil(b"\n\n")
     return response
+
+
+def operator_command(namespace: str, webhook_port: int) -> list[str]:
+    """``llmroute-operator`` for one namespace, standalone, with a plain-HTTP webhook server."""
+    return [
+        str(Path(sys.executable).parent / "llmroute-operator"),
+        "--standalone",
+        "--namespace",
+        namespace,
+        "--webhook-listen",
+        f"127.0.0.1:{webhook_port}",
+        "--webhook-insecure",
+    ]
