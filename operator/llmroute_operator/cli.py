@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 from llmroute_operator.settings import FAILURE_POLICIES, OperatorSettings
 from llmroute_operator.settings import SettingsError as OperatorSettingsError
@@ -49,6 +51,44 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--webhook-key", metavar="FILE", help="TLS private key (env LLMROUTE_WEBHOOK_KEY_FILE)"
     )
+    tls = parser.add_argument_group(
+        "self-managed webhook TLS (no cert-manager): a CA and serving certificate kept in a Secret"
+    )
+    tls.add_argument(
+        "--webhook-tls-secret",
+        metavar="NAME",
+        help="Secret (in the operator namespace) holding the CA and serving certificate; the operator "
+        "creates and rotates it (env LLMROUTE_WEBHOOK_TLS_SECRET)",
+    )
+    tls.add_argument(
+        "--webhook-service",
+        metavar="NAME",
+        help="Service in front of the webhook server: the certificate's DNS names "
+        "(env LLMROUTE_WEBHOOK_SERVICE)",
+    )
+    tls.add_argument(
+        "--webhook-configuration",
+        metavar="NAME",
+        help="Mutating and ValidatingWebhookConfiguration whose caBundle the operator keeps current "
+        "(env LLMROUTE_WEBHOOK_CONFIGURATION)",
+    )
+    tls.add_argument(
+        "--webhook-cert-dir",
+        metavar="DIR",
+        help="where the serving certificate files are written (env LLMROUTE_WEBHOOK_CERT_DIR, "
+        "default /tmp/llmroute-webhook)",
+    )
+    parser.add_argument(
+        "--operator-namespace",
+        metavar="NS",
+        help="namespace the operator runs in (env LLMROUTE_OPERATOR_NAMESPACE or POD_NAMESPACE)",
+    )
+    parser.add_argument(
+        "--metrics-listen",
+        metavar="HOST:PORT",
+        help="Prometheus /metrics and /healthz (env LLMROUTE_METRICS_LISTEN, default 0.0.0.0:8080; "
+        "'off' disables)",
+    )
     parser.add_argument("--sidecar-image", metavar="IMAGE", help="sidecar image (env LLMROUTE_SIDECAR_IMAGE)")
     parser.add_argument("--sidecar-version", metavar="TAG", help="sidecar tag (env LLMROUTE_SIDECAR_VERSION)")
     parser.add_argument(
@@ -72,6 +112,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def handlers_runtime_from_env(env: dict[str, str]) -> Any:
+    """The handlers' RuntimeConfig from the environment (imports kopf, so only when running)."""
+    from llmroute_operator import handlers
+
+    return handlers.RuntimeConfig.from_env(env)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse flags, configure the handlers module, run kopf until stopped."""
     args = build_parser().parse_args(argv)
@@ -92,6 +139,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         listen = args.webhook_listen or env.get("LLMROUTE_WEBHOOK_LISTEN") or "0.0.0.0:9443"
         webhook_listen = HostPort.parse(listen, "--webhook-listen")
+        if args.operator_namespace:
+            env["LLMROUTE_OPERATOR_NAMESPACE"] = args.operator_namespace
+        if args.metrics_listen:
+            env["LLMROUTE_METRICS_LISTEN"] = args.metrics_listen
+        base = handlers_runtime_from_env(env)
     except (SettingsError, OperatorSettingsError) as error:
         print(f"llmroute-operator: {error}", file=sys.stderr)
         return 2
@@ -100,15 +152,19 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from llmroute_operator import handlers
 
-    base = handlers.RuntimeConfig.from_env(env)
     handlers.configure_runtime(
-        handlers.RuntimeConfig(
+        dataclasses.replace(
+            base,
             settings=settings,
             webhook_listen=webhook_listen,
             webhook_insecure=args.webhook_insecure or base.webhook_insecure,
             webhook_host=args.webhook_host or base.webhook_host,
             webhook_certfile=args.webhook_cert or base.webhook_certfile,
             webhook_keyfile=args.webhook_key or base.webhook_keyfile,
+            webhook_tls_secret=args.webhook_tls_secret or base.webhook_tls_secret,
+            webhook_service=args.webhook_service or base.webhook_service,
+            webhook_configuration=args.webhook_configuration or base.webhook_configuration,
+            webhook_cert_dir=args.webhook_cert_dir or base.webhook_cert_dir,
         )
     )
     kopf.configure(verbose=args.verbose)
