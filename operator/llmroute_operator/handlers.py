@@ -7,20 +7,24 @@ Run with ``llmroute-operator`` (see ``cli.py``) or ``kopf run -m llmroute_operat
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import copy
 import datetime
 import json
 import logging
 import os
 import urllib.request
-from collections.abc import AsyncIterator, Iterable, Mapping
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
 import jsonpatch
 import kopf
+from aiohttp import web
 
-from llmroute_operator import kube, render, rollout
+from llmroute_operator import hpa, kube, metrics, render, rollout
 from llmroute_operator import status as state
 from llmroute_operator.settings import OperatorSettings
 from llmroute_sidecar.api import API_GROUP, API_VERSION, PLURAL, LLMRoute, ManifestError
@@ -30,7 +34,10 @@ from llmroute_sidecar.config import HostPort
 log = logging.getLogger("llmroute.operator")
 
 RESYNC_SECONDS = float(os.environ.get("LLMROUTE_RESYNC_SECONDS") or 30)
+DEBOUNCE_SECONDS = 0.5
+HINTS_PARALLELISM = 16
 HINTS_TIMEOUT_SECONDS = 1.0
+ROUTES_LIST_TIMEOUT = 3.0
 INDEX = "routes_by_namespace"
 """The name of the route index, as kopf passes it to handlers."""
 DEFAULT_WEBHOOK_LISTEN = HostPort("0.0.0.0", 9443)
@@ -117,6 +124,17 @@ def runtime() -> RuntimeConfig:
     return _runtime
 
 
+_api: kube.Kube | None = None
+
+
+def api() -> kube.Kube:
+    """One API client per process (its connection pool is shared by handler threads)."""
+    global _api
+    if _api is None:
+        _api = kube.Kube()
+    return _api
+
+
 def _now() -> str:
     return datetime.datetime.now(datetime.UTC).replace(microsecond=0).isoformat().replace("+00:00", "Z")
 
@@ -162,6 +180,27 @@ def configure(settings: Any, **_: Any) -> None:
     )
 
 
+_admin: web.AppRunner | None = None
+
+
+@kopf.on.startup(id="admin-endpoint")
+async def start_admin_endpoint(**_: Any) -> None:
+    """``/metrics`` and ``/healthz`` in every replica (active or standing by)."""
+    global _admin
+    listen = runtime().metrics_listen
+    if listen is not None:
+        _admin = await metrics.start_admin(listen)
+        log.info("metrics and liveness at http://%s:%s/{metrics,healthz}", listen.host, listen.port)
+
+
+@kopf.on.cleanup(id="admin-endpoint")
+async def stop_admin_endpoint(**_: Any) -> None:
+    global _admin
+    if _admin is not None:
+        await _admin.cleanup()
+        _admin = None
+
+
 # -- the route index (used by the webhook and for conflicts) --------------------------------------
 
 
@@ -196,24 +235,42 @@ def _valid_routes(bodies: Iterable[Mapping[str, Any]]) -> list[LLMRoute]:
 )
 async def inject(*, body: kopf.Body, patch: kopf.Patch, warnings: list[str], **kwargs: Any) -> None:
     """Add the sidecar to a pod its namespace's route selects (pure decision in render)."""
-    namespace = (body.get("metadata") or {}).get("namespace")
-    routes = _valid_routes(kwargs[INDEX].get(namespace, []) if namespace else [])
-    plan = render.plan_injection(body, routes, runtime().settings)
-    if plan.reason == "Conflict":
-        warnings.append(
-            f"llmroute: no sidecar injected, routes {', '.join(plan.conflicts)} all select this pod"
-        )
-    if plan.patch:
-        ops = plan.patch
-        patch.fns.append(lambda raw: jsonpatch.apply_patch(raw, ops, in_place=True))
+    with metrics.observe_webhook("inject") as outcome:
+        namespace = (body.get("metadata") or {}).get("namespace")
+        routes = _valid_routes(await _routes_in(namespace, kwargs[INDEX])) if namespace else []
+        plan = render.plan_injection(body, routes, runtime().settings)
+        outcome[0] = "injected" if plan.patch else plan.reason.lower() or "skipped"
+        if plan.reason == "Conflict":
+            warnings.append(
+                f"llmroute: no sidecar injected, routes {', '.join(plan.conflicts)} all select this pod"
+            )
+        if plan.patch:
+            ops = plan.patch
+            patch.fns.append(lambda raw: jsonpatch.apply_patch(raw, ops, in_place=True))
+            metrics.PODS_INJECTED.inc()
+
+
+async def _routes_in(namespace: str, index: Any) -> list[Mapping[str, Any]]:
+    """The namespace's routes from the API server, falling back to the index when it is unreachable.
+
+    Not the index first: kopf pauses watches in a standby replica (peering), so its index is stale,
+    yet the webhook Service sends reviews to every replica.
+    """
+    try:
+        found = await asyncio.wait_for(asyncio.to_thread(api().list_routes, namespace), ROUTES_LIST_TIMEOUT)
+    except (kube.ApiError, OSError, TimeoutError, ValueError) as error:
+        log.warning("listing LLMRoutes in %s failed (%s); deciding from the index", namespace, error)
+        return list(index.get(namespace, []))
+    return list(found)
 
 
 @kopf.on.validate(API_GROUP, API_VERSION, PLURAL, id="validate", operations=["CREATE", "UPDATE"])
 def validate(*, body: kopf.Body, **_: Any) -> None:
     """Reject semantically invalid routes with messages naming the field."""
-    problems = state.validate_route(body)
-    if problems:
-        raise kopf.AdmissionError("invalid LLMRoute: " + "; ".join(problems), code=422)
+    with metrics.observe_webhook("validate"):
+        problems = state.validate_route(body)
+        if problems:
+            raise kopf.AdmissionError("invalid LLMRoute: " + "; ".join(problems), code=422)
 
 
 # -- reconciliation -------------------------------------------------------------------------------
@@ -231,96 +288,188 @@ def _ensure_configmap(api: kube.Kube, route: LLMRoute) -> None:
         api.patch_configmap(namespace, name, {"metadata": desired["metadata"], "data": desired["data"]})
 
 
-def _fetch_hints(pods: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
-    hints = []
-    for pod in pods:
-        ip = (pod.get("status") or {}).get("podIP")
-        if not ip:
-            continue
-        try:
-            url = f"http://{ip}:{render.ADMIN_PORT}/hints"
-            with urllib.request.urlopen(url, timeout=HINTS_TIMEOUT_SECONDS) as response:
-                hints.append(json.loads(response.read()))
-        except (OSError, ValueError):
-            continue
-    return hints
+def _fetch_hints(pods: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """Each pod's ``/hints`` (admin port), fetched in parallel; pods that do not answer are skipped."""
+    urls = [
+        f"http://{ip}:{render.ADMIN_PORT}/hints"
+        for pod in pods
+        if (ip := (pod.get("status") or {}).get("podIP"))
+    ]
+    if not urls:
+        return []
+    with ThreadPoolExecutor(max_workers=min(HINTS_PARALLELISM, len(urls))) as pool:
+        return [hint for hint in pool.map(_fetch_hint, urls) if hint is not None]
+
+
+def _fetch_hint(url: str) -> dict[str, Any] | None:
+    try:
+        with urllib.request.urlopen(url, timeout=HINTS_TIMEOUT_SECONDS) as response:
+            answer = json.loads(response.read())
+    except (OSError, ValueError):
+        return None
+    return answer if isinstance(answer, dict) else None
+
+
+def _owners(client: kube.Kube, namespace: str, pods: Sequence[Mapping[str, Any]]) -> list[rollout.Workload]:
+    """Workloads owning the pods (pod → ReplicaSet → Deployment; StatefulSet; DaemonSet)."""
+    replicasets = {}
+    for name in rollout.replicaset_names(pods):
+        found = client.get_replicaset(namespace, name)
+        if found is not None:
+            replicasets[name] = found
+    return rollout.rollout_targets(pods, replicasets)
 
 
 def _rollout(
-    api: kube.Kube, body: Any, route: LLMRoute, lacking: list[Mapping[str, Any]], sidecar_hash: str
+    client: kube.Kube, body: Any, route: LLMRoute, lacking: list[Mapping[str, Any]], sidecar_hash: str
 ) -> list[str]:
     """Restart owning workloads under rollout: auto; return the workloads left for a person."""
     namespace = route.metadata.namespace
-    replicasets = {}
-    for name in rollout.replicaset_names(lacking):
-        found = api.get_replicaset(namespace, name)
-        if found is not None:
-            replicasets[name] = found
-    targets = rollout.rollout_targets(lacking, replicasets)
+    targets = _owners(client, namespace, lacking)
     if route.spec.rollout != RolloutPolicy.AUTO:
         return [str(target) for target in targets]
     pending = []
     for target in targets:
-        workload = api.get_workload(target.kind, namespace, target.name)
+        workload = client.get_workload(target.kind, namespace, target.name)
         if workload is None:
             continue
         if rollout.already_restarted(workload, sidecar_hash):
             pending.append(str(target))
             continue
-        api.patch_workload(target.kind, namespace, target.name, rollout.restart_patch(sidecar_hash, _now()))
+        client.patch_workload(
+            target.kind, namespace, target.name, rollout.restart_patch(sidecar_hash, _now())
+        )
+        metrics.ROLLOUTS.labels(target.kind).inc()
         kopf.info(body, reason="RolloutRestarted", message=f"restarted {target} to inject the sidecar")
     return pending
+
+
+def _ensure_hpa(
+    client: kube.Kube, body: Any, route: LLMRoute, matched: Sequence[Mapping[str, Any]]
+) -> str | None:
+    """Create, update or delete the route's HPA; return the problem that prevents one, if any."""
+    namespace, name = route.metadata.namespace, hpa.hpa_name(route)
+    plan = hpa.plan_hpa(route, _owners(client, namespace, matched) if hpa.wants_hpa(route) else [])
+    existing = client.get_hpa(namespace, name)
+    if plan.desired is None:
+        if existing is not None and not plan.problem and _owned_by(existing, route):
+            client.delete_hpa(namespace, name)
+            kopf.info(body, reason="AutoscalerDeleted", message=f"deleted HorizontalPodAutoscaler {name}")
+        return plan.problem
+    if existing is None:
+        client.create_hpa(namespace, plan.desired)
+        target = plan.desired["spec"]["scaleTargetRef"]
+        kopf.info(
+            body,
+            reason="AutoscalerCreated",
+            message=f"created HorizontalPodAutoscaler {name} for {target['kind']}/{target['name']}",
+        )
+    elif hpa.needs_update(existing, plan.desired):
+        client.patch_hpa(
+            namespace, name, {"metadata": plan.desired["metadata"], "spec": plan.desired["spec"]}
+        )
+    return None
+
+
+def _owned_by(obj: Mapping[str, Any], route: LLMRoute) -> bool:
+    refs = (obj.get("metadata") or {}).get("ownerReferences") or []
+    return any(ref.get("kind") == "LLMRoute" and ref.get("name") == route.metadata.name for ref in refs)
 
 
 def _clean(value: Mapping[str, Any]) -> dict[str, Any]:
     return {key: item for key, item in value.items() if item is not None and key != "kopf"}
 
 
-def _reconcile(body: Any, previous: Mapping[str, Any], patch: Any, index: Any, *, hints: bool) -> None:
-    """Render, write, observe, report: the one reconcile path for create/update/resume/timer."""
-    api = kube.Kube()
-    settings = runtime().settings
-    try:
-        route = state.parse_body(body)
-    except ManifestError as error:
-        new_status = state.invalid_status(body, str(error), previous, _now())
-    else:
-        _ensure_configmap(api, route)
-        sidecar_hash = render.sidecar_hash(route, settings)
-        pods = api.list_pods(route.metadata.namespace, render.label_selector_query(route.spec.selector))
-        others = _valid_routes(index.get(route.metadata.namespace, []))
-        conflicts = state.find_conflicts(route, others, pods)
-        lacking = [] if conflicts else state.pods_needing_rollout(route, pods, sidecar_hash)
-        workloads = _rollout(api, body, route, list(lacking), sidecar_hash) if lacking else []
-        matched = state.matched_pods(route, pods)
-        observation = state.Observation(
-            pods=pods,
-            sidecar_hash=sidecar_hash,
-            conflicts=conflicts,
-            hints=_fetch_hints(p for p in matched if state.is_current(p, route, sidecar_hash))
-            if hints
-            else None,
-            workloads=workloads,
-        )
-        new_status = state.route_status(route, observation, previous, _now())
-    for kind, reason, message in state.transition_events(previous, new_status):
-        kopf.event(body, type=kind, reason=reason, message=message)
-    if _clean(new_status) != _clean(previous):
-        patch.status.update(new_status)
+def desired_status(body: Any, previous: Mapping[str, Any], index: Any, *, hints: bool) -> dict[str, Any]:
+    """Render, write, observe: the one reconcile path (create/update/resume and the observer daemon);
+    returns the status to report and posts Events on transitions."""
+    with metrics.observe_reconcile() as outcome:
+        client = api()
+        settings = runtime().settings
+        try:
+            route = state.parse_body(body)
+        except ManifestError as error:
+            outcome[0] = "invalid"
+            new_status = state.invalid_status(body, str(error), previous, _now())
+        else:
+            _ensure_configmap(client, route)
+            sidecar_hash = render.sidecar_hash(route, settings)
+            pods = client.list_pods(
+                route.metadata.namespace, render.label_selector_query(route.spec.selector)
+            )
+            others = _valid_routes(index.get(route.metadata.namespace, []))
+            conflicts = state.find_conflicts(route, others, pods)
+            lacking = [] if conflicts else state.pods_needing_rollout(route, pods, sidecar_hash)
+            workloads = _rollout(client, body, route, list(lacking), sidecar_hash) if lacking else []
+            matched = state.matched_pods(route, pods)
+            current = [pod for pod in matched if state.is_current(pod, route, sidecar_hash)]
+            observation = state.Observation(
+                pods=pods,
+                sidecar_hash=sidecar_hash,
+                conflicts=conflicts,
+                hints=_fetch_hints(current) if hints else None,
+                workloads=workloads,
+                autoscaling_problem=_ensure_hpa(client, body, route, matched),
+            )
+            new_status = state.route_status(route, observation, previous, _now())
+        for kind, reason, message in state.transition_events(previous, new_status):
+            kopf.event(body, type=kind, reason=reason, message=message)
+        return new_status
 
 
 @kopf.on.resume(API_GROUP, API_VERSION, PLURAL)
 @kopf.on.create(API_GROUP, API_VERSION, PLURAL)
 @kopf.on.update(API_GROUP, API_VERSION, PLURAL)
 def reconcile(*, body: kopf.Body, status: kopf.Status, patch: kopf.Patch, **kwargs: Any) -> None:
-    """Route created, changed, or found at startup: ConfigMap, rollout, status, Events."""
-    _reconcile(body, dict(status), patch, kwargs[INDEX], hints=False)
+    """Route created, changed, or found at startup: ConfigMap, rollout, HPA, status, Events."""
+    previous = dict(status)
+    new_status = desired_status(body, previous, kwargs[INDEX], hints=False)
+    if _clean(new_status) != _clean(previous):
+        patch.status.update(new_status)
 
 
-@kopf.timer(API_GROUP, API_VERSION, PLURAL, interval=RESYNC_SECONDS, initial_delay=RESYNC_SECONDS)
-def resync(*, body: kopf.Body, status: kopf.Status, patch: kopf.Patch, **kwargs: Any) -> None:
-    """Periodically: recount pods (webhook failures, new pods), collect load hints."""
-    _reconcile(body, dict(status), patch, kwargs[INDEX], hints=True)
+_wakeups: dict[tuple[str, str], asyncio.Event] = {}
+"""Per-route wake-up calls for the observer daemons, set by pod events."""
+
+
+@kopf.daemon(API_GROUP, API_VERSION, PLURAL, cancellation_timeout=10)
+async def observe(*, body: kopf.Body, name: str, namespace: str | None, stopped: Any, **kwargs: Any) -> None:
+    """While the route exists: recount pods and collect load hints when its pods change (pod events)
+    and at least every LLMROUTE_RESYNC_SECONDS (pods the webhook missed, hints)."""
+    key = (namespace or "", name)
+    wake = _wakeups.setdefault(key, asyncio.Event())
+    try:
+        while not stopped:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(wake.wait(), RESYNC_SECONDS)
+            if stopped:
+                break
+            await asyncio.sleep(DEBOUNCE_SECONDS)  # one recount for a burst of pod events
+            wake.clear()
+            try:
+                await asyncio.to_thread(_observe_once, body, kwargs[INDEX])
+            except (kube.ApiError, OSError) as error:
+                log.warning("observing LLMRoute %s/%s failed: %s", namespace, name, error)
+    finally:
+        if _wakeups.get(key) is wake:
+            del _wakeups[key]
+
+
+def _observe_once(body: kopf.Body, index: Any) -> None:
+    previous = dict(body.get("status") or {})
+    new_status = desired_status(body, previous, index, hints=True)
+    if _clean(new_status) != _clean(previous):
+        meta = body.get("metadata") or {}
+        api().patch_status(str(meta.get("namespace")), str(meta.get("name")), {"status": new_status})
+
+
+@kopf.on.event("v1", "pods", annotations={render.ANNOTATION_ROUTE: kopf.PRESENT})
+def pod_changed(*, meta: kopf.Meta, namespace: str | None, **_: Any) -> None:
+    """An injected pod appeared, changed (readiness) or went: wake its route's observer."""
+    route = (meta.get("annotations") or {}).get(render.ANNOTATION_ROUTE)
+    wake = _wakeups.get((namespace or "", str(route)))
+    if wake is not None:
+        wake.set()
 
 
 @kopf.on.delete(API_GROUP, API_VERSION, PLURAL)

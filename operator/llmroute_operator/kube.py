@@ -12,11 +12,15 @@ from typing import Any
 
 import kubernetes
 
+from llmroute_sidecar.api import API_GROUP, API_VERSION, PLURAL
+
 WORKLOAD_PATHS = {
     "Deployment": "/apis/apps/v1/namespaces/{ns}/deployments/{name}",
     "StatefulSet": "/apis/apps/v1/namespaces/{ns}/statefulsets/{name}",
     "DaemonSet": "/apis/apps/v1/namespaces/{ns}/daemonsets/{name}",
 }
+
+HPA_PATH = "/apis/autoscaling/v2/namespaces/{ns}/horizontalpodautoscalers"
 
 
 class ApiError(RuntimeError):
@@ -90,6 +94,19 @@ class Kube:
     def delete_configmap(self, namespace: str, name: str) -> None:
         self.request("DELETE", f"/api/v1/namespaces/{namespace}/configmaps/{name}")
 
+    # -- routes ---------------------------------------------------------------------------------
+
+    def list_routes(self, namespace: str) -> list[dict[str, Any]]:
+        """The namespace's LLMRoutes, straight from the API server."""
+        path = f"/apis/{API_GROUP}/{API_VERSION}/namespaces/{namespace}/{PLURAL}"
+        answer = self.request("GET", path) or {}
+        return list(answer.get("items") or [])
+
+    def patch_status(self, namespace: str, name: str, patch: Mapping[str, Any]) -> None:
+        """Merge-patch an LLMRoute's status subresource."""
+        path = f"/apis/{API_GROUP}/{API_VERSION}/namespaces/{namespace}/{PLURAL}/{name}/status"
+        self.request("PATCH", path, body=dict(patch), content_type="application/merge-patch+json")
+
     # -- pods and their owners ------------------------------------------------------------------
 
     def list_pods(self, namespace: str, label_selector: str = "") -> list[dict[str, Any]]:
@@ -110,3 +127,22 @@ class Kube:
             body=dict(patch),
             content_type="application/merge-patch+json",
         )
+
+    # -- HorizontalPodAutoscalers -----------------------------------------------------------------
+
+    def get_hpa(self, namespace: str, name: str) -> dict[str, Any] | None:
+        return self.request("GET", f"{HPA_PATH.format(ns=namespace)}/{name}")
+
+    def create_hpa(self, namespace: str, body: Mapping[str, Any]) -> None:
+        self.request("POST", HPA_PATH.format(ns=namespace), body=dict(body))
+
+    def patch_hpa(self, namespace: str, name: str, patch: Mapping[str, Any]) -> None:
+        self.request(
+            "PATCH",
+            f"{HPA_PATH.format(ns=namespace)}/{name}",
+            body=dict(patch),
+            content_type="application/merge-patch+json",
+        )
+
+    def delete_hpa(self, namespace: str, name: str) -> None:
+        self.request("DELETE", f"{HPA_PATH.format(ns=namespace)}/{name}")

@@ -143,6 +143,8 @@ class Observation:
     hints: Sequence[Mapping[str, Any]] | None = None
     workloads: Sequence[str] = ()
     """Workloads (``Kind/name``) needing a restart that the operator did not restart (manual)."""
+    autoscaling_problem: str | None = None
+    """Why the HPA the route asks for cannot be made (reported as Degraded)."""
 
 
 def route_status(
@@ -184,6 +186,16 @@ def route_status(
         if observed.workloads:
             message += f"; restart to inject: {', '.join(observed.workloads)}"
         degraded = condition(DEGRADED, True, "PodsWithoutSidecar", message, generation, old_conditions, now)
+    elif observed.autoscaling_problem:
+        degraded = condition(
+            DEGRADED,
+            True,
+            "AutoscalerUnavailable",
+            observed.autoscaling_problem,
+            generation,
+            old_conditions,
+            now,
+        )
     else:
         degraded = condition(
             DEGRADED,

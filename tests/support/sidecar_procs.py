@@ -257,14 +257,19 @@ async def hold_stream(session: aiohttp.ClientSession, base: str, **body: Any) ->
     return response
 
 
-def operator_command(namespace: str, webhook_port: int) -> list[str]:
-    """``llmroute-operator`` for one namespace, standalone, with a plain-HTTP webhook server."""
+def operator_command(
+    namespace: str, webhook_port: int, metrics_port: int | None = None, peering: str | None = None
+) -> list[str]:
+    """``llmroute-operator`` for one namespace with a plain-HTTP webhook server; standalone unless
+    ``peering`` names a peering object; the metrics endpoint only when ``metrics_port`` is given."""
     return [
         str(Path(sys.executable).parent / "llmroute-operator"),
-        "--standalone",
+        *(["--peering", peering] if peering else ["--standalone"]),
         "--namespace",
         namespace,
         "--webhook-listen",
         f"127.0.0.1:{webhook_port}",
         "--webhook-insecure",
+        "--metrics-listen",
+        f"127.0.0.1:{metrics_port}" if metrics_port else "off",
     ]
