@@ -6,6 +6,7 @@ import argparse
 import dataclasses
 import os
 import sys
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -22,6 +23,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--standalone", action="store_true", help="no peering with other operator replicas")
     parser.add_argument("--peering", metavar="NAME", help="kopf peering object name (HA: one active replica)")
+    parser.add_argument(
+        "--priority",
+        type=int,
+        metavar="N",
+        help="peering priority; the highest live one reconciles, the others stand by (default: by start "
+        "time, so the oldest replica stays active and a restarted one queues behind the others)",
+    )
     scope = parser.add_mutually_exclusive_group()
     scope.add_argument("--all-namespaces", "-A", action="store_true", help="serve every namespace (default)")
     scope.add_argument(
@@ -119,6 +127,12 @@ def handlers_runtime_from_env(env: dict[str, str]) -> Any:
     return handlers.RuntimeConfig.from_env(env)
 
 
+def start_time_priority(now: float | None = None) -> int:
+    """Older replicas get higher kopf peering priorities: the first to start stays active, and
+    replicas never share a priority (kopf lets equal-priority peers all run, with a warning)."""
+    return -int((time.time() if now is None else now) * 1000)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse flags, configure the handlers module, run kopf until stopped."""
     args = build_parser().parse_args(argv)
@@ -170,6 +184,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     kopf.configure(verbose=args.verbose)
     kopf.run(
         standalone=args.standalone,
+        priority=args.priority if args.priority is not None else start_time_priority(),
         peering_name=args.peering,
         clusterwide=not args.namespace,
         namespaces=args.namespace,

@@ -180,6 +180,15 @@ def configure(settings: Any, **_: Any) -> None:
     )
 
 
+@kopf.on.startup(id="peering")
+def configure_peering(settings: Any, **_: Any) -> None:
+    """LLMROUTE_PEERING_LIFETIME_SECONDS: how long a silent peer counts as alive (kopf: 60 s); a
+    standby replica takes over that long after the active one died without saying goodbye."""
+    lifetime = os.environ.get("LLMROUTE_PEERING_LIFETIME_SECONDS")
+    if lifetime:
+        settings.peering.lifetime = int(lifetime)
+
+
 _admin: web.AppRunner | None = None
 
 

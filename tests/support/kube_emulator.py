@@ -11,7 +11,8 @@ bookkeeping; ``KubeEmulator`` adds exactly that (candidates for upstream):
 - 422 (not 500) for a JSON patch that does not apply, e.g. a failed ``test`` of the resourceVersion;
 - ``generation`` bumped when a patch changes ``spec`` (kopf and ``observedGeneration`` rely on it);
 - ``kind``/``apiVersion`` on list responses (``PodList`` …), and ``labelSelector`` filtering (list, watch);
-- ``Content-Type: application/json`` on watch streams;
+- ``Content-Type: application/json`` on watch streams; no event a new watcher already got in its
+  initial events (kmock's bus replays its last event, possibly stale, to each new subscriber);
 - the ``k8s.io/initial-events-end`` bookmark after the initial events when ``sendInitialEvents=true``;
 - discovery entries of subresources (``llmroutes/status``) without the parent's short names;
 - ``/api/v1/namespaces[/NAME]`` parsed as the Namespace resource (kmock reads ``namespaces`` there as
@@ -209,6 +210,8 @@ class KubeEmulator(kmock.KubernetesEmulator):  # type: ignore[misc]
         async for event in self._buses[request.resource]:
             obj = event.get("object", {})
             meta = obj.get("metadata", {})
+            if int(meta.get("resourceVersion") or 0) <= revision:
+                continue  # already in the initial events (kmock's bus replays its last event to newcomers)
             if check(
                 request, request.resource, meta.get("namespace"), meta.get("name"), strict=False
             ) and wanted(obj):
@@ -220,6 +223,21 @@ def _initial_events_end(revision: int) -> dict[str, Any]:
     return {"type": "BOOKMARK", "object": {"metadata": metadata}}
 
 
+def kopf_peering_crds() -> list[dict[str, Any]]:
+    """kopf's peering resources (``kopf.dev/v1`` KopfPeering, ClusterKopfPeering), as discovery needs them."""
+    return [
+        {
+            "spec": {
+                "group": "kopf.dev",
+                "scope": scope,
+                "names": {"kind": kind, "plural": kind.lower() + "s", "singular": kind.lower()},
+                "versions": [{"name": "v1"}],
+            }
+        }
+        for kind, scope in (("KopfPeering", "Namespaced"), ("ClusterKopfPeering", "Cluster"))
+    ]
+
+
 class EmulatorThread:
     """A ``KubeEmulator`` served on a free loopback port from a background thread."""
 
@@ -229,6 +247,8 @@ class EmulatorThread:
             warnings.simplefilter("ignore", DeprecationWarning)
             self.emulator.resources.load_bundled()
         self.emulator.register_crd(custom_resource_definition())
+        for crd in kopf_peering_crds():
+            self.emulator.register_crd(crd)
         self._loop = asyncio.new_event_loop()
         self._started = threading.Event()
         self._stop: asyncio.Event | None = None
