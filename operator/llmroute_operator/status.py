@@ -185,6 +185,8 @@ def route_status(
         message = f"{len(lacking)} matched pod(s) without the current sidecar: {names}"
         if observed.workloads:
             message += f"; restart to inject: {', '.join(observed.workloads)}"
+        if observed.autoscaling_problem:
+            message += f"; {observed.autoscaling_problem}"
         degraded = condition(DEGRADED, True, "PodsWithoutSidecar", message, generation, old_conditions, now)
     elif observed.autoscaling_problem:
         degraded = condition(
