@@ -435,16 +435,37 @@ def reconcile(*, body: kopf.Body, status: kopf.Status, patch: kopf.Patch, **kwar
     new_status = desired_status(body, previous, kwargs[INDEX], hints=False)
     if _clean(new_status) != _clean(previous):
         patch.status.update(new_status)
+    _wake_neighbours(body, kwargs[INDEX])
+
+
+def _wake_neighbours(body: Mapping[str, Any], index: Any) -> None:
+    """Other routes in the namespace recheck now: a selector change may start or end a conflict."""
+    meta = body.get("metadata") or {}
+    namespace, name = meta.get("namespace"), meta.get("name")
+    for other in index.get(namespace, []):
+        other_name = (other.get("metadata") or {}).get("name")
+        if other_name and other_name != name:
+            _wake_threadsafe(str(namespace), str(other_name))
+
+
+def _wake_threadsafe(namespace: str, name: str) -> None:
+    wake = _wakeups.get((namespace, name))
+    if wake is not None and _loop is not None:
+        _loop.call_soon_threadsafe(wake.set)
 
 
 _wakeups: dict[tuple[str, str], asyncio.Event] = {}
-"""Per-route wake-up calls for the observer daemons, set by pod events."""
+"""Per-route wake-up calls for the observer daemons, set by pod events and neighbouring routes."""
+_loop: asyncio.AbstractEventLoop | None = None
+"""The operator's event loop (handlers in threads wake daemons through it)."""
 
 
 @kopf.daemon(API_GROUP, API_VERSION, PLURAL, cancellation_timeout=10)
 async def observe(*, body: kopf.Body, name: str, namespace: str | None, stopped: Any, **kwargs: Any) -> None:
     """While the route exists: recount pods and collect load hints when its pods change (pod events)
     and at least every LLMROUTE_RESYNC_SECONDS (pods the webhook missed, hints)."""
+    global _loop
+    _loop = asyncio.get_running_loop()
     key = (namespace or "", name)
     wake = _wakeups.setdefault(key, asyncio.Event())
     try:
@@ -482,6 +503,14 @@ def pod_changed(*, meta: kopf.Meta, namespace: str | None, **_: Any) -> None:
 
 
 @kopf.on.delete(API_GROUP, API_VERSION, PLURAL)
-def cleanup(*, namespace: str | None, name: str, **_: Any) -> None:
+def cleanup(*, namespace: str | None, name: str, body: kopf.Body, **kwargs: Any) -> None:
     """Finalizer: delete what the route owns; pods lose the sidecar on their next rollout."""
-    kube.Kube().delete_configmap(namespace or "default", render.configmap_name_for(name))
+    _wake_neighbours(body, kwargs[INDEX])
+    client, namespace = api(), namespace or "default"
+    client.delete_configmap(namespace, render.configmap_name_for(name))
+    autoscaler = client.get_hpa(namespace, render.configmap_name_for(name))
+    if autoscaler is not None and any(
+        ref.get("kind") == "LLMRoute" and ref.get("name") == name
+        for ref in (autoscaler.get("metadata") or {}).get("ownerReferences") or []
+    ):
+        client.delete_hpa(namespace, render.configmap_name_for(name))
