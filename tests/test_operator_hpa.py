@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
+import base64
 import copy
+import json
+from pathlib import Path
 from typing import Any
+
+import aiohttp
+import jsonpatch
+import yaml
 
 from llmroute_operator import hpa, status
 from llmroute_operator.rollout import Workload
-from tests.support.sidecar_procs import wait_for
+from tests.support.sidecar_procs import MockUpstream, SidecarProcess, hold_stream, wait_for
 from tests.test_operator_kopf import NAMESPACE, ROUTES, Cluster, cluster, condition, route_status
 from tests.test_operator_render import NOW, route
 
@@ -162,3 +170,63 @@ def test_the_operator_manages_the_routes_hpa(cluster: Cluster) -> None:
     assert cluster.api("GET", hpa_path) is None
     cluster.api("DELETE", f"{ROUTES}/scaled")
     wait_for(lambda: cluster.api("GET", f"{ROUTES}/scaled") is None, timeout=15, what="route deleted")
+
+
+async def test_status_aggregates_the_hints_of_real_sidecars(
+    cluster: Cluster, mock: MockUpstream, sidecars: list[SidecarProcess], tmp_path: Path
+) -> None:
+    """Two real sidecar processes stand for two injected pods (podIP 127.0.0.1, their admin ports
+    declared on the injected container): the route's status gets recommendedReplicas and
+    configGeneration from their /hints."""
+    route = {
+        "apiVersion": "llmroute.dev/v1alpha1",
+        "kind": "LLMRoute",
+        "metadata": {"name": "hinted", "namespace": NAMESPACE},
+        "spec": {
+            "selector": {"matchLabels": {"app": "hinted"}},
+            "upstream": {"url": mock.url},
+            "limits": [{"name": "all", "requestsPerMinute": 6000}],
+            "rollout": "manual",
+            "autoscaling": {"targetInFlightPerPod": 1, "minReplicas": 1, "maxReplicas": 10},
+        },
+    }
+    cluster.apply(route)
+    wait_for(
+        lambda: route_status(cluster, "hinted").get("observedGeneration") == 1, timeout=15, what="status"
+    )
+    route_file = tmp_path / "route.yaml"
+    route_file.write_text(yaml.safe_dump({**route, "metadata": {**route["metadata"], "generation": 1}}))
+    for index in range(2):
+        sidecar = SidecarProcess(route_file, "--store", "memory")
+        sidecars.append(sidecar)
+        bare = {
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {"name": f"hinted-{index}", "namespace": NAMESPACE, "labels": {"app": "hinted"}},
+            "spec": {"containers": [{"name": "app", "image": "app:1"}]},
+        }
+        answer = cluster.review_pod(bare)
+        injected = jsonpatch.apply_patch(bare, json.loads(base64.b64decode(answer["patch"])))
+        (container,) = injected["spec"]["initContainers"]
+        container["ports"] = [{"name": "llmroute-admin", "containerPort": sidecar.admin_port}]
+        injected["status"] = {"podIP": "127.0.0.1", "conditions": [{"type": "Ready", "status": "True"}]}
+        cluster.api("POST", f"/api/v1/namespaces/{NAMESPACE}/pods", injected)
+
+    async with aiohttp.ClientSession() as session:
+        held = [await hold_stream(session, sidecars[0].url) for _ in range(4)]
+        status = await asyncio.to_thread(
+            wait_for,
+            lambda: (
+                (route_status(cluster, "hinted").get("recommendedReplicas") or 0) >= 2
+                and route_status(cluster, "hinted")
+            ),
+            20,
+            0.05,
+            "a recommendation above the minimum from the held streams",
+        )
+        mock.release()
+        for response in held:
+            response.close()
+    assert status["configGeneration"] == 1  # every injected pod reports generation 1
+    assert status["pods"] == {"matched": 2, "injected": 2, "ready": 2}
+    cluster.api("DELETE", f"{ROUTES}/hinted")

@@ -300,7 +300,7 @@ def _ensure_configmap(api: kube.Kube, route: LLMRoute) -> None:
 def _fetch_hints(pods: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
     """Each pod's ``/hints`` (admin port), fetched in parallel; pods that do not answer are skipped."""
     urls = [
-        f"http://{ip}:{render.ADMIN_PORT}/hints"
+        f"http://{ip}:{render.admin_port(pod)}/hints"
         for pod in pods
         if (ip := (pod.get("status") or {}).get("podIP"))
     ]

@@ -296,6 +296,17 @@ def has_sidecar(pod: Mapping[str, Any]) -> bool:
     return any(container.get("name") == SIDECAR_NAME for container in containers)
 
 
+def admin_port(pod: Mapping[str, Any]) -> int:
+    """The port of the pod's sidecar admin endpoint (its ``llmroute-admin`` port), else the default."""
+    spec = pod.get("spec") or {}
+    for container in list(spec.get("initContainers") or []) + list(spec.get("containers") or []):
+        if container.get("name") == SIDECAR_NAME:
+            for port in container.get("ports") or []:
+                if port.get("name") == "llmroute-admin" and isinstance(port.get("containerPort"), int):
+                    return int(port["containerPort"])
+    return ADMIN_PORT
+
+
 def routes_selecting(pod: Mapping[str, Any], routes: Iterable[LLMRoute]) -> list[LLMRoute]:
     """Routes in the pod's namespace whose selector matches the pod, sorted by name."""
     namespace = _meta(pod).get("namespace")
