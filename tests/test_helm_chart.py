@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import itertools
 import json
 import re
 import urllib.request
@@ -551,19 +552,25 @@ class _Recorder(kube.Kube):
 
 
 def _operator_api_calls() -> set[tuple[str, str, str, bool]]:
-    """(group, resource, verb, namespaced) of every call ``kube.Kube`` can make."""
+    """(group, resource, verb, namespaced) of every call ``kube.Kube`` can make: each public method
+    called once per workload kind / webhook configuration it accepts, through a recording ``request``."""
     recorder = _Recorder()
     fills = {"namespace": "ns", "name": "n", "body": {}, "patch": {}, "label_selector": "a=b"}
+    choices = {
+        "kind": list(kube.WORKLOAD_PATHS),
+        "plural": list(getattr(kube, "WEBHOOK_CONFIGURATIONS", WEBHOOK_CONFIGS)),
+    }
     for name, method in inspect.getmembers(recorder, inspect.ismethod):
         if name.startswith("_") or name == "request":
             continue
         params = [
-            p for p in inspect.signature(method).parameters.values() if p.default is inspect.Parameter.empty
+            p.name
+            for p in inspect.signature(method).parameters.values()
+            if p.default is inspect.Parameter.empty
         ]
-        kinds = list(kube.WORKLOAD_PATHS) if any(p.name == "kind" for p in params) else [None]
-        for kind in kinds:
-            arguments = {p.name: kind if p.name == "kind" else fills.get(p.name, "x") for p in params}
-            method(**arguments)
+        options = [choices.get(param, [fills.get(param, "x")]) for param in params]
+        for combination in itertools.product(*options):
+            method(**dict(zip(params, combination, strict=True)))
     found = set()
     for http, path in recorder.calls:
         parts = path.strip("/").split("/")
@@ -612,10 +619,17 @@ def test_rbac_covers_every_call_of_the_operator_and_kopf(variant: str) -> None:
     }
     calls = _operator_api_calls()
     assert {("", "configmaps", "create", True), ("apps", "deployments", "patch", True)} <= calls
+    cert_manager = _chart().merge_values(VARIANTS[variant])["webhook"]["certManager"]["enabled"]
     for group, resource, verb, namespaced in calls:
-        if not namespaced:
-            continue
-        assert (group, resource, verb) in granted_everywhere, f"{verb} {resource} is not granted"
+        if resource in ("secrets", *WEBHOOK_CONFIGS):
+            # self-managed TLS: its Secret in the operator's namespace, the webhook configurations
+            if not cert_manager:
+                scope = NAMESPACE if namespaced else "cluster"
+                assert (scope, group, resource, verb) in {g[:4] for g in grants}, f"{verb} {resource}"
+        elif namespaced:
+            assert (group, resource, verb) in granted_everywhere, f"{verb} {resource} is not granted"
+        else:
+            assert ("cluster", group, resource, verb) in {g[:4] for g in grants}, f"{verb} {resource}"
     for need in _kopf_needs():
         assert need in granted_everywhere, f"kopf needs {need}"
 
