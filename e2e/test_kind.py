@@ -1,20 +1,17 @@
 """The operator against a real API server in a throw-away kind cluster (``make e2e``).
 
-Skips with the reason when Docker or kind is missing. Covers what the emulator cannot prove: the
-generated CRD accepted and enforced by a real API server (structural schema, list-map keys), and
-the operator reconciling there (ConfigMap with owner reference, status subresource, Events,
-finalizer, deletion). In-cluster injection needs the images and the chart's webhook configuration
-(TLS); see docs/operator.md, "Not done yet".
+Skips with the reason when Docker, kind or kubectl is missing. Covers what the emulator cannot prove:
+the generated CRD accepted and enforced by a real API server (structural schema, list-map keys), and
+the operator, run here out of the cluster, reconciling there (ConfigMap with owner reference, status
+subresource, Events, finalizer, deletion). The installed chart, images and in-cluster injection are
+``test_kind_chart.py``'s (same cluster, after this module: its local operator is stopped by then).
 """
 
 from __future__ import annotations
 
-import json
 import os
-import shutil
 import signal
 import subprocess
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -22,67 +19,22 @@ from typing import Any
 import pytest
 import yaml
 
+from e2e.cluster import Kind, suite_marks
 from tests.support.sidecar_procs import free_port, operator_command, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 NAMESPACE = "llmroute-e2e"
 
-
-def _missing_tools() -> str | None:
-    for tool in ("docker", "kind", "kubectl"):
-        if shutil.which(tool) is None:
-            return f"{tool} is not installed (make e2e needs docker, kind and kubectl)"
-    probe = subprocess.run(["docker", "info"], capture_output=True, text=True, timeout=30)
-    if probe.returncode != 0:
-        return f"docker is installed but not usable: {probe.stderr.strip().splitlines()[-1:]}"
-    return None
-
-
-MISSING = _missing_tools()
-pytestmark = [pytest.mark.skipif(MISSING is not None, reason=MISSING or ""), pytest.mark.timeout(900)]
-
-
-class Kind:
-    def __init__(self, kubeconfig: Path) -> None:
-        self.kubeconfig = kubeconfig
-
-    def kubectl(
-        self, *args: str, stdin: str | None = None, check: bool = True
-    ) -> subprocess.CompletedProcess[str]:
-        done = subprocess.run(
-            ["kubectl", "--kubeconfig", str(self.kubeconfig), *args],
-            input=stdin,
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
-        if check:
-            assert done.returncode == 0, done.stderr
-        return done
-
-    def get(self, *args: str) -> Any:
-        done = self.kubectl("get", "-o", "json", *args, check=False)
-        return json.loads(done.stdout) if done.returncode == 0 else None
+pytestmark = suite_marks(("docker", "kind", "kubectl"), timeout=900)
 
 
 @pytest.fixture(scope="module")
-def kind(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Kind]:
-    tmp = tmp_path_factory.mktemp("kind")
-    name = f"llmroute-e2e-{uuid.uuid4().hex[:6]}"
-    kubeconfig = tmp / "kubeconfig"
-    subprocess.run(
-        ["kind", "create", "cluster", "--name", name, "--kubeconfig", str(kubeconfig), "--wait", "180s"],
-        check=True,
-        timeout=600,
-    )
-    try:
-        cluster = Kind(kubeconfig)
-        cluster.kubectl("apply", "-f", str(ROOT / "crds"))
-        cluster.kubectl("wait", "--for=condition=Established", "crd/llmroutes.llmroute.dev", "--timeout=60s")
-        cluster.kubectl("create", "namespace", NAMESPACE)
-        yield cluster
-    finally:
-        subprocess.run(["kind", "delete", "cluster", "--name", name], timeout=300, check=False)
+def kind(cluster: Kind) -> Kind:
+    """The session's cluster with the CRD from ``crds/`` and this module's namespace."""
+    cluster.kubectl("apply", "-f", str(ROOT / "crds"))
+    cluster.kubectl("wait", "--for=condition=Established", "crd/llmroutes.llmroute.dev", "--timeout=60s")
+    cluster.kubectl("create", "namespace", NAMESPACE)
+    return cluster
 
 
 @pytest.fixture(scope="module")

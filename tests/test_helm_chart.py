@@ -739,7 +739,7 @@ def test_peering_objects_are_where_kopf_looks(variant: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[EmulatorThread, Path]]:
+def api_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[EmulatorThread, Path]]:
     emulator = EmulatorThread().start()
     try:
         yield (
@@ -759,8 +759,8 @@ def _create(emulator: EmulatorThread, plural: str, body: dict[str, Any]) -> None
         assert response.status in (200, 201)
 
 
-def test_upgrade_carries_the_live_ca_bundle_over(cluster: tuple[EmulatorThread, Path]) -> None:
-    emulator, kubeconfig = cluster
+def test_upgrade_carries_the_live_ca_bundle_over(api_server: tuple[EmulatorThread, Path]) -> None:
+    emulator, kubeconfig = api_server
     chart = _chart()
     with helm.Config(kubeconfig_path=str(kubeconfig), namespace=NAMESPACE) as config:
         fresh = _documents(config.render(chart, name=RELEASE, namespace=NAMESPACE, is_install=True))
