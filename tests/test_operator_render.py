@@ -195,6 +195,8 @@ def test_patch_injects_a_native_sidecar_with_volumes_and_annotations() -> None:
     assert patched["metadata"]["annotations"] == {
         "llmroute.dev/route": "chat",
         "llmroute.dev/config-hash": render.sidecar_hash(chat, SETTINGS),
+        "llmroute.dev/traffic-port": "8080",
+        "llmroute.dev/admin-port": "9090",
     }
 
 
@@ -488,3 +490,39 @@ def test_parse_body_ignores_status() -> None:
     body = route_body()
     body["status"] = {"podSummary": "0/0"}
     assert status.parse_body(body) == parse_route(route_body())
+
+
+def test_the_sidecar_moves_off_ports_the_app_declares() -> None:
+    app_on_8080 = pod()
+    app_on_8080["spec"]["containers"][0]["ports"] = [{"containerPort": 8080}, {"containerPort": 15090}]
+    plan = render.plan_injection(app_on_8080, [route()], SETTINGS)
+    patched = jsonpatch.apply_patch(app_on_8080, plan.patch)
+    (sidecar,) = patched["spec"]["initContainers"]
+    assert sidecar["args"][sidecar["args"].index("--listen") + 1] == "0.0.0.0:15080"
+    assert sidecar["args"][sidecar["args"].index("--admin-listen") + 1] == "0.0.0.0:9090"
+    assert {"name": "llmroute", "containerPort": 15080, "protocol": "TCP"} in sidecar["ports"]
+    assert patched["metadata"]["annotations"]["llmroute.dev/traffic-port"] == "15080"
+    assert render.admin_port(patched) == 9090
+    (note,) = plan.notes
+    assert "port 8080 is declared by another container" in note and "15080" in note
+    # The rollout hash does not depend on the ports a pod gets: no restart loop for such pods.
+    hash_annotation = patched["metadata"]["annotations"]["llmroute.dev/config-hash"]
+    assert hash_annotation == render.sidecar_hash(route(), SETTINGS)
+
+
+def test_port_annotations_choose_the_sidecars_ports() -> None:
+    chosen = pod()
+    chosen["metadata"]["annotations"] = {
+        "llmroute.dev/traffic-port": "7000",
+        "llmroute.dev/admin-port": "7001",
+    }
+    plan = render.plan_injection(chosen, [route()], SETTINGS)
+    (sidecar,) = jsonpatch.apply_patch(chosen, plan.patch)["spec"]["initContainers"]
+    assert sidecar["readinessProbe"]["httpGet"]["port"] == 7001
+    assert "0.0.0.0:7000" in sidecar["args"]
+    assert plan.notes == []
+    clash = pod()
+    clash["spec"]["containers"][0]["ports"] = [{"containerPort": 7000}]
+    clash["metadata"]["annotations"] = {"llmroute.dev/traffic-port": "7000"}
+    (note,) = render.plan_injection(clash, [route()], SETTINGS).notes
+    assert "traffic port 7000 is also used by another container" in note

@@ -253,6 +253,7 @@ async def inject(*, body: kopf.Body, patch: kopf.Patch, warnings: list[str], **k
             warnings.append(
                 f"llmroute: no sidecar injected, routes {', '.join(plan.conflicts)} all select this pod"
             )
+        warnings.extend(plan.notes)
         if plan.patch:
             ops = plan.patch
             patch.fns.append(lambda raw: jsonpatch.apply_patch(raw, ops, in_place=True))

@@ -161,7 +161,12 @@ def sidecar_volumes(route: LLMRoute) -> list[dict[str, Any]]:
     return volumes
 
 
-def sidecar_container(route: LLMRoute, settings: OperatorSettings) -> dict[str, Any]:
+def sidecar_container(
+    route: LLMRoute,
+    settings: OperatorSettings,
+    traffic_port: int = TRAFFIC_PORT,
+    admin_port: int = ADMIN_PORT,
+) -> dict[str, Any]:
     """The sidecar container per the process contract (``llmroute-sidecar --route FILE ...``)."""
     env: list[dict[str, Any]] = [
         {"name": "LLMROUTE_POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
@@ -182,24 +187,24 @@ def sidecar_container(route: LLMRoute, settings: OperatorSettings) -> dict[str, 
             "--route",
             f"{ROUTE_DIR}/{ROUTE_FILE_KEY}",
             "--listen",
-            f"0.0.0.0:{TRAFFIC_PORT}",
+            f"0.0.0.0:{traffic_port}",
             "--admin-listen",
-            f"0.0.0.0:{ADMIN_PORT}",
+            f"0.0.0.0:{admin_port}",
             "--secrets-dir",
             SECRETS_DIR,
         ],
         "ports": [
-            {"name": "llmroute", "containerPort": TRAFFIC_PORT, "protocol": "TCP"},
-            {"name": "llmroute-admin", "containerPort": ADMIN_PORT, "protocol": "TCP"},
+            {"name": "llmroute", "containerPort": traffic_port, "protocol": "TCP"},
+            {"name": "llmroute-admin", "containerPort": admin_port, "protocol": "TCP"},
         ],
         "env": env,
         "readinessProbe": {
-            "httpGet": {"path": "/readyz", "port": ADMIN_PORT},
+            "httpGet": {"path": "/readyz", "port": admin_port},
             "periodSeconds": 5,
             "failureThreshold": 2,
         },
         "livenessProbe": {
-            "httpGet": {"path": "/healthz", "port": ADMIN_PORT},
+            "httpGet": {"path": "/healthz", "port": admin_port},
             "periodSeconds": 10,
             "failureThreshold": 3,
         },
@@ -218,7 +223,8 @@ def sidecar_container(route: LLMRoute, settings: OperatorSettings) -> dict[str, 
 
 
 def sidecar_hash(route: LLMRoute, settings: OperatorSettings) -> str:
-    """Hash of everything injection bakes into a pod; a change needs a rollout, limits do not."""
+    """Hash of everything injection bakes into a pod; a change needs a rollout, limits do not.
+    (Computed with the default ports: the ports a pod gets follow from the pod itself.)"""
     return _digest(
         {
             "container": sidecar_container(route, settings),
@@ -296,6 +302,61 @@ def has_sidecar(pod: Mapping[str, Any]) -> bool:
     return any(container.get("name") == SIDECAR_NAME for container in containers)
 
 
+TRAFFIC_PORT_CANDIDATES = (TRAFFIC_PORT, 15080, 18080, 28080)
+ADMIN_PORT_CANDIDATES = (ADMIN_PORT, 15090, 19090, 29090)
+ANNOTATION_TRAFFIC_PORT = f"{API_GROUP}/traffic-port"
+"""Pod annotation: the port the sidecar's traffic listener uses in this pod."""
+ANNOTATION_ADMIN_PORT = f"{API_GROUP}/admin-port"
+"""Pod annotation: the port of the sidecar's admin endpoint in this pod."""
+
+
+def _declared_ports(pod: Mapping[str, Any]) -> set[int]:
+    spec = pod.get("spec") or {}
+    containers = list(spec.get("containers") or []) + list(spec.get("initContainers") or [])
+    return {
+        int(port["containerPort"])
+        for container in containers
+        if container.get("name") != SIDECAR_NAME
+        for port in container.get("ports") or []
+        if isinstance(port.get("containerPort"), int)
+    }
+
+
+def _annotated_port(pod: Mapping[str, Any], key: str) -> int | None:
+    raw = pod_annotations(pod).get(key, "").strip()
+    return int(raw) if raw.isdigit() and 1 <= int(raw) <= 65535 else None
+
+
+def sidecar_ports(pod: Mapping[str, Any]) -> tuple[int, int, list[str]]:
+    """(traffic, admin) ports for the pod's sidecar, and notes for the person creating it.
+
+    The pod's ``llmroute.dev/traffic-port`` / ``llmroute.dev/admin-port`` annotations win; otherwise
+    the defaults (8080, 9090), moved to the next candidate when another container declares them
+    (two listeners on one port would crash one of them)."""
+    taken = _declared_ports(pod)
+    notes: list[str] = []
+    chosen: list[int] = []
+    for key, candidates, what in (
+        (ANNOTATION_TRAFFIC_PORT, TRAFFIC_PORT_CANDIDATES, "traffic"),
+        (ANNOTATION_ADMIN_PORT, ADMIN_PORT_CANDIDATES, "admin"),
+    ):
+        port = _annotated_port(pod, key)
+        if port is None:
+            free = [
+                candidate for candidate in candidates if candidate not in taken and candidate not in chosen
+            ]
+            port = free[0] if free else candidates[0]
+            if port != candidates[0]:
+                notes.append(
+                    f"llmroute: port {candidates[0]} is declared by another container; the sidecar's {what} "
+                    f"port is {port} (set the {key} annotation to choose)"
+                )
+        if port in taken or port in chosen:
+            notes.append(f"llmroute: the sidecar's {what} port {port} is also used by another container")
+        chosen.append(port)
+    return chosen[0], chosen[1], notes
+
+
 def admin_port(pod: Mapping[str, Any]) -> int:
     """The port of the pod's sidecar admin endpoint (its ``llmroute-admin`` port), else the default."""
     spec = pod.get("spec") or {}
@@ -327,6 +388,8 @@ class Injection:
     route: str | None = None
     reason: str = "NotSelected"
     conflicts: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    """Warnings for the admission response (e.g. the sidecar moved to a free port)."""
 
 
 def _escape(key: str) -> str:
@@ -351,9 +414,12 @@ def plan_injection(
 
     ops: list[dict[str, Any]] = []
     meta = _meta(pod)
+    traffic_port, admin, notes = sidecar_ports(pod)
     annotations = {
         ANNOTATION_ROUTE: route.metadata.name,
         ANNOTATION_CONFIG_HASH: sidecar_hash(route, settings),
+        ANNOTATION_TRAFFIC_PORT: str(traffic_port),
+        ANNOTATION_ADMIN_PORT: str(admin),
     }
     if "metadata" not in pod:
         ops.append({"op": "add", "path": "/metadata", "value": {"annotations": annotations}})
@@ -366,7 +432,7 @@ def plan_injection(
         ]
 
     spec = pod.get("spec") or {}
-    container = sidecar_container(route, settings)
+    container = sidecar_container(route, settings, traffic_port, admin)
     if settings.native_sidecar:
         container["restartPolicy"] = "Always"
         if spec.get("initContainers"):
@@ -381,7 +447,7 @@ def plan_injection(
         ops += [{"op": "add", "path": "/spec/volumes/-", "value": volume} for volume in volumes]
     else:
         ops.append({"op": "add", "path": "/spec/volumes", "value": volumes})
-    return Injection(patch=ops, route=route.metadata.name, reason="Injected")
+    return Injection(patch=ops, route=route.metadata.name, reason="Injected", notes=notes)
 
 
 def pod_patch(
