@@ -30,7 +30,7 @@ from llmroute_operator import status as state
 from llmroute_operator.settings import OperatorSettings
 from llmroute_sidecar.api import parse_route
 from tests.support.kube_schema import validate_object
-from tests.support.sidecar_procs import MockUpstream, SidecarProcess
+from tests.support.sidecar_procs import MockUpstream, SidecarProcess, wait_for
 
 
 def test_the_route_is_valid_and_the_invalid_one_is_rejected_for_the_expected_reason() -> None:
@@ -83,6 +83,8 @@ def sidecar(tmp_path: Path) -> Iterator[tuple[SidecarProcess, MockUpstream]]:
 
 def test_the_traffic_gets_the_answers_the_suite_expects(sidecar: tuple[SidecarProcess, MockUpstream]) -> None:
     process, upstream = sidecar
+    # the pod turns Ready only if /readyz passes: the route's upstream health path answers on the mock
+    wait_for(lambda: process.readyz()[0] == 200, timeout=10, what="/readyz 200")
     script = traffic_script(sidecar=f"127.0.0.1:{process.port}", upstream=f"127.0.0.1:{upstream.port}")
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
