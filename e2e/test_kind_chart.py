@@ -30,7 +30,6 @@ from e2e.workload import (
     traffic_script,
     upstream_address,
 )
-from llmroute_operator import render
 from tests.support.sidecar_procs import wait_for
 
 pytestmark = suite_marks(("docker", "kind", "kubectl", "helm"), timeout=1800)
@@ -193,7 +192,9 @@ def test_traffic_flows_through_the_sidecar_and_the_limit_answers_429(
     app: tuple[Kind, dict[str, Any], dict[str, Any]],
 ) -> None:
     cluster, route, pod = app
-    script = traffic_script(sidecar=f"127.0.0.1:{render.TRAFFIC_PORT}", upstream=upstream_address(route))
+    (sidecar,) = [c for c in pod["spec"]["initContainers"] if c["name"] == "llmroute-sidecar"]
+    (port,) = [p["containerPort"] for p in sidecar["ports"] if p["name"] == "llmroute"]  # traffic port
+    script = traffic_script(sidecar=f"127.0.0.1:{port}", upstream=upstream_address(route))
     done = cluster.kubectl(
         "exec", "-n", APPS, pod["metadata"]["name"], "-c", "app", "--", "python", "-c", script, check=False
     )
