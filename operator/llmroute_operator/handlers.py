@@ -18,13 +18,14 @@ import urllib.request
 from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import jsonpatch
 import kopf
 from aiohttp import web
 
-from llmroute_operator import hpa, kube, metrics, render, rollout
+from llmroute_operator import certs, hpa, kube, metrics, render, rollout, webhook_tls
 from llmroute_operator import status as state
 from llmroute_operator.settings import OperatorSettings
 from llmroute_sidecar.api import API_GROUP, API_VERSION, PLURAL, LLMRoute, ManifestError
@@ -170,14 +171,86 @@ def configure(settings: Any, **_: Any) -> None:
     )
     settings.posting.level = logging.WARNING  # our own Events only, not every handler log line
     settings.admission.managed = None  # the chart owns the webhook configurations (selectors, CA)
+    certfile, pkeyfile = config.webhook_certfile, config.webhook_keyfile
+    file_check_interval = 60.0
+    tls = _webhook_tls_target()
+    if tls is not None:
+        # Before kopf starts the webhook server (after the startup handlers): its files must exist.
+        try:
+            outcome = webhook_tls.ensure(api(), tls)
+        except Exception as error:
+            raise kopf.TemporaryError(f"webhook TLS: {error}", delay=5) from error
+        log.info("webhook TLS from Secret %s/%s: %s", tls.namespace, tls.secret, outcome)
+        certfile = pkeyfile = str(tls.server_file)  # key and certificate in one file, replaced atomically
+        file_check_interval = min(file_check_interval, _webhook_tls_check_seconds())
     settings.admission.server = NamespacedWebhookServer(
         addr=config.webhook_listen.host,
         port=config.webhook_listen.port,
         host=config.webhook_host,
         insecure=config.webhook_insecure,
-        certfile=config.webhook_certfile,
-        pkeyfile=config.webhook_keyfile,
+        certfile=certfile,
+        pkeyfile=pkeyfile,
+        file_check_interval=file_check_interval,
     )
+
+
+def _webhook_tls_target() -> webhook_tls.Target | None:
+    """Self-managed TLS (``--webhook-tls-secret``, not insecure): what to keep current; None otherwise."""
+    config = runtime()
+    if not config.webhook_tls_secret or config.webhook_insecure:
+        return None
+    namespace, service, problems = config.operator_namespace, config.webhook_service, []
+    if config.webhook_certfile or config.webhook_keyfile:
+        problems.append("--webhook-cert/--webhook-key (externally managed TLS) exclude --webhook-tls-secret")
+    if not namespace:
+        problems.append("the operator namespace is unknown: pass --operator-namespace or set POD_NAMESPACE")
+    if not service:
+        problems.append("--webhook-service is required (the certificate's DNS names)")
+    try:
+        policy = certs.Policy.from_env(os.environ)
+        _webhook_tls_check_seconds()
+    except ValueError as error:
+        problems.append(str(error))
+    if problems or not namespace or not service:
+        raise kopf.PermanentError("webhook TLS (--webhook-tls-secret): " + "; ".join(problems))
+    extra = [config.webhook_host] if config.webhook_host else []
+    return webhook_tls.Target(
+        namespace=namespace,
+        secret=config.webhook_tls_secret,
+        names=certs.service_names(service, namespace, extra),
+        cert_dir=Path(config.webhook_cert_dir),
+        configuration=config.webhook_configuration,
+        policy=policy,
+    )
+
+
+def _webhook_tls_check_seconds() -> float:
+    return webhook_tls.check_seconds(os.environ)
+
+
+_webhook_tls_task: asyncio.Task[None] | None = None
+
+
+@kopf.on.startup(id="webhook-tls")
+async def start_webhook_tls(**_: Any) -> None:
+    """Self-managed TLS upkeep in every replica (peering pauses only resource handlers, not this):
+    renew the certificate, repair the caBundle (e.g. after ``helm upgrade``), refresh the files."""
+    global _webhook_tls_task
+    tls = _webhook_tls_target()
+    if tls is not None and _webhook_tls_task is None:
+        period = _webhook_tls_check_seconds()
+        _webhook_tls_task = asyncio.create_task(webhook_tls.maintain(api(), tls, period), name="webhook-tls")
+        log.info("webhook TLS: checking Secret %s/%s every %ss", tls.namespace, tls.secret, period)
+
+
+@kopf.on.cleanup(id="webhook-tls")
+async def stop_webhook_tls(**_: Any) -> None:
+    global _webhook_tls_task
+    task, _webhook_tls_task = _webhook_tls_task, None
+    if task is not None:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
 
 
 @kopf.on.startup(id="peering")

@@ -7,7 +7,7 @@ account, TLS, token refresh); bodies stay dicts so no model conversion gets in t
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import kubernetes
@@ -21,6 +21,9 @@ WORKLOAD_PATHS = {
 }
 
 HPA_PATH = "/apis/autoscaling/v2/namespaces/{ns}/horizontalpodautoscalers"
+
+ADMISSION_PATH = "/apis/admissionregistration.k8s.io/v1"
+WEBHOOK_CONFIGURATIONS = ("mutatingwebhookconfigurations", "validatingwebhookconfigurations")
 
 
 class ApiError(RuntimeError):
@@ -146,3 +149,34 @@ class Kube:
 
     def delete_hpa(self, namespace: str, name: str) -> None:
         self.request("DELETE", f"{HPA_PATH.format(ns=namespace)}/{name}")
+
+    # -- webhook TLS (self-managed) ---------------------------------------------------------------
+
+    def get_secret(self, namespace: str, name: str) -> dict[str, Any] | None:
+        return self.request("GET", f"/api/v1/namespaces/{namespace}/secrets/{name}")
+
+    def create_secret(self, namespace: str, body: Mapping[str, Any]) -> dict[str, Any] | None:
+        """ApiError 409 when it already exists."""
+        return self.request("POST", f"/api/v1/namespaces/{namespace}/secrets", body=dict(body))
+
+    def patch_secret(self, namespace: str, name: str, patch: Mapping[str, Any]) -> dict[str, Any] | None:
+        """Merge patch; with ``metadata.resourceVersion`` in it, ApiError 409 if the Secret changed since."""
+        return self.request(
+            "PATCH",
+            f"/api/v1/namespaces/{namespace}/secrets/{name}",
+            body=dict(patch),
+            content_type="application/merge-patch+json",
+        )
+
+    def get_webhook_configuration(self, plural: str, name: str) -> dict[str, Any] | None:
+        """A Mutating- or ValidatingWebhookConfiguration (``plural`` from WEBHOOK_CONFIGURATIONS)."""
+        return self.request("GET", f"{ADMISSION_PATH}/{plural}/{name}")
+
+    def patch_webhook_configuration(self, plural: str, name: str, patch: Sequence[Mapping[str, Any]]) -> None:
+        """JSON patch (its ``test`` operations make it conditional: 422 when one fails)."""
+        self.request(
+            "PATCH",
+            f"{ADMISSION_PATH}/{plural}/{name}",
+            body=[dict(op) for op in patch],
+            content_type="application/json-patch+json",
+        )

@@ -9,6 +9,8 @@ bookkeeping; ``KubeEmulator`` adds exactly that (candidates for upstream):
 - a cluster-wide ``resourceVersion`` counter, bumped on every write (create, patch, delete-marking),
   reported by list responses too; a watch from ``resourceVersion=N`` replays only newer objects;
 - 422 (not 500) for a JSON patch that does not apply, e.g. a failed ``test`` of the resourceVersion;
+- 409 for a merge patch carrying a ``metadata.resourceVersion`` other than the stored one (optimistic
+  concurrency, as the webhook TLS Secret's renewal uses it);
 - ``generation`` bumped when a patch changes ``spec`` (kopf and ``observedGeneration`` rely on it);
 - ``kind``/``apiVersion`` on list responses (``PodList`` …), and ``labelSelector`` filtering (list, watch);
 - ``Content-Type: application/json`` on watch streams; no event a new watcher already got in its
@@ -137,6 +139,11 @@ class KubeEmulator(kmock.KubernetesEmulator):  # type: ignore[misc]
             if key not in self.objects or self.objects[key].deleted:
                 return
             old = copy.deepcopy(self.objects[key].raw)
+            expected = (request.data.get("metadata") or {}) if isinstance(request.data, dict) else {}
+            current = (old.get("metadata") or {}).get("resourceVersion")
+            if expected.get("resourceVersion") not in (None, current):
+                message = f"the object has been modified (resourceVersion {current})"
+                raise kmock.KubernetesError(status=409, reason="Conflict", message=message)
             try:
                 new = kmock_dicts.patch_dict(old, request.data)
             except (jsonpatch.JsonPatchException, jsonpointer.JsonPointerException) as error:

@@ -258,10 +258,16 @@ async def hold_stream(session: aiohttp.ClientSession, base: str, **body: Any) ->
 
 
 def operator_command(
-    namespace: str, webhook_port: int, metrics_port: int | None = None, peering: str | None = None
+    namespace: str,
+    webhook_port: int,
+    metrics_port: int | None = None,
+    peering: str | None = None,
+    *extra: str,
+    insecure: bool = True,
 ) -> list[str]:
-    """``llmroute-operator`` for one namespace with a plain-HTTP webhook server; standalone unless
-    ``peering`` names a peering object; the metrics endpoint only when ``metrics_port`` is given."""
+    """``llmroute-operator`` for one namespace with a plain-HTTP webhook server (HTTPS when not
+    ``insecure``); standalone unless ``peering`` names a peering object; the metrics endpoint only when
+    ``metrics_port`` is given; ``extra`` flags appended."""
     return [
         str(Path(sys.executable).parent / "llmroute-operator"),
         *(["--peering", peering] if peering else ["--standalone"]),
@@ -269,7 +275,8 @@ def operator_command(
         namespace,
         "--webhook-listen",
         f"127.0.0.1:{webhook_port}",
-        "--webhook-insecure",
+        *(["--webhook-insecure"] if insecure else []),
         "--metrics-listen",
         f"127.0.0.1:{metrics_port}" if metrics_port else "off",
+        *extra,
     ]
