@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,6 +27,20 @@ def parse_body(body: Mapping[str, Any]) -> LLMRoute:
     """Parse an LLMRoute object as stored by the API server (status and server metadata ignored)."""
     document = {key: value for key, value in body.items() if key != "status"}
     return parse_route(document)
+
+
+def valid_routes(bodies: Iterable[Mapping[str, Any]]) -> list[LLMRoute]:
+    """The routes among these bodies that parse and are not being deleted (invalid ones are skipped:
+    they are reported in their own status, and select nothing)."""
+    routes = []
+    for body in bodies:
+        if (body.get("metadata") or {}).get("deletionTimestamp"):
+            continue
+        try:
+            routes.append(parse_body(body))
+        except ManifestError:
+            continue
+    return routes
 
 
 def validate_route(body: Mapping[str, Any]) -> list[str]:
