@@ -21,6 +21,7 @@ import jsonpatch
 import pytest
 import yaml
 
+from tests.support.admission import admission_review
 from tests.support.kube_emulator import EmulatorThread, write_kubeconfig
 from tests.support.sidecar_procs import free_port, operator_command, wait_for
 from tests.test_operator_kopf import (
@@ -134,20 +135,7 @@ def reconciles(replica: Replica) -> float:
 
 
 def review_pod(webhook: str, body: dict[str, Any]) -> dict[str, Any]:
-    review = {
-        "apiVersion": "admission.k8s.io/v1",
-        "kind": "AdmissionReview",
-        "request": {
-            "uid": "ha-1",
-            "kind": {"group": "", "version": "v1", "kind": "Pod"},
-            "resource": {"group": "", "version": "v1", "resource": "pods"},
-            "namespace": NAMESPACE,
-            "operation": "CREATE",
-            "userInfo": {"username": "tester"},
-            "object": body,
-            "dryRun": False,
-        },
-    }
+    review = admission_review(body, NAMESPACE)
     request = urllib.request.Request(webhook + "/inject", data=json.dumps(review).encode(), method="POST")
     request.add_header("Content-Type", "application/json")
     with urllib.request.urlopen(request, timeout=5) as response:

@@ -14,7 +14,6 @@ import signal
 import subprocess
 import urllib.error
 import urllib.request
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -24,6 +23,7 @@ import pytest
 import yaml
 
 from llmroute_operator import render
+from tests.support.admission import POD_KIND, POD_RESOURCE, ROUTE_KIND, ROUTE_RESOURCE, admission_review
 from tests.support.kube_emulator import EmulatorThread, write_kubeconfig
 from tests.support.sidecar_procs import free_port, operator_command, wait_for
 
@@ -81,21 +81,7 @@ class Cluster:
 
     def review(self, path: str, obj: dict[str, Any], resource: dict[str, str], kind: dict[str, str]) -> Any:
         """POST a real admission.k8s.io/v1 AdmissionReview to the operator's webhook server."""
-        review = {
-            "apiVersion": "admission.k8s.io/v1",
-            "kind": "AdmissionReview",
-            "request": {
-                "uid": str(uuid.uuid4()),
-                "kind": kind,
-                "resource": resource,
-                "namespace": NAMESPACE,
-                "operation": "CREATE",
-                "userInfo": {"username": "system:serviceaccount:kube-system:replicaset-controller"},
-                "object": obj,
-                "oldObject": None,
-                "dryRun": False,
-            },
-        }
+        review = admission_review(obj, NAMESPACE, resource, kind)
         request = urllib.request.Request(self.webhook + path, data=json.dumps(review).encode(), method="POST")
         request.add_header("Content-Type", "application/json")
         with urllib.request.urlopen(request, timeout=5) as response:
@@ -107,8 +93,8 @@ class Cluster:
         return self.review(
             "/inject",
             pod,
-            {"group": "", "version": "v1", "resource": "pods"},
-            {"group": "", "version": "v1", "kind": "Pod"},
+            POD_RESOURCE,
+            POD_KIND,
         )
 
 
@@ -295,13 +281,11 @@ def test_webhook_leaves_other_pods_alone(cluster: Cluster) -> None:
 def test_validate_rejects_an_invalid_route_with_a_clear_message(cluster: Cluster) -> None:
     invalid = example()
     invalid["spec"]["limits"].append(dict(invalid["spec"]["limits"][0]))
-    resource = {"group": "llmroute.dev", "version": "v1alpha1", "resource": "llmroutes"}
-    kind = {"group": "llmroute.dev", "version": "v1alpha1", "kind": "LLMRoute"}
-    answer = cluster.review("/validate", invalid, resource, kind)
+    answer = cluster.review("/validate", invalid, ROUTE_RESOURCE, ROUTE_KIND)
     assert answer["allowed"] is False
     assert answer["status"]["code"] == 422
     assert "limit names must be unique; repeated:" in answer["status"]["message"]
-    assert cluster.review("/validate", example(), resource, kind)["allowed"] is True
+    assert cluster.review("/validate", example(), ROUTE_RESOURCE, ROUTE_KIND)["allowed"] is True
 
 
 def test_an_invalid_route_that_slips_through_is_reported_not_crashed_on(cluster: Cluster) -> None:

@@ -18,7 +18,6 @@ import signal
 import socket
 import ssl
 import subprocess
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -28,6 +27,7 @@ import pytest
 from cryptography import x509
 
 from llmroute_operator import certs, kube, webhook_tls
+from tests.support.admission import admission_review
 from tests.support.kube_emulator import EmulatorThread, write_kubeconfig
 from tests.support.sidecar_procs import free_port, operator_command, wait_for
 from tests.test_operator_ha import PEERING, PEERING_PATH, peers
@@ -69,20 +69,7 @@ class Operator:
 
     def review(self, ca: bytes, body: dict[str, Any]) -> dict[str, Any]:
         """An AdmissionReview to ``/inject`` over HTTPS, trusting only ``ca``, for HOSTNAME."""
-        review = {
-            "apiVersion": "admission.k8s.io/v1",
-            "kind": "AdmissionReview",
-            "request": {
-                "uid": str(uuid.uuid4()),
-                "kind": {"group": "", "version": "v1", "kind": "Pod"},
-                "resource": {"group": "", "version": "v1", "resource": "pods"},
-                "namespace": NAMESPACE,
-                "operation": "CREATE",
-                "userInfo": {"username": "tester"},
-                "object": body,
-                "dryRun": False,
-            },
-        }
+        review = admission_review(body, NAMESPACE)
         connection = _VerifiedConnection(self.port, ssl.create_default_context(cadata=ca.decode()))
         try:
             connection.request(
