@@ -12,6 +12,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -358,3 +359,47 @@ def test_delete_cleans_owned_objects_and_removes_the_finalizer(cluster: Cluster)
         what="route gone (finalizer removed)",
     )
     assert configmap(cluster, name) is None
+
+
+def test_kopf_run_on_the_handlers_module_serves_the_same_operator(cluster: Cluster, tmp_path: Path) -> None:
+    """``kopf run -m llmroute_operator.handlers``: the same handlers, configured by LLMROUTE_* alone."""
+    namespace = "kopf-run"
+    cluster.api(
+        "POST",
+        "/api/v1/namespaces",
+        {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": namespace}},
+    )
+    webhook_port, metrics_port = free_port(), free_port()
+    env = {
+        **os.environ,
+        "KUBECONFIG": str(cluster.kubeconfig),
+        "LLMROUTE_WEBHOOK_LISTEN": f"127.0.0.1:{webhook_port}",
+        "LLMROUTE_WEBHOOK_INSECURE": "true",
+        "LLMROUTE_METRICS_LISTEN": f"127.0.0.1:{metrics_port}",
+        "LLMROUTE_SIDECAR_IMAGE": IMAGE,
+    }
+    kopf_cli = str(Path(sys.executable).parent / "kopf")
+    command = [kopf_cli, "run", "-m", "llmroute_operator.handlers", "--standalone", "-n", namespace]
+    log = tmp_path / "kopf-run.log"
+    with log.open("wb") as output:
+        process = subprocess.Popen(command, env=env, stdout=output, stderr=subprocess.STDOUT)
+    try:
+        route = {**example(), "metadata": {"name": "via-kopf-run", "namespace": namespace}}
+        cluster.api("POST", f"/apis/llmroute.dev/v1alpha1/namespaces/{namespace}/llmroutes", route)
+        path = f"/api/v1/namespaces/{namespace}/configmaps/{render.configmap_name_for('via-kopf-run')}"
+        wait_for(lambda: cluster.api("GET", path) or process.poll() is not None, timeout=20, what="ConfigMap")
+        assert process.poll() is None, log.read_text()
+
+        def counted() -> bool:
+            with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5) as response:
+                return b'llmroute_operator_reconciles_total{outcome="ok"} 1.0' in response.read()
+
+        wait_for(counted, timeout=10, what="the reconcile counted on /metrics")
+        assert _answers(f"http://127.0.0.1:{webhook_port}")
+    finally:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()

@@ -151,9 +151,14 @@ async def start_admin_endpoint(**_: Any) -> None:
     """``/metrics`` and ``/healthz`` in every replica (active or standing by)."""
     global _admin
     listen = runtime().metrics_listen
-    if listen is not None:
+    if listen is None:
+        return
+    try:
         _admin = await metrics.start_admin(listen)
-        log.info("metrics and liveness at http://%s:%s/{metrics,healthz}", listen.host, listen.port)
+    except OSError as error:  # e.g. the port is taken on a workstation: run on, without the endpoint
+        log.error("metrics and liveness endpoint not started on %s:%s: %s", listen.host, listen.port, error)
+        return
+    log.info("metrics and liveness at http://%s:%s/{metrics,healthz}", listen.host, listen.port)
 
 
 @kopf.on.cleanup(id="admin-endpoint")
