@@ -13,7 +13,7 @@ import aiohttp
 import jsonpatch
 import yaml
 
-from llmroute_operator import hpa, status
+from llmroute_operator import handlers, hpa, kube, status
 from llmroute_operator.rollout import Workload
 from tests.support.sidecar_procs import MockUpstream, SidecarProcess, hold_stream, wait_for
 from tests.test_operator_kopf import NAMESPACE, ROUTES, Cluster, cluster, condition, route_status
@@ -230,3 +230,21 @@ async def test_status_aggregates_the_hints_of_real_sidecars(
     assert status["configGeneration"] == 1  # every injected pod reports generation 1
     assert status["pods"] == {"matched": 2, "injected": 2, "ready": 2}
     cluster.api("DELETE", f"{ROUTES}/hinted")
+
+
+class _ForbiddenHpas:
+    """An API client whose HPA calls are refused (RBAC without autoscaling), for the error path."""
+
+    def get_replicaset(self, namespace: str, name: str) -> None:
+        return None
+
+    def get_hpa(self, namespace: str, name: str) -> None:
+        raise kube.ApiError(403, "horizontalpodautoscalers is forbidden")
+
+
+def test_an_hpa_the_operator_may_not_manage_is_a_status_problem_not_a_crash() -> None:
+    client: Any = _ForbiddenHpas()
+    asking = route(autoscaling=AUTOSCALING)
+    problem = handlers._ensure_hpa(client, {}, asking, [])
+    assert problem is not None and "could not be managed: HTTP 403" in problem
+    assert handlers._ensure_hpa(client, {}, route(), []) is None  # nothing asked, nothing to report

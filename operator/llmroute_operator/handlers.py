@@ -111,7 +111,14 @@ def _rollout(
         if rollout.already_restarted(workload, sidecar_hash):
             pending.append(str(target))
             continue
-        client.patch_workload(target.kind, namespace, target.name, rollout.restart_patch(sidecar_hash, now()))
+        try:
+            client.patch_workload(
+                target.kind, namespace, target.name, rollout.restart_patch(sidecar_hash, now())
+            )
+        except kube.ApiError as error:  # e.g. forbidden: reported, and the workload stays listed
+            kopf.warn(body, reason="RolloutFailed", message=f"could not restart {target}: {error}")
+            pending.append(str(target))
+            continue
         metrics.ROLLOUTS.labels(target.kind).inc()
         kopf.info(body, reason="RolloutRestarted", message=f"restarted {target} to inject the sidecar")
     return pending
@@ -120,7 +127,19 @@ def _rollout(
 def _ensure_hpa(
     client: kube.Kube, body: Any, route: LLMRoute, matched: Sequence[Mapping[str, Any]]
 ) -> str | None:
-    """Create, update or delete the route's HPA; return the problem that prevents one, if any."""
+    """Create, update or delete the route's HPA; return the problem that prevents one, if any (an API
+    failure here is reported in status rather than failing the whole reconcile)."""
+    try:
+        return _apply_hpa(client, body, route, matched)
+    except kube.ApiError as error:
+        if not hpa.wants_hpa(route) and error.status == 403:
+            return None  # not allowed to look, and nothing asked for: nothing to report
+        return f"autoscaling: the HorizontalPodAutoscaler could not be managed: {error}"
+
+
+def _apply_hpa(
+    client: kube.Kube, body: Any, route: LLMRoute, matched: Sequence[Mapping[str, Any]]
+) -> str | None:
     namespace, name = route.metadata.namespace, hpa.hpa_name(route)
     plan = hpa.plan_hpa(route, _owners(client, namespace, matched) if hpa.wants_hpa(route) else [])
     existing = client.get_hpa(namespace, name)
