@@ -144,7 +144,7 @@ def _apply_hpa(
     plan = hpa.plan_hpa(route, _owners(client, namespace, matched) if hpa.wants_hpa(route) else [])
     existing = client.get_hpa(namespace, name)
     if plan.desired is None:
-        if existing is not None and not plan.problem and _owned_by(existing, route):
+        if existing is not None and not plan.problem and hpa.owned_by(existing, route.metadata.name):
             client.delete_hpa(namespace, name)
             kopf.info(body, reason="AutoscalerDeleted", message=f"deleted HorizontalPodAutoscaler {name}")
         return plan.problem
@@ -161,11 +161,6 @@ def _apply_hpa(
             namespace, name, {"metadata": plan.desired["metadata"], "spec": plan.desired["spec"]}
         )
     return None
-
-
-def _owned_by(obj: Mapping[str, Any], route: LLMRoute) -> bool:
-    refs = (obj.get("metadata") or {}).get("ownerReferences") or []
-    return any(ref.get("kind") == "LLMRoute" and ref.get("name") == route.metadata.name for ref in refs)
 
 
 def _clean(value: Mapping[str, Any]) -> dict[str, Any]:
@@ -291,9 +286,6 @@ def cleanup(*, namespace: str | None, name: str, body: kopf.Body, **kwargs: Any)
     _wake_neighbours(body, kwargs[INDEX])
     client, namespace = api(), namespace or "default"
     client.delete_configmap(namespace, render.configmap_name_for(name))
-    autoscaler = client.get_hpa(namespace, render.configmap_name_for(name))
-    if autoscaler is not None and any(
-        ref.get("kind") == "LLMRoute" and ref.get("name") == name
-        for ref in (autoscaler.get("metadata") or {}).get("ownerReferences") or []
-    ):
-        client.delete_hpa(namespace, render.configmap_name_for(name))
+    autoscaler = client.get_hpa(namespace, hpa.hpa_name_for(name))
+    if autoscaler is not None and hpa.owned_by(autoscaler, name):
+        client.delete_hpa(namespace, hpa.hpa_name_for(name))

@@ -8,7 +8,7 @@ metric through a custom-metrics adapter (e.g. prometheus-adapter; see docs/opera
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,9 +20,20 @@ METRIC = "llmroute_inflight_requests"
 SCALABLE = {"Deployment", "StatefulSet"}
 
 
-def hpa_name(route: LLMRoute) -> str:
+def hpa_name_for(route_name: str) -> str:
     """``llmroute-<route>`` (the HPA lives beside the route's ConfigMap of the same name)."""
-    return _bounded_name("llmroute-", route.metadata.name, 253)
+    return _bounded_name("llmroute-", route_name, 253)
+
+
+def hpa_name(route: LLMRoute) -> str:
+    """The name of the route's HPA."""
+    return hpa_name_for(route.metadata.name)
+
+
+def owned_by(obj: Mapping[str, Any], route_name: str) -> bool:
+    """The object's owner references name the route (an HPA someone else made is left alone)."""
+    refs = (obj.get("metadata") or {}).get("ownerReferences") or []
+    return any(ref.get("kind") == "LLMRoute" and ref.get("name") == route_name for ref in refs)
 
 
 def wants_hpa(route: LLMRoute) -> bool:
