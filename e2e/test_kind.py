@@ -10,7 +10,6 @@ subresource, Events, finalizer, deletion). The installed chart, images and in-cl
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,7 +19,7 @@ import pytest
 import yaml
 
 from e2e.cluster import Kind, suite_marks
-from tests.support.sidecar_procs import free_port, operator_command, wait_for
+from tests.support.sidecar_procs import free_port, operator_command, stop_process, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 NAMESPACE = "llmroute-e2e"
@@ -47,12 +46,7 @@ def operator(kind: Kind, tmp_path_factory: pytest.TempPathFactory) -> Iterator[s
     try:
         yield process
     finally:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(20)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop_process(process, timeout=20)
         print(log.read_text()[-5000:])
 
 

@@ -23,7 +23,7 @@ import yaml
 
 from tests.support.admission import admission_review
 from tests.support.kube_emulator import EmulatorThread, write_kubeconfig
-from tests.support.sidecar_procs import free_port, operator_command, wait_for
+from tests.support.sidecar_procs import free_port, operator_command, stop_process, wait_for
 from tests.test_operator_kopf import (
     IMAGE,
     NAMESPACE,
@@ -70,13 +70,7 @@ class Replica:
         return 0.0
 
     def stop(self, sig: int = signal.SIGTERM) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(sig)
-            try:
-                self.process.wait(10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        stop_process(self.process, sig)
 
 
 @pytest.fixture()

@@ -10,7 +10,6 @@ import base64
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import urllib.error
@@ -26,7 +25,7 @@ import yaml
 from llmroute_operator import render
 from tests.support.admission import POD_KIND, POD_RESOURCE, ROUTE_KIND, ROUTE_RESOURCE, admission_review
 from tests.support.kube_emulator import EmulatorThread, write_kubeconfig
-from tests.support.sidecar_procs import free_port, operator_command, wait_for
+from tests.support.sidecar_procs import free_port, operator_command, stop_process, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 NAMESPACE = "tests"
@@ -130,13 +129,8 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
         assert process.poll() is None, log.read_text()
         yield cluster
     finally:
-        if process is not None and process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(10)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+        if process is not None:
+            stop_process(process)
         emulator.stop()
 
 
@@ -397,9 +391,4 @@ def test_kopf_run_on_the_handlers_module_serves_the_same_operator(cluster: Clust
         wait_for(counted, timeout=10, what="the reconcile counted on /metrics")
         assert _answers(f"http://127.0.0.1:{webhook_port}")
     finally:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop_process(process)

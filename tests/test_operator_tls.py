@@ -14,7 +14,6 @@ import datetime
 import http.client
 import json
 import os
-import signal
 import socket
 import ssl
 import subprocess
@@ -29,7 +28,7 @@ from cryptography import x509
 from llmroute_operator import certs, kube, webhook_tls
 from tests.support.admission import admission_review
 from tests.support.kube_emulator import EmulatorThread, write_kubeconfig
-from tests.support.sidecar_procs import free_port, operator_command, wait_for
+from tests.support.sidecar_procs import free_port, operator_command, stop_process, wait_for
 from tests.test_operator_ha import PEERING, PEERING_PATH, peers
 from tests.test_operator_kopf import NAMESPACE, Cluster, matching_labels, pod
 
@@ -84,13 +83,7 @@ class Operator:
         return dict(answer["response"])
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        stop_process(self.process)
 
 
 class _VerifiedConnection(http.client.HTTPSConnection):

@@ -60,6 +60,18 @@ def http_get(url: str, timeout: float = 5.0) -> tuple[int, str]:
         return 0, str(error)
 
 
+def stop_process(process: subprocess.Popen[bytes], sig: int = signal.SIGTERM, timeout: float = 10) -> None:
+    """Signal a child (SIGTERM by default), kill it when it outlives ``timeout``; safe when it is gone."""
+    if process.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            process.send_signal(sig)
+        try:
+            process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
 class ManagedProcess:
     """A child process whose output lines are collected by a reader thread."""
 
