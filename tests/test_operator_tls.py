@@ -307,6 +307,42 @@ def test_an_unknown_operator_namespace_stops_the_operator_with_a_clear_message(c
     assert cluster.secret() is None
 
 
+def test_without_any_tls_source_the_server_still_starts_with_a_throwaway_certificate(
+    cluster: TLSCluster,
+) -> None:
+    """No --webhook-tls-secret, no --webhook-cert, not --webhook-insecure: HTTPS with a certificate of
+    its own (and a warning that nothing trusts it), rather than kopf's missing-dependency crash."""
+    port, log = free_port(), cluster.tmp / "bare.log"
+    extra = ["--webhook-cert-dir", str(cluster.tmp / "bare-certs")]
+    env = {**os.environ, "KUBECONFIG": str(cluster.kubeconfig)}
+    with log.open("wb") as output:
+        process = subprocess.Popen(
+            operator_command(NAMESPACE, port, None, None, *extra, insecure=False),
+            env=env,
+            stdout=output,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+
+        def presented() -> Any:
+            assert process.poll() is None, log.read_text()
+            context = ssl.create_default_context()
+            context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=2) as sock:
+                    with context.wrap_socket(sock, server_hostname="localhost") as tls:
+                        return tls.getpeercert(binary_form=True)
+            except OSError:
+                return None
+
+        served = x509.load_der_x509_certificate(wait_for(presented, timeout=30, what="HTTPS"))
+        assert "localhost" in certs.names_of(served)
+        assert "throwaway self-signed certificate" in log.read_text()
+        assert cluster.secret() is None  # nothing written to the cluster
+    finally:
+        stop_process(process)
+
+
 # -- the conflict paths, in-process against the emulator -------------------------------------------
 
 

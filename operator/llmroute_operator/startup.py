@@ -64,6 +64,17 @@ def configure(settings: Any, **_: Any) -> None:
         log.info("webhook TLS from Secret %s/%s: %s", tls.namespace, tls.secret, outcome)
         certfile = pkeyfile = str(tls.server_file)  # key and certificate in one file, replaced atomically
         file_check_interval = min(file_check_interval, _webhook_tls_check_seconds())
+    elif not config.webhook_insecure and not (certfile and pkeyfile):
+        names = sorted(
+            {config.webhook_host or "localhost", config.webhook_listen.host, "127.0.0.1"} - {"0.0.0.0"}
+        )
+        certfile = pkeyfile = str(webhook_tls.throwaway(Path(config.webhook_cert_dir), names))
+        log.warning(
+            "webhook TLS: no --webhook-tls-secret, --webhook-cert/--webhook-key or --webhook-insecure; "
+            "serving a throwaway self-signed certificate for %s that no API server trusts (in a cluster, "
+            "install with the chart; locally, use --webhook-insecure)",
+            ", ".join(names),
+        )
     settings.admission.server = NamespacedWebhookServer(
         addr=config.webhook_listen.host,
         port=config.webhook_listen.port,

@@ -18,7 +18,7 @@ import datetime
 import logging
 import os
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -225,6 +225,16 @@ def _write_if_changed(path: Path, content: bytes, mode: int) -> bool:
             os.unlink(temporary)
         raise
     return True
+
+
+def throwaway(cert_dir: Path, names: Sequence[str], now: datetime.datetime | None = None) -> Path:
+    """A self-signed certificate for this process only (no Secret, no caBundle): the server can start
+    with TLS, but no API server trusts it. Returns the server's combined key+certificate file."""
+    moment = now or _utcnow()
+    ca, ca_key = certs.new_ca(moment, datetime.timedelta(days=30))
+    cert, key = certs.issue(ca, ca_key, list(names), moment, datetime.timedelta(days=30))
+    write_files(cert_dir, {certs.TLS_CRT: certs.cert_pem(cert, ca), certs.TLS_KEY: key})
+    return cert_dir / SERVER_FILE
 
 
 async def maintain(client: kube.Kube, target: Target, period: float) -> None:
