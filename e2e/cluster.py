@@ -54,19 +54,25 @@ class Kind:
         self.name = name
         self.kubeconfig = kubeconfig
 
-    def kubectl(
-        self, *args: str, stdin: str | None = None, check: bool = True, timeout: float = 120
+    def _run(
+        self, tool: str, args: tuple[str, ...], stdin: str | None, check: bool, timeout: float
     ) -> subprocess.CompletedProcess[str]:
+        """``tool --kubeconfig … args``; with ``check``, a failure fails the test with its output."""
         done = subprocess.run(
-            ["kubectl", "--kubeconfig", str(self.kubeconfig), *args],
+            [tool, "--kubeconfig", str(self.kubeconfig), *args],
             input=stdin,
             capture_output=True,
             text=True,
             timeout=timeout,
         )
         if check:
-            assert done.returncode == 0, f"kubectl {' '.join(args)}: {done.stderr}"
+            assert done.returncode == 0, f"{tool} {' '.join(args)}:\n{done.stdout}\n{done.stderr}"
         return done
+
+    def kubectl(
+        self, *args: str, stdin: str | None = None, check: bool = True, timeout: float = 120
+    ) -> subprocess.CompletedProcess[str]:
+        return self._run("kubectl", args, stdin, check, timeout)
 
     def get(self, *args: str) -> Any:
         """``kubectl get -o json``; None when it fails (e.g. not found)."""
@@ -79,15 +85,7 @@ class Kind:
         )
 
     def helm(self, *args: str, check: bool = True, timeout: float = 600) -> subprocess.CompletedProcess[str]:
-        done = subprocess.run(
-            ["helm", "--kubeconfig", str(self.kubeconfig), *args],
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-        )
-        if check:
-            assert done.returncode == 0, f"helm {' '.join(args)}:\n{done.stdout}\n{done.stderr}"
-        return done
+        return self._run("helm", args, None, check, timeout)
 
     def load_image(self, image: str) -> None:
         subprocess.run(["kind", "load", "docker-image", "--name", self.name, image], check=True, timeout=600)
