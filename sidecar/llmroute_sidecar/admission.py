@@ -1,0 +1,163 @@
+"""Admission: ask the quota store (queueing while only concurrency is short), apply onStoreFailure."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from dataclasses import replace
+
+from llmroute_sidecar import errors
+from llmroute_sidecar.api.spec import StoreFailurePolicy
+from llmroute_sidecar.config import Settings
+from llmroute_sidecar.errors import ProxyError
+from llmroute_sidecar.exchange import Exchange
+from llmroute_sidecar.headers import rate_limit_headers, retry_after
+from llmroute_sidecar.health import HealthState
+from llmroute_sidecar.metrics import SidecarMetrics
+from llmroute_sidecar.policy import ClientIdentity, RoutePolicy, build_checks
+from llmroute_sidecar.quota.base import (
+    AdmissionRequest,
+    Decision,
+    LimitCheck,
+    QuotaStore,
+    StoreUnavailableError,
+)
+from llmroute_sidecar.quota.memory import MemoryQuotaStore
+
+
+class Admission:
+    """Quota admission of the request path; holds the local fallback limiter."""
+
+    def __init__(
+        self, store: QuotaStore, settings: Settings, metrics: SidecarMetrics, health: HealthState
+    ) -> None:
+        self.store = store
+        self.fallback = MemoryQuotaStore()
+        """Local limiter used while the shared store is unreachable (onStoreFailure: allow)."""
+        self.settings = settings
+        self.metrics = metrics
+        self.health = health
+
+    async def admit(
+        self,
+        policy: RoutePolicy,
+        identity: ClientIdentity,
+        headers: Mapping[str, str],
+        ex: Exchange,
+        tokens: int,
+    ) -> Decision:
+        """Ask the store, queueing up to queueTimeoutSeconds while only concurrency is short.
+
+        Returns an admitting decision (its lease recorded in ``ex``) or raises the 429 ProxyError.
+        """
+        spec = policy.route.spec
+        checks = build_checks(policy, identity, headers)
+        if not checks:
+            return Decision(admitted=True)
+        admission = AdmissionRequest(
+            route=policy.name,
+            checks=checks,
+            tokens=tokens,
+            lease_seconds=spec.deadline_seconds + self.settings.lease_margin_seconds,
+            request_id=ex.request_id,
+        )
+        started = time.monotonic()
+        queue_deadline = started + spec.queue_timeout_seconds
+        while True:
+            decision, ex.lease_store = await self._store_admit(policy, admission)
+            self._count_shadow(policy, decision)
+            remaining = queue_deadline - time.monotonic()
+            if decision.admitted or not decision.waits_for_concurrency or remaining <= 0:
+                break
+            await self.store.wait_for_capacity(min(remaining, 0.25))
+        ex.queue_wait = time.monotonic() - started
+        self.metrics.queue_wait_seconds.labels(policy.name).observe(ex.queue_wait)
+        if decision.admitted:
+            ex.lease = decision.lease
+            if decision.lease is not None:
+                self.metrics.tokens_total.labels(policy.name, "reserved").inc(tokens)
+            return decision
+        raise self._rejected(policy, ex, decision)
+
+    def _rejected(self, policy: RoutePolicy, ex: Exchange, decision: Decision) -> ProxyError:
+        rejected = decision.rejected
+        assert rejected is not None
+        ex.limit = rejected.limit
+        self.metrics.quota_rejections_total.labels(
+            policy.name, rejected.limit, rejected.dimension.value
+        ).inc()
+        if decision.waits_for_concurrency:
+            self.metrics.timeouts_total.labels(policy.name, "queue").inc()
+        headers = {**rate_limit_headers(decision), "Retry-After": retry_after(decision)}
+        return ProxyError(
+            429,
+            f"{_snake(rejected.dimension.value)}_exceeded",
+            f"rate limit exceeded: limit '{rejected.limit}' ({rejected.scope}) allows {rejected.limit_value} "
+            f"{_describe(rejected.dimension.value)}; retry after {headers['Retry-After']}s",
+            "rate_limit_error",
+            "quota_rejected",
+            headers,
+        )
+
+    async def _store_admit(
+        self, policy: RoutePolicy, admission: AdmissionRequest
+    ) -> tuple[Decision, QuotaStore]:
+        """Admit through the shared store; on its failure apply the route's onStoreFailure policy."""
+        try:
+            decision = await self.store.admit(admission)
+        except StoreUnavailableError as error:
+            self.health.store_available = False
+            self.metrics.store_errors_total.labels(policy.name, "admit").inc()
+            if policy.route.spec.on_store_failure is StoreFailurePolicy.DENY:
+                raise errors.overloaded(
+                    "store_unavailable",
+                    "the quota store is unavailable and this route denies traffic without it",
+                    "store_unavailable",
+                ) from error
+            self.metrics.store_fallback_total.labels(policy.name).inc()
+            local = replace(admission, checks=tuple(_share(c, self.replicas) for c in admission.checks))
+            return replace(await self.fallback.admit(local), degraded=True), self.fallback
+        self.health.store_available = True
+        return decision, self.store
+
+    @property
+    def replicas(self) -> int:
+        """Replicas sharing the route: configured, or seen by the store's fleet heartbeat."""
+        seen = getattr(self.store, "replicas", 1)
+        return max(self.settings.replicas, seen if isinstance(seen, int) else 1)
+
+    def _count_shadow(self, policy: RoutePolicy, decision: Decision) -> None:
+        for state in decision.shadow_rejections:
+            self.metrics.quota_shadow_rejections_total.labels(
+                policy.name, state.limit, state.dimension.value
+            ).inc()
+
+
+def _share(check: LimitCheck, replicas: int) -> LimitCheck:
+    """This pod's share of a limit while it decides alone: value // replicas, at least 1."""
+
+    def part(value: int | None) -> int | None:
+        return None if value is None else max(1, value // replicas)
+
+    return replace(
+        check,
+        requests_per_minute=part(check.requests_per_minute),
+        requests_per_hour=part(check.requests_per_hour),
+        tokens_per_minute=part(check.tokens_per_minute),
+        concurrent_requests=part(check.concurrent_requests),
+        burst=part(check.burst),
+    )
+
+
+def _snake(name: str) -> str:
+    return "".join(f"_{c.lower()}" if c.isupper() else c for c in name)
+
+
+def _describe(dimension: str) -> str:
+    return {
+        "requestsPerMinute": "requests per minute",
+        "requestsPerHour": "requests per hour",
+        "tokensPerMinute": "tokens per minute",
+        "concurrentRequests": "concurrent requests",
+        "burst": "requests back to back (burst)",
+    }.get(dimension, dimension)

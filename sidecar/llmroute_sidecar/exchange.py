@@ -1,0 +1,38 @@
+"""One request's record: filled in along the request path, read by the shielded finish."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from llmroute_sidecar.quota.base import Lease, QuotaStore
+
+
+@dataclass
+class Exchange:
+    """What one request did; filled in as it goes, read by the shielded finish."""
+
+    request_id: str
+    trace_id: str
+    route: str
+    method: str
+    path: str
+    started: float
+    status: int = 0
+    outcome: str = "ok"
+    attempts: int = 0
+    upstream_seconds: float | None = None
+    queue_wait: float = 0.0
+    stream: bool = False
+    tokens_reserved: int = 0
+    tokens_actual: int | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    limit: str | None = None
+    client: str | None = None
+    client_disconnected: bool = False
+    error: str | None = None
+    lease: Lease | None = None
+    lease_store: QuotaStore | None = None
+    response_started: bool = False
+    first_byte: float | None = None
+    headers: dict[str, str] = field(default_factory=dict)

@@ -1,0 +1,103 @@
+"""The shielded finish of every request: settle the lease, count metrics, write the access log."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+from llmroute_sidecar.accesslog import AccessLog, AccessRecord
+from llmroute_sidecar.exchange import Exchange
+from llmroute_sidecar.health import HealthState
+from llmroute_sidecar.metrics import SidecarMetrics
+from llmroute_sidecar.quota.base import QuotaStore, StoreUnavailableError
+
+log = logging.getLogger("llmroute.proxy")
+
+
+class Finisher:
+    """Runs after every request, whatever happened to it (cancellation included)."""
+
+    def __init__(
+        self, store: QuotaStore, metrics: SidecarMetrics, health: HealthState, access_log: AccessLog
+    ) -> None:
+        self.store = store
+        self.metrics = metrics
+        self.health = health
+        self.access_log = access_log
+        self.idle = asyncio.Event()
+        self.idle.set()
+
+    def enter(self, route: str) -> None:
+        """Count a request in flight (paired with ``finish``)."""
+        self.health.inflight += 1
+        self.idle.clear()
+        self.metrics.inflight_requests.labels(route).set(self.health.inflight)
+
+    async def finish(self, ex: Exchange) -> None:
+        """Settle quota, update metrics and write the access log, whatever happened before."""
+        policy_name = ex.route
+        try:
+            if ex.lease is not None:
+                actual = tokens_to_charge(ex)
+                try:
+                    await (ex.lease_store or self.store).settle(ex.lease, actual)
+                except StoreUnavailableError:
+                    # The lease expires on its own; the reservation stays charged until its window ends.
+                    self.metrics.store_errors_total.labels(policy_name, "settle").inc()
+                    self.health.store_available = False
+                except Exception:
+                    log.exception(
+                        "settling the lease failed", extra={"fields": {"request_id": ex.request_id}}
+                    )
+                refund = ex.lease.reserved_tokens - actual
+                if refund > 0:
+                    self.metrics.tokens_total.labels(policy_name, "refunded").inc(refund)
+            if ex.tokens_actual is not None:
+                self.metrics.tokens_total.labels(policy_name, "prompt").inc(ex.prompt_tokens)
+                self.metrics.tokens_total.labels(policy_name, "completion").inc(max(0, ex.completion_tokens))
+            if ex.client_disconnected:
+                ex.outcome = "client_disconnected"
+                self.metrics.client_disconnects_total.labels(policy_name).inc()
+            duration = time.monotonic() - ex.started
+            code = str(ex.status or 499)
+            self.metrics.requests_total.labels(policy_name, ex.method, ex.outcome, code).inc()
+            self.metrics.request_duration_seconds.labels(policy_name, ex.outcome).observe(duration)
+            self.access_log.write(_record(ex, duration))
+        finally:
+            self.health.inflight -= 1
+            self.metrics.inflight_requests.labels(policy_name).set(self.health.inflight)
+            if self.health.inflight == 0:
+                self.idle.set()
+
+
+def tokens_to_charge(ex: Exchange) -> int:
+    """Actual usage when known; nothing when no response came; the reservation otherwise."""
+    if ex.tokens_actual is not None:
+        return ex.tokens_actual
+    if not ex.response_started or ex.status >= 400:
+        return 0
+    return ex.tokens_reserved
+
+
+def _record(ex: Exchange, duration: float) -> AccessRecord:
+    return AccessRecord(
+        request_id=ex.request_id,
+        trace_id=ex.trace_id,
+        route=ex.route,
+        method=ex.method,
+        path=ex.path,
+        status=ex.status or 499,
+        outcome=ex.outcome,
+        duration_ms=round(duration * 1000, 2),
+        upstream_ms=round(ex.upstream_seconds * 1000, 2) if ex.upstream_seconds is not None else None,
+        attempts=ex.attempts,
+        stream=ex.stream,
+        tokens_reserved=ex.tokens_reserved,
+        tokens_actual=ex.tokens_actual,
+        limit=ex.limit,
+        client=ex.client,
+        queue_wait_ms=round(ex.queue_wait * 1000, 2),
+        client_disconnected=ex.client_disconnected,
+        error=ex.error,
+    )

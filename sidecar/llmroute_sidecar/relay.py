@@ -1,0 +1,149 @@
+"""Relay: the upstream response to the client as it arrives (SSE event by event), usage read aside."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator
+
+import aiohttp
+from aiohttp import web
+
+from llmroute_sidecar import errors
+from llmroute_sidecar.config import Settings
+from llmroute_sidecar.exchange import Exchange
+from llmroute_sidecar.headers import end_to_end
+from llmroute_sidecar.metrics import SidecarMetrics
+from llmroute_sidecar.openai.requests import ParsedRequest
+from llmroute_sidecar.openai.sse import (
+    SSEParser,
+    StreamUsage,
+    heartbeat,
+    is_injected_usage_event,
+    usage_from_json,
+)
+from llmroute_sidecar.openai.tokens import estimate_prompt_tokens
+from llmroute_sidecar.policy import RoutePolicy
+
+#: JSON responses up to this size are kept to read their usage.
+USAGE_BODY_LIMIT = 8 * 1024 * 1024
+RESPONSE_KEY = "llmroute.response"
+
+
+class Relay:
+    """Streams upstream responses to clients, counting what they used."""
+
+    def __init__(self, settings: Settings, metrics: SidecarMetrics) -> None:
+        self.settings = settings
+        self.metrics = metrics
+
+    async def relay(
+        self,
+        request: web.Request,
+        policy: RoutePolicy,
+        ex: Exchange,
+        upstream: aiohttp.ClientResponse,
+        parsed: ParsedRequest | None,
+        strip_usage: bool,
+    ) -> web.StreamResponse:
+        """Send the upstream response to the client as it arrives."""
+        try:
+            is_sse = upstream.content_type == "text/event-stream"
+            ex.stream = ex.stream or is_sse
+            drop = ["Content-Length"] if (strip_usage and is_sse) else []
+            headers = end_to_end(upstream.headers, drop)
+            headers.update(ex.headers)
+            headers["X-Request-ID"] = ex.request_id
+            response = web.StreamResponse(status=upstream.status, headers=headers)
+            request[RESPONSE_KEY] = response
+            ex.status = upstream.status
+            if upstream.status >= 500:
+                ex.outcome = "upstream_error"
+            elif upstream.status >= 400:
+                ex.outcome = "client_error"
+            await response.prepare(request)
+            ex.response_started = True
+            usage = StreamUsage() if (parsed is not None and is_sse) else None
+            parser = SSEParser() if usage is not None else None
+            kept = bytearray() if (parsed is not None and not is_sse) else None
+            prompt = estimate_prompt_tokens(parsed) if parsed is not None else 0
+            timeout = policy.route.spec.upstream.timeout_seconds
+            async for chunk in self._chunks(upstream, response, timeout, parser, is_sse):
+                if ex.first_byte is None:
+                    ex.first_byte = time.monotonic()
+                    self.metrics.time_to_first_byte_seconds.labels(policy.name).observe(
+                        ex.first_byte - ex.started
+                    )
+                out = chunk
+                if parser is not None and usage is not None:
+                    events = parser.feed(chunk)
+                    for event in events:
+                        usage.consume(event)
+                    if strip_usage:
+                        out = b"".join(e.raw for e in events if not is_injected_usage_event(e))
+                    _stream_usage_into(ex, usage, prompt)  # kept current: a cut stream settles it
+                elif kept is not None and len(kept) + len(chunk) <= USAGE_BODY_LIMIT:
+                    kept.extend(chunk)
+                if out:
+                    await response.write(out)
+            if parser is not None and strip_usage and parser.pending():
+                await response.write(parser.pending())
+            if kept is not None and upstream.status < 400:
+                _json_usage_into(ex, bytes(kept))
+            await response.write_eof()
+            return response
+        finally:
+            upstream.release()
+
+    async def _chunks(
+        self,
+        upstream: aiohttp.ClientResponse,
+        response: web.StreamResponse,
+        timeout: float,
+        parser: SSEParser | None,
+        is_sse: bool,
+    ) -> AsyncIterator[bytes]:
+        """Upstream body chunks as they arrive; heartbeats on idle SSE streams; idle timeout per chunk."""
+        idle_since = time.monotonic()
+        beat = self.settings.heartbeat_seconds
+        while True:
+            left = timeout - (time.monotonic() - idle_since)
+            if left <= 0:
+                raise errors.ProxyError(
+                    502,
+                    "upstream_timeout",
+                    f"the upstream sent nothing for {timeout:g}s",
+                    "upstream_error",
+                    "upstream_error",
+                )
+            try:
+                # A timeout context, not a task per chunk: the read stays cheap on the hot path.
+                async with asyncio.timeout(min(left, beat) if is_sse else left):
+                    chunk = await upstream.content.readany()
+            except TimeoutError:
+                if is_sse and (parser is None or not parser.pending()):
+                    await response.write(heartbeat())
+                continue
+            except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError) as error:
+                raise errors.upstream_failed(f"the upstream connection broke mid-response: {error}") from None
+            if not chunk:
+                return
+            idle_since = time.monotonic()
+            yield chunk
+
+
+def _stream_usage_into(ex: Exchange, usage: StreamUsage, prompt: int) -> None:
+    ex.tokens_actual = usage.actual_tokens(prompt)
+    ex.prompt_tokens = usage.prompt_tokens if usage.saw_usage else prompt
+    ex.completion_tokens = ex.tokens_actual - ex.prompt_tokens
+
+
+def _json_usage_into(ex: Exchange, body: bytes) -> None:
+    try:
+        document = json.loads(body)
+    except ValueError:
+        return
+    found = usage_from_json(document) if isinstance(document, dict) else None
+    if found is not None:
+        ex.prompt_tokens, ex.completion_tokens, ex.tokens_actual = found

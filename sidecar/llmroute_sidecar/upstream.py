@@ -1,0 +1,168 @@
+"""Upstream attempts: breaker, per-attempt timeout, one retry layer with backoff inside the deadline."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+
+import aiohttp
+from aiohttp import web
+from multidict import CIMultiDict
+from yarl import URL
+
+from llmroute_sidecar import errors
+from llmroute_sidecar.backoff import backoff_delays, bounded_delay
+from llmroute_sidecar.breaker import CircuitBreaker
+from llmroute_sidecar.errors import ProxyError
+from llmroute_sidecar.exchange import Exchange
+from llmroute_sidecar.headers import end_to_end
+from llmroute_sidecar.health import HealthState
+from llmroute_sidecar.metrics import SidecarMetrics
+from llmroute_sidecar.openai.requests import kind_for_path
+from llmroute_sidecar.policy import RoutePolicy
+
+Body = bytes | AsyncIterator[bytes] | None
+
+
+class UpstreamAttemptError(Exception):
+    """One upstream attempt failed in a retryable way."""
+
+    def __init__(self, kind: str, detail: str) -> None:
+        super().__init__(detail)
+        self.kind = kind
+
+
+def breaker_open() -> ProxyError:
+    return errors.overloaded(
+        "circuit_open", "the upstream is failing; its circuit breaker is open", "breaker_open"
+    )
+
+
+class Upstream:
+    """Sends a request upstream: attempts, retries, breaker bookkeeping, upstream metrics."""
+
+    def __init__(self, breaker: CircuitBreaker, metrics: SidecarMetrics, health: HealthState) -> None:
+        self.breaker = breaker
+        self.metrics = metrics
+        self.health = health
+        self._session: aiohttp.ClientSession | None = None
+
+    async def start(self) -> None:
+        connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=30, enable_cleanup_closed=True)
+        self._session = aiohttp.ClientSession(
+            connector=connector,
+            auto_decompress=False,
+            cookie_jar=aiohttp.DummyCookieJar(),
+            timeout=aiohttp.ClientTimeout(total=None, sock_connect=None),
+        )
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+
+    @property
+    def session(self) -> aiohttp.ClientSession:
+        assert self._session is not None, "Upstream.start() was not awaited"
+        return self._session
+
+    def headers(self, request: web.Request, policy: RoutePolicy, ex: Exchange) -> CIMultiDict[str]:
+        """The request headers as the upstream gets them: end-to-end only, vendor key, ids, forwarding."""
+        spec = policy.route.spec
+        drop = ["Host", "Content-Length"]
+        if kind_for_path(request.path) is not None:
+            drop.append("Accept-Encoding")  # usage is read from the response: keep it uncompressed
+        if policy.vendor_key is not None:
+            drop += ["Authorization", spec.identity.header]
+        headers = end_to_end(request.headers, drop)
+        if policy.vendor_key is not None:
+            headers["Authorization"] = f"Bearer {policy.vendor_key}"
+        headers["X-Request-ID"] = ex.request_id
+        headers["traceparent"] = ex.headers["traceparent"]
+        if "tracestate" in ex.headers:
+            headers["tracestate"] = ex.headers["tracestate"]
+        peer = request.remote or ""
+        forwarded = request.headers.get("X-Forwarded-For")
+        headers["X-Forwarded-For"] = f"{forwarded}, {peer}" if forwarded else peer
+        headers.setdefault("X-Forwarded-Proto", request.scheme)
+        return headers
+
+    async def forward(
+        self, request: web.Request, policy: RoutePolicy, ex: Exchange, body: Body
+    ) -> aiohttp.ClientResponse:
+        """Upstream attempts with one retry layer; returns the response to relay."""
+        spec = policy.route.spec
+        url = URL(policy.upstream_url + request.raw_path, encoded=True)
+        headers = self.headers(request, policy, ex)
+        retryable_body = not isinstance(body, AsyncIterator)
+        attempts_allowed = 1 + (spec.upstream.retries if retryable_body else 0)
+        delays = backoff_delays()
+        deadline_at = ex.started + spec.deadline_seconds
+        last_error, last_kind = "no attempt made", ""
+        for attempt in range(1, attempts_allowed + 1):
+            if not self.breaker.allow():
+                raise breaker_open()
+            ex.attempts = attempt
+            started = time.monotonic()
+            try:
+                response = await self._attempt(
+                    request.method, url, headers, body, spec.upstream.timeout_seconds
+                )
+            except UpstreamAttemptError as error:
+                self._record_attempt(policy, ex, started, error.kind, ok=False)
+                last_error, last_kind = f"{error.kind}: {error}", error.kind
+            except BaseException:
+                self.breaker.release_probe()
+                raise
+            else:
+                ok = response.status < 500
+                last_kind = _status_kind(response.status)
+                self._record_attempt(policy, ex, started, last_kind, ok=ok)
+                if ok or attempt == attempts_allowed:
+                    return response
+                last_error = f"upstream answered {response.status}"
+                response.release()
+            if attempt == attempts_allowed:
+                break
+            delay = bounded_delay(next(delays), deadline_at - time.monotonic())
+            if delay is None:
+                break
+            self.metrics.retries_total.labels(policy.name, last_kind).inc()
+            await asyncio.sleep(delay)
+        raise errors.upstream_failed(f"upstream request failed after {ex.attempts} attempt(s): {last_error}")
+
+    async def _attempt(
+        self, method: str, url: URL, headers: CIMultiDict[str], body: Body, timeout: float
+    ) -> aiohttp.ClientResponse:
+        try:
+            async with asyncio.timeout(timeout):
+                return await self.session.request(
+                    method, url, headers=headers, data=body, allow_redirects=False, compress=None
+                )
+        except TimeoutError:
+            raise UpstreamAttemptError("timeout", f"no response within {timeout:g}s") from None
+        except aiohttp.ClientConnectorError as error:
+            raise UpstreamAttemptError("connect_error", str(error)) from None
+        except (aiohttp.ClientOSError, aiohttp.ServerDisconnectedError, aiohttp.ClientPayloadError) as error:
+            raise UpstreamAttemptError("connect_error", str(error) or type(error).__name__) from None
+
+    def _record_attempt(self, policy: RoutePolicy, ex: Exchange, started: float, kind: str, ok: bool) -> None:
+        elapsed = time.monotonic() - started
+        ex.upstream_seconds = (ex.upstream_seconds or 0.0) + elapsed
+        self.metrics.upstream_duration_seconds.labels(policy.name, kind).observe(elapsed)
+        self.health.errors.record(ok)
+        if ok:
+            self.breaker.record_success()
+        else:
+            self.breaker.record_failure()
+            self.metrics.upstream_errors_total.labels(policy.name, kind).inc()
+            if kind == "timeout":
+                self.metrics.timeouts_total.labels(policy.name, "attempt").inc()
+
+
+def _status_kind(status: int) -> str:
+    if status >= 500:
+        return "http_5xx"
+    if status >= 400:
+        return "http_4xx"
+    return "ok"
