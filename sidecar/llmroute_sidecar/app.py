@@ -21,7 +21,7 @@ from aiohttp import web
 
 from llmroute_sidecar.accesslog import AccessLog
 from llmroute_sidecar.api import LLMRoute
-from llmroute_sidecar.api.manifest import ManifestError, load_route
+from llmroute_sidecar.api.manifest import ManifestError, load_route, load_secret_documents
 from llmroute_sidecar.config import HostPort, Settings, redact_url
 from llmroute_sidecar.health import HealthState, readiness_reasons
 from llmroute_sidecar.hints import HintTracker
@@ -61,7 +61,12 @@ class Sidecar:
         self.metrics = SidecarMetrics()
         self.health = HealthState()
         self.hints = HintTracker()
-        policy = load_policy(route, settings.secrets_dir, settings.upstream_override)
+        policy = load_policy(
+            route,
+            settings.secrets_dir,
+            settings.upstream_override,
+            load_secret_documents(settings.route_file),
+        )
         self.store = store if store is not None else make_store(settings, route)
         self.gateway = Gateway(policy, self.store, settings, self.metrics, self.health, AccessLog())
         self._runners: list[web.AppRunner] = []
@@ -235,7 +240,10 @@ class Sidecar:
         """Re-read the route file (and Secrets); True when the new configuration is in force."""
         try:
             route = load_route(self.settings.route_file)
-            policy = load_policy(route, self.settings.secrets_dir, self.settings.upstream_override)
+            file_secrets = load_secret_documents(self.settings.route_file)
+            policy = load_policy(
+                route, self.settings.secrets_dir, self.settings.upstream_override, file_secrets
+            )
         except (ManifestError, ValueError) as error:
             self.metrics.config_reloads_total.labels(self.policy.name, "error").inc()
             log.error(
