@@ -6,8 +6,10 @@ STAMP := $(VENV)/.installed
 
 .PHONY: demo test lint typecheck unit crds crds-check bench e2e setup system-deps clean
 
-## Run the sidecar locally in front of a built-in mock OpenAI upstream and drive traffic through it.
+## Three sidecars sharing a private redis-server in front of a built-in mock OpenAI upstream, traffic
+## driven through them (one sidecar on the memory store when redis-server cannot be installed).
 demo: $(STAMP)
+	@scripts/ensure-system-deps.sh || echo "llmroute: no redis-server; the demo runs one sidecar on the memory store"
 	$(PY) -m llmroute_sidecar.demo
 
 ## Everything CI runs: set-up, lint, type checks and the whole test suite.
