@@ -44,8 +44,12 @@ crds: $(STAMP)
 crds-check: $(STAMP)
 	$(PY) -m llmroute_operator.crd --check crds helm/llmroute/crds
 
+## Benchmarks: results to bench/results/ (untracked); `make bench UPDATE_DOCS=1` rewrites docs/benchmarks.md,
+## BENCH_ARGS passes more flags (e.g. BENCH_ARGS="--requests 500").
+UPDATE_DOCS ?=
+BENCH_ARGS ?=
 bench: $(STAMP)
-	@if [ -f bench/run.py ]; then $(PY) bench/run.py; else echo "no benchmarks yet"; fi
+	$(PY) bench/run.py $(if $(UPDATE_DOCS),--update-docs) $(BENCH_ARGS)
 
 ## The kind-based end-to-end suite (needs Docker and kind; skips with a reason otherwise).
 e2e: $(STAMP)
