@@ -210,6 +210,6 @@ def test_the_local_operator_command_explains_missing_credentials(tmp_path: Path)
 
 
 def test_a_new_command_fails_until_classified() -> None:
-    with pytest.raises(AssertionError, match="classify in tests/test_docs_commands.py"):
+    with pytest.raises(AssertionError, match=r"classify in tests/test_docs_commands\.py"):
         classify(Command("README.md#9", "terraform apply"))
     assert classify(Command("README.md#9", "kubectl get llmr -A")) == "not-here"
