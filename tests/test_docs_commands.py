@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 
 from llmroute_sidecar.config import USAGE
+from tests.support.redis_procs import RedisServer
 from tests.support.sidecar_procs import ManagedProcess, free_port, http_get, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -115,13 +116,16 @@ def test_the_sidecar_synopsis_is_its_usage() -> None:
 class Session:
     """One block's commands with free ports; background processes stopped at the end."""
 
-    def __init__(self, route: str | None = None) -> None:
+    def __init__(self, route: str | None = None, redis_url: str | None = None) -> None:
         self.ports = {"8000": free_port(), "8080": free_port(), "9090": free_port()}
         self.route = route
+        self.redis_url = redis_url
         self.background: list[ManagedProcess] = []
 
     def argv(self, text: str) -> list[str]:
-        text = re.sub(r"\s\[--[^\]]*\]", "", text)  # optional arguments: [--flag VALUE]
+        if self.redis_url is not None:  # keep the optional [--redis URL], pointed at a real server
+            text = re.sub(r"\s\[--redis \S+\]", f" --redis {self.redis_url}", text)
+        text = re.sub(r"\s\[--[^\]]*\]", "", text)  # other optional arguments: [--flag VALUE]
         for documented, port in self.ports.items():
             text = text.replace(f"127.0.0.1:{documented}", f"127.0.0.1:{port}")
         if self.route is not None:
@@ -194,6 +198,22 @@ def test_every_example_runs_by_hand(example: str) -> None:
     finally:
         session.stop()
     assert answer["ready"] is True, answer
+
+
+@pytest.mark.skipif(shutil.which("curl") is None, reason="curl not installed")
+def test_the_readme_block_with_its_optional_redis(redis_server: RedisServer) -> None:
+    (commands,) = [cs for s, cs in _session_blocks() if s.startswith("README.md")]
+    assert any("[--redis " in c.text for c in commands)
+    session = Session(redis_url=redis_server.url)
+    try:
+        outputs = [session.run(command) for command in commands]
+        sidecar = next(p for p in session.background if "llmroute-sidecar" in p.argv[0])
+        started = sidecar.wait_record(lambda r: r.get("msg") == "sidecar started")
+    finally:
+        session.stop()
+    assert started["store"] == "redis"
+    answers = [json.loads(out) for out in outputs if out is not None]
+    assert answers and all("error" not in answer for answer in answers), answers
 
 
 def test_the_local_operator_command_explains_missing_credentials(tmp_path: Path) -> None:
