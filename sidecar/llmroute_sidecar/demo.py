@@ -51,6 +51,7 @@ spec:
   readiness: {maxInFlight: 64, upstreamHealthPath: /health}
 """
 FREE_RPM = 20
+PREMIUM_RPM = 600
 REPLICAS = 3
 
 #: (client key, tier, concurrent workers, pause between a worker's requests in seconds)
@@ -320,9 +321,10 @@ def summarise(
     problems = []
     if not 0 < admitted <= FREE_RPM or mallory.statuses.get(429, 0) == 0:
         problems.append(f"mallory: {admitted} admitted, {mallory.statuses.get(429, 0)} limited")
-    for key in ("sk-alice-premium", "sk-bob-free"):
-        if stats[key].statuses.get(429, 0) or not stats[key].statuses.get(200, 0):
-            problems.append(f"{key} was limited or never served")
+    for key, rpm in (("sk-alice-premium", PREMIUM_RPM), ("sk-bob-free", FREE_RPM)):
+        served = stats[key].statuses.get(200, 0)
+        if not served or (stats[key].statuses.get(429, 0) and served < rpm):  # limited below its tier
+            problems.append(f"{key} was limited below its tier or never served")
     if unexpected:
         problems.append(f"{unexpected} answers that were neither 200 nor 429")
     if client_tokens != sidecar_tokens:
