@@ -289,10 +289,12 @@ def summarise(
         for name, value in mallory.rejection_headers.items():
             print(f"  {name}: {value}")
         print(f"  body: {json.dumps(mallory.rejection_body)}")
+    limited = mallory.statuses.get(429, 0)
     print(
-        "\nmallory's client honours Retry-After as the OpenAI SDK does "
-        f"(up to {MAX_RETRIES} retries a call): {mallory.retries} retried, "
-        f"{mallory.waited:.1f}s waited over its workers (waits end with the demo) instead of hammering"
+        "\nmallory's client honours Retry-After as the OpenAI SDK does (up to "
+        f"{MAX_RETRIES} retries a call, after the delay the server names): after {limited} answers of 429 "
+        f"its workers waited {mallory.waited:.1f}s in all (cut short when the demo ends) and retried "
+        f"{mallory.retries} times, instead of hammering"
     )
 
     admitted = mallory.statuses.get(200, 0)
@@ -332,7 +334,8 @@ def summarise(
     if problems:
         print("\nresult: UNEXPECTED - " + "; ".join(problems))
         return 1
-    print("\nresult: OK - the over-quota key was limited fleet-wide, the others were served, tokens agree")
+    scope = " fleet-wide" if n > 1 else ""
+    print(f"\nresult: OK - the over-quota key was limited{scope}, the others were served, tokens agree")
     return 0
 
 
