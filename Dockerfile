@@ -44,5 +44,7 @@ ENTRYPOINT ["llmroute-sidecar"]
 FROM base AS operator
 COPY --from=build-operator /opt/llmroute /opt/llmroute
 USER 65532:65532
+# In a container, metrics and /healthz listen on every interface (local runs default to 127.0.0.1:8081).
+ENV LLMROUTE_METRICS_LISTEN=0.0.0.0:8080
 EXPOSE 8080 9443
 ENTRYPOINT ["llmroute-operator"]

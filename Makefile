@@ -6,8 +6,10 @@ STAMP := $(VENV)/.installed
 
 .PHONY: demo test lint typecheck unit crds crds-check bench e2e setup system-deps clean
 
-## Run the sidecar locally in front of a built-in mock OpenAI upstream and drive traffic through it.
+## Three sidecars sharing a private redis-server in front of a built-in mock OpenAI upstream, traffic
+## driven through them (one sidecar on the memory store when redis-server cannot be installed).
 demo: $(STAMP)
+	@scripts/ensure-system-deps.sh || echo "llmroute: no redis-server; the demo runs one sidecar on the memory store"
 	$(PY) -m llmroute_sidecar.demo
 
 ## Everything CI runs: set-up, lint, type checks and the whole test suite.
@@ -42,8 +44,12 @@ crds: $(STAMP)
 crds-check: $(STAMP)
 	$(PY) -m llmroute_operator.crd --check crds helm/llmroute/crds
 
+## Benchmarks: results to bench/results/ (untracked); `make bench UPDATE_DOCS=1` rewrites docs/benchmarks.md,
+## BENCH_ARGS passes more flags (e.g. BENCH_ARGS="--requests 500").
+UPDATE_DOCS ?=
+BENCH_ARGS ?=
 bench: $(STAMP)
-	@if [ -f bench/run.py ]; then $(PY) bench/run.py; else echo "no benchmarks yet"; fi
+	$(PY) bench/run.py $(if $(UPDATE_DOCS),--update-docs) $(BENCH_ARGS)
 
 ## The kind-based end-to-end suite (needs Docker and kind; skips with a reason otherwise).
 e2e: $(STAMP)

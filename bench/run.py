@@ -8,7 +8,9 @@ Targets, all on loopback, each behind the same mock upstream (no artificial late
   settlement round trip per request.
 
 Each target gets the same bounded load (REQUESTS chat completions, CONCURRENCY in flight, half
-streamed). Results go to stdout and to docs/benchmarks.md with the command that produced them.
+streamed). Progress goes to stderr as it runs; the report goes to stdout and to
+bench/results/benchmarks.md (untracked), or to docs/benchmarks.md with ``--update-docs``
+(``make bench UPDATE_DOCS=1``), with the command that produced it.
 """
 
 from __future__ import annotations
@@ -79,7 +81,18 @@ class Result:
         return ordered[min(len(ordered) - 1, int(share * len(ordered)))] * 1000
 
 
-async def drive(base: str, requests: int, concurrency: int) -> tuple[float, list[float], int]:
+RESULTS = ROOT / "bench" / "results" / "benchmarks.md"
+DOCS = ROOT / "docs" / "benchmarks.md"
+
+
+def progress(text: str) -> None:
+    """A progress line on stderr (the report itself goes to stdout)."""
+    print(text, file=sys.stderr, flush=True)
+
+
+async def drive(
+    base: str, requests: int, concurrency: int, label: str = ""
+) -> tuple[float, list[float], int]:
     body = {"model": "m", "messages": [{"role": "user", "content": "benchmark"}], "max_tokens": 16}
     latencies: list[float] = []
     errors = 0
@@ -100,16 +113,23 @@ async def drive(base: str, requests: int, concurrency: int) -> tuple[float, list
                     if response.status != 200:
                         errors += 1
                 latencies.append(time.perf_counter() - started)
+                done = len(latencies)
+                if label and done % step == 0 and done < requests:
+                    progress(f"    {label}: {done}/{requests} requests")
 
+        step = max(1, requests // 4)
         started = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(concurrency)))
         return time.perf_counter() - started, latencies, errors
 
 
 def measure(name: str, base: str, requests: int, concurrency: int) -> Result:
+    progress(f"  {name}: warm-up, then {requests} requests ({concurrency} in flight)")
     asyncio.run(drive(base, min(200, requests), concurrency))  # warm-up: connections, scripts, caches
-    seconds, latencies, errors = asyncio.run(drive(base, requests, concurrency))
-    return Result(name, requests, seconds, latencies, errors)
+    seconds, latencies, errors = asyncio.run(drive(base, requests, concurrency, name))
+    result = Result(name, requests, seconds, latencies, errors)
+    progress(f"  {name}: {result.rps:.0f} req/s, p50 {result.percentile(0.5):.1f} ms, {errors} errors")
+    return result
 
 
 def start_nginx(workdir: Path, upstream_port: int) -> tuple[subprocess.Popen[bytes], str] | None:
@@ -162,6 +182,8 @@ def run_scenario(
         if nginx is not None:
             cleanups.append(nginx[0].terminate)
             results.append(measure("nginx", nginx[1], requests, concurrency))
+        else:
+            progress("  nginx: skipped (nginx is not installed; `apt-get install nginx` adds the baseline)")
         route = write_route(workdir / "route.yaml", mock.url, limits=LIMITS)
         quiet = {"LLMROUTE_LOG_LEVEL": "WARNING"}
         memory = SidecarProcess(route, "--store", "memory", env=quiet)
@@ -174,6 +196,8 @@ def run_scenario(
             sidecar = SidecarProcess(route, "--redis", redis.url, env=quiet)
             cleanups.append(sidecar.stop)
             results.append(measure("sidecar-redis", sidecar.url, requests, concurrency))
+        else:
+            progress("  sidecar-redis: skipped (redis-server is not installed; `make test` installs it)")
     finally:
         for cleanup in reversed(cleanups):
             cleanup()
@@ -182,21 +206,33 @@ def run_scenario(
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Measure the sidecar's overhead against baselines.")
-    parser.add_argument("--requests", type=int, default=2000)
-    parser.add_argument("--concurrency", type=int, default=32)
-    parser.add_argument("--output", type=Path, default=ROOT / "docs" / "benchmarks.md")
+    parser.add_argument("--requests", type=int, default=2000, help="requests per target (default 2000)")
+    parser.add_argument("--concurrency", type=int, default=32, help="requests in flight (default 32)")
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument(
+        "--output", type=Path, help=f"where to write the report (default {RESULTS.relative_to(ROOT)})"
+    )
+    where.add_argument(
+        "--update-docs", action="store_true", help=f"write the report to {DOCS.relative_to(ROOT)}"
+    )
     args = parser.parse_args(argv)
+    output: Path = DOCS if args.update_docs else (args.output or RESULTS)
     sections = []
     failed = False
-    for title, timings in SCENARIOS.items():
+    for number, (title, timings) in enumerate(SCENARIOS.items(), 1):
+        progress(f"[{number}/{len(SCENARIOS)}] {title}")
         with tempfile.TemporaryDirectory(prefix="llmroute-bench-") as tmp:
             results = run_scenario(timings, args.requests, args.concurrency, Path(tmp))
         failed = failed or any(r.errors for r in results)
         sections.append(render_table(title, results))
     report = render(sections, args)
     print(report)
-    args.output.write_text(report)
-    print(f"written to {args.output}")
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(report)
+    hint = (
+        "" if args.update_docs else " (docs/benchmarks.md unchanged; `make bench UPDATE_DOCS=1` updates it)"
+    )
+    progress(f"written to {output}{hint}")
     return 1 if failed else 0
 
 
@@ -224,6 +260,10 @@ def render_table(title: str, results: list[Result]) -> str:
         f"{r.name} {(statistics.mean(r.latencies) - base) * 1000:+.1f} ms" for r in results if r is not direct
     )
     lines += ["", f"Mean latency added over `direct`: {added}."]
+    measured = {r.name for r in results}
+    skipped = [name for name in ("nginx", "sidecar-redis") if name not in measured]
+    if skipped:
+        lines.append(f"Skipped (not installed here): {', '.join(skipped)}.")
     return "\n".join(lines)
 
 

@@ -94,7 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--metrics-listen",
         metavar="HOST:PORT",
-        help="Prometheus /metrics and /healthz (env LLMROUTE_METRICS_LISTEN, default 0.0.0.0:8080; "
+        help="Prometheus /metrics and /healthz (env LLMROUTE_METRICS_LISTEN, default 127.0.0.1:8081; "
         "'off' disables)",
     )
     parser.add_argument("--sidecar-image", metavar="IMAGE", help="sidecar image (env LLMROUTE_SIDECAR_IMAGE)")
@@ -125,6 +125,23 @@ def handlers_runtime_from_env(env: dict[str, str]) -> Any:
     from llmroute_operator import handlers
 
     return handlers.RuntimeConfig.from_env(env)
+
+
+def kubernetes_credentials_problem() -> str | None:
+    """Why no Kubernetes API client can be configured (no service account, no usable kubeconfig), in
+    one line; None when one can. Checked before kopf starts, which would otherwise retry forever."""
+    from llmroute_operator import kube
+
+    try:
+        kube.load_config()
+    except Exception as error:  # ConfigException, unreadable or malformed YAML, bad fields: all the same
+        where = os.environ.get("KUBECONFIG") or "~/.kube/config"
+        detail = " ".join(str(error).split())
+        return (
+            f"no Kubernetes credentials: not in a pod with a service account, and no usable kubeconfig "
+            f"at {where} ({detail}); set KUBECONFIG, or check it with `kubectl config view`"
+        )
+    return None
 
 
 def start_time_priority(now: float | None = None) -> int:
@@ -160,6 +177,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         base = handlers_runtime_from_env(env)
     except (SettingsError, OperatorSettingsError) as error:
         print(f"llmroute-operator: {error}", file=sys.stderr)
+        return 2
+    problem = kubernetes_credentials_problem()
+    if problem is not None:
+        print(f"llmroute-operator: {problem}", file=sys.stderr)
         return 2
 
     import kopf

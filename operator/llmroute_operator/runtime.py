@@ -18,7 +18,8 @@ log = logging.getLogger("llmroute.operator")
 INDEX = "routes_by_namespace"
 """The name of the route index, as kopf passes it to handlers."""
 DEFAULT_WEBHOOK_LISTEN = HostPort("0.0.0.0", 9443)
-DEFAULT_METRICS_LISTEN = HostPort("0.0.0.0", 8080)
+DEFAULT_METRICS_LISTEN = HostPort("127.0.0.1", 8081)
+"""Local runs: loopback, off the sidecar's 8080/9090 (the chart passes ``0.0.0.0:8080`` explicitly)."""
 SERVICE_ACCOUNT_NAMESPACE = "/var/run/secrets/kubernetes.io/serviceaccount/namespace"
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
-import json
 import logging
 import signal
 import socket
@@ -22,8 +21,8 @@ from aiohttp import web
 
 from llmroute_sidecar.accesslog import AccessLog
 from llmroute_sidecar.api import LLMRoute
-from llmroute_sidecar.api.manifest import ManifestError, load_route
-from llmroute_sidecar.config import HostPort, Settings
+from llmroute_sidecar.api.manifest import ManifestError, load_route, load_secret_documents
+from llmroute_sidecar.config import HostPort, Settings, redact_url
 from llmroute_sidecar.health import HealthState, readiness_reasons
 from llmroute_sidecar.hints import HintTracker
 from llmroute_sidecar.metrics import SidecarMetrics
@@ -37,6 +36,10 @@ log = logging.getLogger("llmroute.sidecar")
 #: The traffic app accepts large bodies itself; the route's maxRequestBytes is checked per request.
 CLIENT_MAX_SIZE = 1024**3
 STORE_PING_SECONDS = 0.25
+
+
+class ListenError(OSError):
+    """A listening socket that cannot be opened; the message names the address and the flag."""
 
 
 def make_store(settings: Settings, route: LLMRoute) -> QuotaStore:
@@ -58,7 +61,12 @@ class Sidecar:
         self.metrics = SidecarMetrics()
         self.health = HealthState()
         self.hints = HintTracker()
-        policy = load_policy(route, settings.secrets_dir, settings.upstream_override)
+        policy = load_policy(
+            route,
+            settings.secrets_dir,
+            settings.upstream_override,
+            load_secret_documents(settings.route_file),
+        )
         self.store = store if store is not None else make_store(settings, route)
         self.gateway = Gateway(policy, self.store, settings, self.metrics, self.health, AccessLog())
         self._runners: list[web.AppRunner] = []
@@ -88,10 +96,19 @@ class Sidecar:
         return app
 
     async def start(self) -> None:
-        """Open the connection pool and both listening sockets, start background loops."""
-        await self.gateway.start()
-        self.traffic_address = await self._serve(self.traffic_app(), self.settings.listen)
-        self.admin_address = await self._serve(self.admin_app(), self.settings.admin_listen)
+        """Open the connection pool and both listening sockets, start background loops.
+
+        A socket that cannot be bound raises ``ListenError`` naming the address; whatever was opened
+        before it is closed again."""
+        try:
+            await self.gateway.start()
+            self.traffic_address = await self._serve(self.traffic_app(), self.settings.listen, "--listen")
+            self.admin_address = await self._serve(
+                self.admin_app(), self.settings.admin_listen, "--admin-listen"
+            )
+        except BaseException:
+            await self.stop()
+            raise
         self._tasks.append(asyncio.create_task(self._watch_route_file(), name="route-watch"))
         self._tasks.append(asyncio.create_task(self._probe_upstream(), name="upstream-health"))
         self._tasks.append(asyncio.create_task(self._sample_load(), name="load-sampler"))
@@ -110,13 +127,17 @@ class Sidecar:
             },
         )
 
-    async def _serve(self, app: web.Application, where: HostPort) -> HostPort:
+    async def _serve(self, app: web.Application, where: HostPort, flag: str) -> HostPort:
         runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=1.0)
         await runner.setup()
         self._runners.append(runner)
         sock = socket.socket(socket.AF_INET6 if ":" in where.host else socket.AF_INET, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((where.host, where.port))
+        try:
+            sock.bind((where.host, where.port))
+        except OSError as error:
+            sock.close()
+            raise ListenError(f"cannot listen on {where} ({flag}): {error.strerror or error}") from None
         site = web.SockSite(runner, sock)
         await site.start()
         return HostPort(where.host, sock.getsockname()[1])
@@ -219,7 +240,10 @@ class Sidecar:
         """Re-read the route file (and Secrets); True when the new configuration is in force."""
         try:
             route = load_route(self.settings.route_file)
-            policy = load_policy(route, self.settings.secrets_dir, self.settings.upstream_override)
+            file_secrets = load_secret_documents(self.settings.route_file)
+            policy = load_policy(
+                route, self.settings.secrets_dir, self.settings.upstream_override, file_secrets
+            )
         except (ManifestError, ValueError) as error:
             self.metrics.config_reloads_total.labels(self.policy.name, "error").inc()
             log.error(
@@ -265,12 +289,34 @@ class Sidecar:
             return
         if not await ping():  # know the store's state before the first request asks
             self.health.store_available = False
-            log.warning("quota store unavailable at start")
+            log.warning(
+                "quota store unavailable at start",
+                extra={
+                    "fields": {
+                        "store": self.settings.store,
+                        "url": redact_url(self.settings.redis_url or ""),
+                        "error": await self._store_error(),
+                        "on_store_failure": self.policy.route.spec.on_store_failure.value,
+                    }
+                },
+            )
         while True:
             await asyncio.sleep(STORE_PING_SECONDS)
             if not self.health.store_available and await ping():
                 self.health.store_available = True
                 log.info("quota store available again")
+
+    async def _store_error(self) -> str:
+        """Why the store does not answer, in words (one more ping, its exception kept)."""
+        client = getattr(self.store, "client", None)
+        if client is None:
+            return "no answer"
+        try:
+            async with asyncio.timeout(2.0):
+                await client.ping()
+        except Exception as error:  # any client failure is the answer we want to report
+            return f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
+        return "no answer to the first ping"
 
     async def _sample_load(self) -> None:
         """Feed the autoscaling hints with the in-flight count, once a second."""
@@ -300,14 +346,3 @@ async def run(
     )
     await sidecar.stop()
     return 0
-
-
-def describe(sidecar: Sidecar) -> str:
-    """A one-line JSON summary of where the sidecar listens (printed at start-up)."""
-    return json.dumps(
-        {
-            "traffic": str(sidecar.traffic_address),
-            "admin": str(sidecar.admin_address),
-            "route": sidecar.policy.name,
-        }
-    )

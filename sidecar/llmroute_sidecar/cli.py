@@ -8,7 +8,7 @@ from collections.abc import Sequence
 
 from llmroute_sidecar.accesslog import configure_logging
 from llmroute_sidecar.api.manifest import ManifestError, load_route
-from llmroute_sidecar.app import describe, run
+from llmroute_sidecar.app import ListenError, run
 from llmroute_sidecar.config import SettingsError, load_settings
 
 
@@ -21,13 +21,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"llmroute-sidecar: {error}", file=sys.stderr)
         return 2
     configure_logging(settings.log_level)
-    try:
-        return asyncio.run(run(settings, route, on_started=lambda s: print(describe(s), flush=True)))
-    except ValueError as error:  # a referenced Secret is missing or unreadable
+    try:  # every line on stdout is a JSON log record; 'sidecar started' names both addresses
+        return asyncio.run(run(settings, route))
+    except (ValueError, ListenError) as error:  # a Secret missing or unreadable; a port already in use
         print(f"llmroute-sidecar: {error}", file=sys.stderr)
-        return 2
-    except OSError as error:
-        print(f"llmroute-sidecar: cannot listen: {error}", file=sys.stderr)
         return 2
 
 

@@ -12,10 +12,16 @@ import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 DEFAULT_LISTEN = "0.0.0.0:8080"
 DEFAULT_ADMIN_LISTEN = "0.0.0.0:9090"
 DEFAULT_SECRETS_DIR = "/etc/llmroute/secrets"
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+USAGE = (
+    "llmroute-sidecar --route FILE [--upstream URL] [--listen HOST:PORT] [--admin-listen HOST:PORT]\n"
+    "                 [--redis URL | --store {memory,redis}] [--secrets-dir DIR] [--log-level LEVEL]"
+)
 
 
 class SettingsError(ValueError):
@@ -79,9 +85,15 @@ def build_parser() -> argparse.ArgumentParser:
     """The ``llmroute-sidecar`` command line."""
     parser = argparse.ArgumentParser(
         prog="llmroute-sidecar",
+        usage=USAGE,
         description="Reverse proxy for OpenAI-compatible traffic enforcing an LLMRoute's fleet-wide limits.",
     )
-    parser.add_argument("--route", metavar="FILE", help="LLMRoute manifest (env LLMROUTE_ROUTE_FILE)")
+    parser.add_argument(
+        "--route",
+        metavar="FILE",
+        help="LLMRoute manifest; required (or env LLMROUTE_ROUTE_FILE). Secret documents in the same file "
+        "are used for Secrets missing from --secrets-dir",
+    )
     parser.add_argument(
         "--upstream", metavar="URL", help="override spec.upstream.url (env LLMROUTE_UPSTREAM)"
     )
@@ -97,9 +109,18 @@ def build_parser() -> argparse.ArgumentParser:
         "--store", choices=["memory", "redis"], help="quota store (default: redis if a URL is set)"
     )
     parser.add_argument(
-        "--secrets-dir", metavar="DIR", help=f"mounted Secrets (default {DEFAULT_SECRETS_DIR})"
+        "--secrets-dir",
+        metavar="DIR",
+        help="mounted Secrets as DIR/<secret>/<key> "
+        f"(env LLMROUTE_SECRETS_DIR, default {DEFAULT_SECRETS_DIR})",
     )
-    parser.add_argument("--log-level", default=None, help="log level (env LLMROUTE_LOG_LEVEL, default INFO)")
+    parser.add_argument(
+        "--log-level",
+        metavar="LEVEL",
+        type=str.upper,
+        choices=LOG_LEVELS,
+        help=f"one of {', '.join(LOG_LEVELS)} (env LLMROUTE_LOG_LEVEL, default INFO)",
+    )
     return parser
 
 
@@ -119,6 +140,9 @@ def load_settings(argv: Sequence[str] | None = None, env: Mapping[str, str] | No
     if store == "redis" and not redis_url:
         raise SettingsError("--store redis needs a Redis URL: pass --redis URL or set LLMROUTE_REDIS_URL")
     replicas = int(_number(env, "LLMROUTE_REPLICAS", 1))
+    log_level = (args.log_level or env.get("LLMROUTE_LOG_LEVEL") or "INFO").upper()
+    if log_level not in LOG_LEVELS:
+        raise SettingsError(f"LLMROUTE_LOG_LEVEL must be one of {', '.join(LOG_LEVELS)}, got {log_level!r}")
     return Settings(
         route_file=Path(route_file),
         listen=HostPort.parse(args.listen or env.get("LLMROUTE_LISTEN") or DEFAULT_LISTEN, "--listen"),
@@ -137,5 +161,15 @@ def load_settings(argv: Sequence[str] | None = None, env: Mapping[str, str] | No
         replicas=max(1, replicas),
         pod_name=env.get("LLMROUTE_POD_NAME", ""),
         pod_namespace=env.get("LLMROUTE_POD_NAMESPACE", ""),
-        log_level=(args.log_level or env.get("LLMROUTE_LOG_LEVEL") or "INFO").upper(),
+        log_level=log_level,
     )
+
+
+def redact_url(url: str) -> str:
+    """``url`` with any password replaced by ``***`` (safe for logs and error messages)."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    user = parts.username or ""
+    host = parts.netloc.rpartition("@")[2]
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))

@@ -262,12 +262,41 @@ async def _echo(request: web.Request) -> web.Response:
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m llmroute_sidecar.mockupstream --listen HOST:PORT [pacing options]``."""
-    parser = argparse.ArgumentParser(description="Mock OpenAI-compatible upstream for llmroute.")
-    parser.add_argument("--listen", default="127.0.0.1:8000", help="HOST:PORT")
-    parser.add_argument("--first-token-latency", type=float, default=MockSettings.first_token_latency)
-    parser.add_argument("--token-interval", type=float, default=MockSettings.token_interval)
-    parser.add_argument("--json-latency", type=float, default=MockSettings.json_latency)
-    parser.add_argument("--tokens", type=int, default=MockSettings.completion_tokens)
+    parser = argparse.ArgumentParser(
+        prog="python -m llmroute_sidecar.mockupstream",
+        description="Mock OpenAI-compatible upstream for llmroute: /v1/chat/completions, /v1/completions "
+        "(JSON and SSE), /v1/embeddings, /v1/models, /health; any other path echoes the request.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--listen", default="127.0.0.1:8000", metavar="HOST:PORT", help="where to listen")
+    parser.add_argument(
+        "--first-token-latency",
+        type=float,
+        default=MockSettings.first_token_latency,
+        metavar="SECONDS",
+        help="delay before a stream's first chunk",
+    )
+    parser.add_argument(
+        "--token-interval",
+        type=float,
+        default=MockSettings.token_interval,
+        metavar="SECONDS",
+        help="delay between a stream's chunks",
+    )
+    parser.add_argument(
+        "--json-latency",
+        type=float,
+        default=MockSettings.json_latency,
+        metavar="SECONDS",
+        help="delay before a non-streamed answer",
+    )
+    parser.add_argument(
+        "--tokens",
+        type=int,
+        default=MockSettings.completion_tokens,
+        metavar="N",
+        help="completion tokens per answer; header X-Mock-Tokens overrides",
+    )
     args = parser.parse_args(argv)
     host, _, port = args.listen.rpartition(":")
     settings = MockSettings(args.first_token_latency, args.token_interval, args.tokens, args.json_latency)

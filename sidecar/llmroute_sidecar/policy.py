@@ -9,7 +9,7 @@ import hashlib
 import hmac
 import json
 import logging
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -75,18 +75,52 @@ def config_hash(route: LLMRoute) -> str:
     return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
 
-def load_policy(route: LLMRoute, secrets_dir: Path, upstream_override: str | None = None) -> RoutePolicy:
-    """Compile a route, reading its mounted Secrets (``<secrets_dir>/<name>/<key>``)."""
+def load_policy(
+    route: LLMRoute,
+    secrets_dir: Path,
+    upstream_override: str | None = None,
+    file_secrets: Mapping[str, Mapping[str, str]] | None = None,
+) -> RoutePolicy:
+    """Compile a route, reading its mounted Secrets (``<secrets_dir>/<name>/<key>``).
+
+    ``file_secrets`` (the Secret documents of the route file, name -> data) stand in for a Secret
+    that is not mounted: what running a sidecar by hand against an example needs.
+    """
     spec = route.spec
+    inline = file_secrets or {}
     vendor_key = None
     if spec.upstream.api_key_secret_ref is not None:
         ref = spec.upstream.api_key_secret_ref
-        vendor_key = _read_secret_file(secrets_dir / ref.name / ref.key, "upstream.apiKeySecretRef")
+        path = secrets_dir / ref.name / ref.key
+        if not path.exists() and ref.key in inline.get(ref.name, {}):
+            vendor_key = _inline_value(inline[ref.name][ref.key], ref.name, ref.key)
+        else:
+            vendor_key = _read_secret_file(path, "upstream.apiKeySecretRef", secrets_dir)
     keys = None
     if spec.identity.keys_secret_ref is not None:
-        keys = read_key_directory(secrets_dir / spec.identity.keys_secret_ref.name)
+        name = spec.identity.keys_secret_ref.name
+        directory = secrets_dir / name
+        if not directory.is_dir() and name in inline:
+            log.info("client keys from the route file's Secret", extra={"fields": {"secret": name}})
+            keys = _key_entries(inline[name].items())
+        else:
+            keys = read_key_directory(directory, secrets_dir)
     url = (upstream_override or spec.upstream.url).rstrip("/")
     return RoutePolicy(route, url, vendor_key, keys, config_hash(route))
+
+
+def _inline_value(value: str, name: str, key: str) -> str:
+    log.info("vendor key from the route file's Secret", extra={"fields": {"secret": name}})
+    if not value.strip():
+        raise ValueError(f"upstream.apiKeySecretRef: Secret {name} in the route file has an empty {key}")
+    return value.strip()
+
+
+def _where_to_put(secrets_dir: Path, name: str) -> str:
+    return (
+        f"mount it there, pass --secrets-dir DIR (env LLMROUTE_SECRETS_DIR; now {secrets_dir}) holding "
+        f"{name}/, or add a Secret document named {name} to the route file"
+    )
 
 
 def secret_files(route: LLMRoute, secrets_dir: Path) -> list[Path]:
@@ -103,31 +137,41 @@ def secret_files(route: LLMRoute, secrets_dir: Path) -> list[Path]:
     return files
 
 
-def _read_secret_file(path: Path, what: str) -> str:
+def _read_secret_file(path: Path, what: str, secrets_dir: Path | None = None) -> str:
     try:
         value = path.read_text(encoding="utf-8").strip()
     except OSError as error:
-        raise ValueError(f"{what}: cannot read mounted secret {path}: {error.strerror}") from None
+        hint = f"; {_where_to_put(secrets_dir, path.parent.name)}" if secrets_dir is not None else ""
+        raise ValueError(f"{what}: cannot read mounted secret {path}: {error.strerror}{hint}") from None
     if not value:
         raise ValueError(f"{what}: mounted secret {path} is empty")
     return value
 
 
-def read_key_directory(directory: Path) -> dict[str, str]:
+def read_key_directory(directory: Path, secrets_dir: Path | None = None) -> dict[str, str]:
     """A mounted key Secret: each file is named sha256-hex(key) and holds the key's tier."""
     if not directory.is_dir():
-        raise ValueError(f"identity.keysSecretRef: mounted secret directory {directory} does not exist")
+        hint = f"; {_where_to_put(secrets_dir, directory.name)}" if secrets_dir is not None else ""
+        raise ValueError(f"identity.keysSecretRef: mounted secret directory {directory} does not exist{hint}")
+    entries = [
+        (entry.name, entry.read_text(encoding="utf-8"))
+        for entry in sorted(directory.iterdir())
+        if not entry.name.startswith(".") and entry.is_file()
+    ]
+    return _key_entries(entries)
+
+
+def _key_entries(entries: Iterable[tuple[str, str]]) -> dict[str, str]:
+    """sha256-hex(key) -> tier, skipping (with a warning) names that are not such a digest."""
     keys = {}
-    for entry in sorted(directory.iterdir()):
-        if entry.name.startswith(".") or not entry.is_file():
-            continue
-        name = entry.name.lower()
+    for raw_name, tier in entries:
+        name = raw_name.lower()
         if len(name) != 64 or any(c not in "0123456789abcdef" for c in name):
             log.warning(
                 "ignoring key entry that is not a sha256 hex digest", extra={"fields": {"entry": name}}
             )
             continue
-        keys[name] = entry.read_text(encoding="utf-8").strip()
+        keys[name] = tier.strip()
     return keys
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import binascii
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -137,3 +139,35 @@ def parse_route_text(text: str, source: str = "<text>") -> LLMRoute:
         return parse_route(routes[0])
     except ManifestError as error:
         raise ManifestError(f"{source}: {error}") from None
+
+
+def load_secret_documents(path: str | Path) -> dict[str, dict[str, str]]:
+    """The ``kind: Secret`` documents in a YAML file: name -> {key: value}; {} when it has none.
+
+    For running a sidecar by hand against an example manifest: Kubernetes mounts Secrets as files,
+    locally the Secret objects next to the route stand in for them. ``stringData`` wins over ``data``
+    (base64), as the API server merges them.
+    """
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+        documents = [doc for doc in yaml.safe_load_all(text) if isinstance(doc, dict)]
+    except (OSError, yaml.YAMLError):
+        return {}
+    found: dict[str, dict[str, str]] = {}
+    for doc in documents:
+        if doc.get("kind") != "Secret" or doc.get("apiVersion") != "v1":
+            continue
+        name = str((doc.get("metadata") or {}).get("name") or "")
+        if not name:
+            continue
+        values: dict[str, str] = {}
+        for key, raw in (doc.get("data") or {}).items():
+            try:
+                values[str(key)] = base64.b64decode(str(raw), validate=True).decode("utf-8")
+            except (binascii.Error, UnicodeDecodeError):
+                raise ManifestError(
+                    f"{path}: Secret {name}: data.{key} is not base64 of UTF-8 text"
+                ) from None
+        values.update({str(key): str(value) for key, value in (doc.get("stringData") or {}).items()})
+        found[name] = values
+    return found
