@@ -200,7 +200,7 @@ class Gateway:
             try:
                 parsed = parse_request(request.path, raw)
             except RequestValidationError as error:
-                raise errors.bad_request(error.code, error.message, error.status) from None
+                raise errors.bad_request(error.code, error.message, error.status, error.param) from None
             ex.stream = parsed.stream
             injected = with_stream_usage(parsed)
             body = injected if injected is not None else raw
