@@ -152,7 +152,8 @@ def test_refusals_name_the_problem(body: bytes, status: int, code: str, words: s
     assert (error.status, error.code) == (status, code)
     assert words in error.message, error.message
     # param is the field the message starts with (OpenAI's notation); None for whole-body problems
-    assert error.param == (None if status == 400 and code != "invalid_request" else error.message.split(":")[0])
+    whole_body = code != "invalid_request"
+    assert error.param == (None if whole_body else error.message.split(":")[0])
 
 
 def test_bad_role_names_the_message_index_and_choices() -> None:
