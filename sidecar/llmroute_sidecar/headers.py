@@ -64,7 +64,9 @@ def _whole_seconds(milliseconds: int) -> int:
 
 
 def duration(milliseconds: int) -> str:
-    """OpenAI's (Go's) duration format of ``x-ratelimit-reset-*``: ``20ms``, ``1s``, ``1.5s``, ``6m0s``."""
+    """OpenAI's (Go's) duration format of ``x-ratelimit-reset-*``: ``0s``, ``20ms``, ``1.5s``, ``6m0s``."""
+    if milliseconds == 0:
+        return "0s"
     if milliseconds < 1000:
         return f"{milliseconds}ms"
     hours, rest = divmod(milliseconds, 3_600_000)
