@@ -33,8 +33,10 @@ def parse_duration(text: str) -> float:
 
 @pytest.mark.parametrize(
     ("ms", "text"),
-    [(0, "0s"), (20, "20ms"), (999, "999ms"), (1000, "1s"), (1500, "1.5s"), (8640, "8.64s")]
-    + [(60_000, "1m0s"), (360_000, "6m0s"), (90_500, "1m30.5s"), (3_600_000, "1h0m0s")],
+    [
+        *[(0, "0s"), (20, "20ms"), (999, "999ms"), (1000, "1s"), (1500, "1.5s"), (8640, "8.64s")],
+        *[(60_000, "1m0s"), (360_000, "6m0s"), (90_500, "1m30.5s"), (3_600_000, "1h0m0s")],
+    ],
 )
 def test_openai_duration_format(ms: int, text: str) -> None:
     assert duration(ms) == text and parse_duration(text) == ms / 1000
@@ -106,7 +108,8 @@ def test_all_rate_limit_headers_agree(case: tuple[Decision, frozenset[str], int]
     assert set(policy) == set(current) == set(visible) and len(items) == len(visible)
     for name, state in visible.items():
         assert int(policy[name]["q"]) == state.limit_value
-        assert 0 <= int(current[name]["r"]) <= state.limit_value and int(current[name]["r"]) == state.remaining
+        remaining = int(current[name]["r"])
+        assert 0 <= remaining <= state.limit_value and remaining == state.remaining
         concurrency = state.dimension is Dimension.CONCURRENT_REQUESTS
         assert ("w" in policy[name]) is not concurrency
         if concurrency:
@@ -185,7 +188,8 @@ def test_success_describes_the_nearest_rate_limit_not_concurrency() -> None:
     )
     headers = rate_limit_headers(Decision(True, None, None, 0.0, states[0], states), frozenset({"s"}))
     assert headers["X-RateLimit-Scope"] == "r/requestsPerMinute" and headers["X-RateLimit-Reset"] == "31"
-    assert headers["x-ratelimit-remaining-requests"] == "40" and headers["x-ratelimit-reset-requests"] == "30.5s"
+    assert headers["x-ratelimit-remaining-requests"] == "40"
+    assert headers["x-ratelimit-reset-requests"] == "30.5s"
     assert headers["x-ratelimit-limit-tokens"] == "10000" and headers["x-ratelimit-reset-tokens"] == "12s"
     assert '"c-concurrentRequests";r=0' in headers["RateLimit"]  # concurrency stays visible
     assert '"s-' not in headers["RateLimit"] + headers["RateLimit-Policy"]
