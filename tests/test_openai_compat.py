@@ -18,6 +18,7 @@ import openai
 import pytest
 from aiohttp import web
 
+from tests.support.redis_procs import RedisServer
 from tests.support.sidecar_procs import MockUpstream, SidecarProcess, start
 from tests.test_sidecar_proxy import CHAT, chat_body, write_route
 
@@ -238,6 +239,21 @@ async def test_request_that_can_never_fit_is_not_retried(
     assert record["status"] == 400 and record["limit"] == limit["name"]
     assert len([r for r in sidecar.records() if r.get("msg") == "access"]) == 1  # the SDK did not retry
     assert sidecar.metric("llmroute_quota_rejections_total", limit=limit["name"]) == 1
+
+
+async def test_never_fitting_request_through_redis(
+    tmp_path: Path, mock: MockUpstream, redis_server: RedisServer, sidecars: list[SidecarProcess]
+) -> None:
+    route = write_route(tmp_path / "r.yaml", mock.url, limits=[{"name": "tpm", "tokensPerMinute": 100}])
+    sidecar = start(sidecars, route, "--redis", redis_server.url)
+    async with aiohttp.ClientSession() as session:
+        async with session.post(f"{sidecar.url}{CHAT}", json=chat_body(max_tokens=500)) as response:
+            body = await response.json()
+        assert response.status == 400 and body["error"]["code"] == "request_too_large_for_limit"
+        assert "Retry-After" not in response.headers and "RateLimit" not in response.headers
+        async with session.post(f"{sidecar.url}{CHAT}", json=chat_body(max_tokens=10)) as response:
+            assert response.status == 200  # a request that fits still passes: nothing was consumed
+            assert response.headers["x-ratelimit-limit-tokens"] == "100"
 
 
 # -- rate-limit headers --------------------------------------------------------------------------
