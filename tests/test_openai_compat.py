@@ -39,9 +39,10 @@ def content(text: str, finish: str | None = None, **extra: Any) -> dict[str, Any
 class Upstream:
     """An upstream inside the test sending exact SSE bytes; ``trailer`` keeps writing after them."""
 
-    def __init__(self, events: list[bytes], trailer: bool = False) -> None:
+    def __init__(self, events: list[bytes], trailer: bool = False, cut: bool = False) -> None:
         self.events = events
         self.trailer = trailer
+        self.cut = cut
         self.bodies: list[dict[str, Any]] = []
         self.runner: web.AppRunner | None = None
         self.url = ""
@@ -52,6 +53,10 @@ class Upstream:
         await response.prepare(request)
         for raw in self.events:
             await response.write(raw)
+        if self.cut:  # the connection breaks: no terminating chunk
+            assert request.transport is not None
+            request.transport.close()
+            return response
         deadline = asyncio.get_running_loop().time() + 5
         while self.trailer and asyncio.get_running_loop().time() < deadline:
             # Comments after [DONE] until the sidecar lets go: each is a write to a client that left.
@@ -183,6 +188,20 @@ async def test_client_closing_after_done_is_ok_not_a_disconnect(
     assert record["outcome"] == "ok" and record["client_disconnected"] is False
     assert sidecar.metric("llmroute_client_disconnects_total") == 0
     assert sidecar.metric("llmroute_requests_total", outcome="ok") == 1
+
+
+async def test_upstream_breaking_after_done_changes_nothing_for_the_client(
+    tmp_path: Path, sidecars: list[SidecarProcess]
+) -> None:
+    sent = [event(content("Hello")), event(content("", "stop")), DONE]
+    async with Upstream(sent, cut=True) as upstream:
+        sidecar = start(sidecars, write_route(tmp_path / "r.yaml", upstream.url))
+        async with aiohttp.ClientSession() as session:
+            async with session.post(f"{sidecar.url}{CHAT}", json=chat_body(stream=True)) as response:
+                received = await response.read()  # a complete chunked body, no error event
+    assert received == b"".join(sent)
+    record = sidecar.wait_record(lambda r: r.get("msg") == "access")
+    assert record["outcome"] == "ok" and record["status"] == 200
 
 
 async def test_openai_sdk_streams_are_ok(

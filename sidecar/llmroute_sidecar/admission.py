@@ -81,7 +81,7 @@ class Admission:
             ex.lease = decision.lease
             if decision.lease is not None:
                 self.metrics.tokens_total.labels(policy.name, "reserved").inc(tokens)
-            ex.headers.update(rate_limit_headers(decision, _shadow(policy), tokens))
+            ex.headers.update(rate_limit_headers(decision, _shadow(policy), _size(decision, tokens)))
             return decision
         raise self._rejected(policy, ex, decision, tokens)
 
@@ -96,7 +96,7 @@ class Admission:
         self.metrics.quota_rejections_total.labels(
             policy.name, rejected.limit, rejected.dimension.value
         ).inc()
-        headers = rate_limit_headers(decision, _shadow(policy), tokens)
+        headers = rate_limit_headers(decision, _shadow(policy), _size(decision, tokens))
         if oversize is not None:
             # OpenAI SDKs retry 408, 409, 429 and 5xx: a 400 (and x-should-retry) ends the retries at once.
             return ProxyError(
@@ -186,6 +186,11 @@ def _never_fitting(policy: RoutePolicy, decision: Decision, tokens: int) -> Limi
         return None
     shadow = _shadow(policy)
     return next((s for s in decision.states if s.limit not in shadow and never_fits(s, tokens)), None)
+
+
+def _size(decision: Decision, tokens: int) -> int | None:
+    """The request size for hiding never-fitting states; None for a degraded (local share) decision."""
+    return None if decision.degraded else tokens
 
 
 def _too_large_message(state: LimitState, tokens: int) -> str:

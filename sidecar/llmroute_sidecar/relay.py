@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 from collections.abc import AsyncIterator
@@ -98,10 +99,13 @@ class Relay:
                 _json_usage_into(ex, bytes(kept))
             await response.write_eof()
             return response
-        except ConnectionResetError:
+        except (ConnectionResetError, errors.ProxyError):
             if not ex.delivered:
                 raise
-            # The client closed after the terminal event (the openai SDK does after [DONE]): complete.
+            # After the terminal event the response is complete: the client closing (the openai SDK does
+            # after [DONE]) or the upstream failing now changes nothing for the client.
+            with contextlib.suppress(ConnectionResetError):
+                await response.write_eof()
             return response
         finally:
             upstream.release()
