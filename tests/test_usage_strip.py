@@ -63,6 +63,20 @@ def test_usage_null_is_removed_and_the_rest_kept() -> None:
     assert empty is not None and b"usage" not in empty
 
 
+def test_compact_usage_null_is_cut_from_the_original_bytes() -> None:
+    first = (
+        b'data: {"usage":null,"id":"c","choices":[{"delta":{"content":"caf\\u00e9 \\"usage\\":null"}}]}\n\n'
+    )
+    assert (
+        one(first) == b'data: {"id":"c","choices":[{"delta":{"content":"caf\\u00e9 \\"usage\\":null"}}]}\n\n'
+    )
+    last = b'data: {"id":"c" , "choices":[],"usage":null}\n\n'
+    assert one(last) == b'data: {"id":"c" , "choices":[]}\n\n'
+    # a nested "usage":null beside the top-level one: not cut by text, re-serialised instead
+    nested = data({"id": "c", "choices": [{"index": 0, "delta": {"usage": None}}], "usage": None})
+    assert one(nested) == data({"id": "c", "choices": [{"index": 0, "delta": {"usage": None}}]})
+
+
 def test_usage_on_a_content_chunk_is_removed_not_the_content() -> None:
     finish = {**HEAD, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}], "usage": USAGE}
     out = one(b"id: 7\r\n" + data(finish).replace(b"\n", b"\r\n"))

@@ -184,6 +184,8 @@ def usage_from_json(document: dict[str, Any]) -> tuple[int, int, int] | None:
 _CHUNK_METADATA = frozenset(
     {"id", "object", "created", "model", "system_fingerprint", "service_tier", "obfuscation", "choices"}
 )
+_NULL_USAGE = b'"usage":null'
+_ONE_LINE = re.compile(rb"data:[^\r\n]*\n\n")
 _DATA_LINE = re.compile(rb"([^\r\n]*)(\r\n|\r|\n)")
 
 
@@ -192,8 +194,9 @@ def without_injected_usage(event: SSEEvent) -> bytes | None:
 
     Events without a ``usage`` key pass byte-exact. Otherwise the key is removed: an event then
     carrying no content (usage was an object and every choice is empty, e.g. ``choices: []`` or
-    LiteLLM's ``[{"index": 0, "delta": {}}]``) is dropped (None); any other is re-serialised without
-    ``usage`` (compact JSON, its other SSE lines kept), so nothing the upstream sent is lost and no
+    LiteLLM's ``[{"index": 0, "delta": {}}]``) is dropped (None). Any other loses only the key: a
+    compact ``"usage":null`` member is cut out of the original bytes, anything else is re-serialised
+    (compact JSON, the event's other lines kept), so nothing the upstream sent is lost and no
     ``"usage": null`` reaches the client.
     """
     data = event.data
@@ -206,9 +209,27 @@ def without_injected_usage(event: SSEEvent) -> bytes | None:
     if not isinstance(document, dict) or "usage" not in document:
         return event.raw
     usage = document.pop("usage")
-    if isinstance(usage, dict) and not _carries_content(document):
+    if usage is None:
+        cut = _cut_null_usage(event.raw)
+        if cut is not None:
+            return cut
+    elif isinstance(usage, dict) and not _carries_content(document):
         return None
     return _with_data(event.raw, _compact(document))
+
+
+def _cut_null_usage(raw: bytes) -> bytes | None:
+    """A one-line event with its only ``"usage":null`` member cut out, every other byte kept.
+
+    An unescaped ``"usage":null`` can only be a member (quotes inside strings are escaped); when it is
+    the only one, it is the top-level member the caller found. None when the event is not that simple.
+    """
+    if not _ONE_LINE.fullmatch(raw) or raw.count(_NULL_USAGE) != 1:
+        return None
+    for member in (b"," + _NULL_USAGE, _NULL_USAGE + b","):
+        if member in raw:
+            return raw.replace(member, b"", 1)
+    return None
 
 
 #: ``/v1/responses`` events after which nothing follows.
@@ -264,6 +285,8 @@ def _compact(document: dict[str, Any]) -> bytes:
 
 def _with_data(raw: bytes, data: bytes) -> bytes:
     """``raw`` with its ``data:`` lines replaced by one carrying ``data``; other lines kept as they are."""
+    if _ONE_LINE.fullmatch(raw):
+        return b"data: " + data + b"\n\n"  # the usual one-line event
     out = bytearray()
     written = False
     for match in _DATA_LINE.finditer(raw):
