@@ -260,6 +260,22 @@ async def test_request_that_can_never_fit_is_not_retried(
     assert sidecar.metric("llmroute_quota_rejections_total", limit=limit["name"]) == 1
 
 
+async def test_concurrency_limit_of_zero_does_not_queue(
+    tmp_path: Path, mock: MockUpstream, sidecars: list[SidecarProcess]
+) -> None:
+    limits = [{"name": "off", "concurrentRequests": 0}]
+    route = write_route(tmp_path / "r.yaml", mock.url, limits=limits, queueTimeoutSeconds=5)
+    sidecar = start(sidecars, route)
+    async with aiohttp.ClientSession() as session:
+        async with session.post(f"{sidecar.url}{CHAT}", json=chat_body()) as response:
+            body = await response.json()
+    assert response.status == 400 and body["error"]["code"] == "request_too_large_for_limit"
+    assert "allows 0 concurrent requests" in body["error"]["message"]
+    record = sidecar.wait_record(lambda r: r.get("msg") == "access")
+    assert record["queue_wait_ms"] < 4000  # answered at once, not after the 5 s queue timeout
+    assert sidecar.metric("llmroute_timeouts_total", layer="queue") == 0
+
+
 async def test_never_fitting_request_through_redis(
     tmp_path: Path, mock: MockUpstream, redis_server: RedisServer, sidecars: list[SidecarProcess]
 ) -> None:
