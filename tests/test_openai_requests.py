@@ -121,26 +121,26 @@ def test_estimates() -> None:
         (b'{"model": "m", "n": NaN}', 400, "invalid_json", "NaN"),
         (b"[" * 100_000, 400, "invalid_json", "nested too deeply"),
         (b'{"model": "caf\xe9"}', 400, "invalid_encoding", "UTF-8"),
-        (raw(chat(messages=[])), 422, "invalid_request", "messages: List should have at least 1 item"),
-        (raw({"messages": [{"role": "user"}]}), 422, "invalid_request", "model: Field required"),
-        (raw(chat(model="")), 422, "invalid_request", "model: String should have at least 1 character"),
-        (raw(chat(model="m" * 257)), 422, "invalid_request", "model: String should have at most 256"),
-        (raw(chat(stream="true")), 422, "invalid_request", "stream: Input should be a valid boolean"),
-        (raw(chat(n=0)), 422, "invalid_request", "n: Input should be greater than or equal to 1"),
-        (raw(chat(n=129)), 422, "invalid_request", "n: Input should be less than or equal to 128"),
-        (raw(chat(max_tokens=2.0)), 422, "invalid_request", "max_tokens: Input should be a valid integer"),
-        (raw(chat(max_tokens=1_000_001)), 422, "invalid_request", "max_tokens: Input should be less than"),
+        (raw(chat(messages=[])), 400, "invalid_request", "messages: List should have at least 1 item"),
+        (raw({"messages": [{"role": "user"}]}), 400, "invalid_request", "model: Field required"),
+        (raw(chat(model="")), 400, "invalid_request", "model: String should have at least 1 character"),
+        (raw(chat(model="m" * 257)), 400, "invalid_request", "model: String should have at most 256"),
+        (raw(chat(stream="true")), 400, "invalid_request", "stream: Input should be a valid boolean"),
+        (raw(chat(n=0)), 400, "invalid_request", "n: Input should be greater than or equal to 1"),
+        (raw(chat(n=129)), 400, "invalid_request", "n: Input should be less than or equal to 128"),
+        (raw(chat(max_tokens=2.0)), 400, "invalid_request", "max_tokens: Input should be a valid integer"),
+        (raw(chat(max_tokens=1_000_001)), 400, "invalid_request", "max_tokens: Input should be less than"),
         (
             raw(chat(stream_options={"include_usage": 1})),
-            422,
+            400,
             "invalid_request",
             "stream_options.include_usage",
         ),
-        (raw(chat(messages=["hi"])), 422, "invalid_request", "messages[0]: Input should be an object"),
-        (raw(chat(messages=[{"role": "user", "content": 5}])), 422, "invalid_request", "messages[0].content"),
+        (raw(chat(messages=["hi"])), 400, "invalid_request", "messages[0]: Input should be an object"),
+        (raw(chat(messages=[{"role": "user", "content": 5}])), 400, "invalid_request", "messages[0].content"),
         (
             raw({"model": "m", "prompt": [1, "a"]}),
-            422,
+            400,
             "invalid_request",
             "prompt: Input should be a string, a",
         ),
@@ -151,18 +151,22 @@ def test_refusals_name_the_problem(body: bytes, status: int, code: str, words: s
     error = refused(path, body)
     assert (error.status, error.code) == (status, code)
     assert words in error.message, error.message
+    # param is the field the message starts with (OpenAI's notation); None for whole-body problems
+    whole_body = code != "invalid_request"
+    assert error.param == (None if whole_body else error.message.split(":")[0])
 
 
 def test_bad_role_names_the_message_index_and_choices() -> None:
     messages = [{"role": "user", "content": "a"}] * 3 + [{"role": "wizard", "content": "b"}]
     error = refused(CHAT, raw(chat(messages=messages)))
-    assert (error.status, error.code) == (422, "invalid_request")
+    assert (error.status, error.code) == (400, "invalid_request")
     assert error.message.startswith("messages[3].role: Input should be 'system', 'developer', 'user'")
+    assert error.param == "messages[3].role"
 
 
 def test_too_many_messages_and_too_many_characters() -> None:
     error = refused(CHAT, raw(chat(messages=[{"role": "user", "content": ""}] * 2049)))
-    assert error.status == 422 and error.message.startswith("messages: List should have at most 2048")
+    assert error.status == 400 and error.message.startswith("messages: List should have at most 2048")
     error = refused(CHAT, raw(chat(messages=[{"role": "user", "content": "x" * 101}])), max_chars=100)
     assert (error.status, error.code) == (413, "prompt_too_large") and "101" in error.message
     assert parse_request(CHAT, raw(chat(messages=[{"role": "user", "content": "x" * 100}])), max_chars=100)
@@ -179,7 +183,7 @@ def test_too_many_messages_and_too_many_characters() -> None:
 )
 def test_nul_characters_are_refused_anywhere(body: dict[str, Any], where: str) -> None:
     error = refused(CHAT, raw(body))
-    assert (error.status, error.code) == (422, "null_byte")
+    assert (error.status, error.code, error.param) == (400, "null_byte", where)
     assert error.message.startswith(f"{where}: "), error.message
 
 

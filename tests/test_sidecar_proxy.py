@@ -143,29 +143,32 @@ async def test_malformed_bodies_get_json_errors_with_request_ids(
 ) -> None:
     sidecar = start(sidecars, write_route(tmp_path / "r.yaml", mock.url, maxRequestBytes=2048))
     cases = [
-        (b"{not json", 400, "invalid_json", "not valid JSON"),
+        (b"{not json", 400, "invalid_json", None),
         (
             json.dumps({"model": "m", "messages": [{"role": "wizard", "content": "x"}]}).encode(),
-            422,
+            400,
             "invalid_request",
             "messages[0].role",
         ),
         (
             json.dumps(chat_body(messages=[{"role": "user", "content": "a\u0000b"}])).encode(),
-            422,
+            400,
             "null_byte",
             "messages[0].content",
         ),
-        (json.dumps(chat_body(padding="x" * 4096)).encode(), 413, "request_too_large", "2048"),
+        (json.dumps(chat_body(padding="x" * 4096)).encode(), 413, "request_too_large", None),
     ]
     async with aiohttp.ClientSession() as session:
-        for raw, status, code, words in cases:
+        for raw, status, code, param in cases:
             async with session.post(
                 f"{sidecar.url}{CHAT}", data=raw, headers={"Content-Type": "application/json"}
             ) as response:
                 body = await response.json()
             assert response.status == status, body
-            assert body["error"]["code"] == code and words in body["error"]["message"]
+            # OpenAI's shape: type, code and param (null when no single field is at fault)
+            assert body["error"]["type"] == "invalid_request_error"
+            assert (body["error"]["code"], body["error"]["param"]) == (code, param)
+            assert body["error"]["message"].startswith(param or "")
             assert body["request_id"] == response.headers["X-Request-ID"]
     assert mock_requests(mock, "") == [] or all(r["path"] != CHAT for r in mock_requests(mock, ""))
 

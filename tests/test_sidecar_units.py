@@ -143,9 +143,12 @@ def test_rate_limit_headers_name_the_binding_limit() -> None:
     )
     headers = rate_limit_headers(decision)
     assert headers["X-RateLimit-Limit"] == "10" and headers["X-RateLimit-Remaining"] == "0"
-    assert headers["X-RateLimit-Reset"] == "43"
-    assert headers["RateLimit-Policy"] == '"lim-requestsPerMinute";q=10;w=60'
-    assert headers["RateLimit"] == '"lim-requestsPerMinute";r=0;t=43'
+    # the rejecting limit resets when the request could pass: the same moment as Retry-After
+    assert headers["X-RateLimit-Reset"] == "13" and headers["x-ratelimit-reset-requests"] == "12.1s"
+    assert headers["RateLimit-Policy"] == (
+        '"lim-requestsPerMinute";q=10;w=60, "lim-concurrentRequests";q=10;qu="concurrent-requests"'
+    )
+    assert headers["RateLimit"] == '"lim-requestsPerMinute";r=0;t=13, "lim-concurrentRequests";r=3'
     assert retry_after(decision) == "13"
     assert retry_after(Decision(admitted=False, rejected=rejected, retry_after=0.01)) == "1"
 

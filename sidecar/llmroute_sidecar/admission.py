@@ -7,18 +7,20 @@ from collections.abc import Mapping
 from dataclasses import replace
 
 from llmroute_sidecar import errors
-from llmroute_sidecar.api.spec import StoreFailurePolicy
+from llmroute_sidecar.api.spec import LimitMode, StoreFailurePolicy
 from llmroute_sidecar.config import Settings
 from llmroute_sidecar.errors import ProxyError
 from llmroute_sidecar.exchange import Exchange
-from llmroute_sidecar.headers import rate_limit_headers, retry_after
+from llmroute_sidecar.headers import never_fits, rate_limit_headers, retry_headers
 from llmroute_sidecar.health import HealthState
 from llmroute_sidecar.metrics import SidecarMetrics
 from llmroute_sidecar.policy import ClientIdentity, RoutePolicy, build_checks
 from llmroute_sidecar.quota.base import (
     AdmissionRequest,
     Decision,
+    Dimension,
     LimitCheck,
+    LimitState,
     QuotaStore,
     StoreUnavailableError,
 )
@@ -48,7 +50,8 @@ class Admission:
     ) -> Decision:
         """Ask the store, queueing up to queueTimeoutSeconds while only concurrency is short.
 
-        Returns an admitting decision (its lease recorded in ``ex``) or raises the 429 ProxyError.
+        Returns an admitting decision (its lease and rate-limit headers recorded in ``ex``) or raises
+        the 429 ProxyError (the 400 one when the request can never fit a limit).
         """
         spec = policy.route.spec
         checks = build_checks(policy, identity, headers)
@@ -69,6 +72,8 @@ class Admission:
             remaining = queue_deadline - time.monotonic()
             if decision.admitted or not decision.waits_for_concurrency or remaining <= 0:
                 break
+            if _never_fitting(policy, decision, tokens):
+                break
             await self.store.wait_for_capacity(min(remaining, 0.25))
         ex.queue_wait = time.monotonic() - started
         self.metrics.queue_wait_seconds.labels(policy.name).observe(ex.queue_wait)
@@ -76,19 +81,35 @@ class Admission:
             ex.lease = decision.lease
             if decision.lease is not None:
                 self.metrics.tokens_total.labels(policy.name, "reserved").inc(tokens)
+            ex.headers.update(rate_limit_headers(decision, _shadow(policy), _size(decision, tokens)))
             return decision
-        raise self._rejected(policy, ex, decision)
+        raise self._rejected(policy, ex, decision, tokens)
 
-    def _rejected(self, policy: RoutePolicy, ex: Exchange, decision: Decision) -> ProxyError:
+    def _rejected(self, policy: RoutePolicy, ex: Exchange, decision: Decision, tokens: int) -> ProxyError:
+        """The 429 of a rejection; a non-retryable 400 when the request alone exceeds a limit."""
         rejected = decision.rejected
         assert rejected is not None
+        oversize = _never_fitting(policy, decision, tokens)
+        if oversize is not None:
+            rejected = oversize
         ex.limit = rejected.limit
         self.metrics.quota_rejections_total.labels(
             policy.name, rejected.limit, rejected.dimension.value
         ).inc()
+        headers = rate_limit_headers(decision, _shadow(policy), _size(decision, tokens))
+        if oversize is not None:
+            # OpenAI SDKs retry 408, 409, 429 and 5xx: a 400 (and x-should-retry) ends the retries at once.
+            return ProxyError(
+                400,
+                "request_too_large_for_limit",
+                _too_large_message(oversize, tokens),
+                "invalid_request_error",
+                "quota_rejected",
+                {**headers, "x-should-retry": "false"},
+            )
         if decision.waits_for_concurrency:
             self.metrics.timeouts_total.labels(policy.name, "queue").inc()
-        headers = {**rate_limit_headers(decision), "Retry-After": retry_after(decision)}
+        headers.update(retry_headers(decision))
         return ProxyError(
             429,
             f"{_snake(rejected.dimension.value)}_exceeded",
@@ -147,6 +168,40 @@ def _share(check: LimitCheck, replicas: int) -> LimitCheck:
         concurrent_requests=part(check.concurrent_requests),
         burst=part(check.burst),
     )
+
+
+def _shadow(policy: RoutePolicy) -> frozenset[str]:
+    """Names of the route's shadow-mode limits: they never appear in client headers."""
+    return frozenset(limit.name for limit in policy.route.spec.limits if limit.mode is LimitMode.SHADOW)
+
+
+def _never_fitting(policy: RoutePolicy, decision: Decision, tokens: int) -> LimitState | None:
+    """The enforced state this request can never fit, however long it waits (None if every one can).
+
+    Read from the decision (the stores report such a state with ``retry_after`` 60 and remaining 0):
+    ``tokens`` above a tokensPerMinute value, or any limit of 0. Not for a degraded decision, whose
+    values are this pod's share of the fleet limit.
+    """
+    if decision.admitted or decision.degraded:
+        return None
+    shadow = _shadow(policy)
+    return next((s for s in decision.states if s.limit not in shadow and never_fits(s, tokens)), None)
+
+
+def _size(decision: Decision, tokens: int) -> int | None:
+    """The request size for hiding never-fitting states; None for a degraded (local share) decision."""
+    return None if decision.degraded else tokens
+
+
+def _too_large_message(state: LimitState, tokens: int) -> str:
+    what = _describe(state.dimension.value)
+    where = f"limit '{state.limit}' ({state.scope}) allows {state.limit_value} {what}"
+    if state.dimension is Dimension.TOKENS_PER_MINUTE:
+        return (
+            f"request too large for the limit: it reserves {tokens} tokens and {where}; "
+            "lower max_tokens or shorten the prompt"
+        )
+    return f"no request can be admitted: {where}"
 
 
 def _snake(name: str) -> str:

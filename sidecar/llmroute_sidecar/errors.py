@@ -1,7 +1,7 @@
 """Error answers: one JSON shape for every error the sidecar produces.
 
-``{"error": {"message", "type", "code"}, "request_id"}``, as OpenAI clients expect, with the request id
-repeated in ``X-Request-ID``.
+``{"error": {"message", "type", "param", "code"}, "request_id"}``, as OpenAI answers (``param`` names the
+offending request field, null when none applies), with the request id repeated in ``X-Request-ID``.
 """
 
 from __future__ import annotations
@@ -23,11 +23,13 @@ class ProxyError(Exception):
     type: str = "invalid_request_error"
     outcome: str = "client_error"
     headers: Mapping[str, str] = field(default_factory=dict)
+    param: str | None = None
+    """The request field at fault (OpenAI's ``param``), e.g. ``messages[0].role``."""
 
     def body(self, request_id: str) -> dict[str, object]:
         """The JSON error body."""
         return {
-            "error": {"message": self.message, "type": self.type, "code": self.code},
+            "error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code},
             "request_id": request_id,
         }
 
@@ -42,8 +44,9 @@ class ProxyError(Exception):
         )
 
 
-def bad_request(code: str, message: str, status: int = 400) -> ProxyError:
-    return ProxyError(status, code, message, "invalid_request_error", "validation_error")
+def bad_request(code: str, message: str, status: int = 400, param: str | None = None) -> ProxyError:
+    """A refused request (400 unless ``status`` says otherwise): never retried by OpenAI SDKs."""
+    return ProxyError(status, code, message, "invalid_request_error", "validation_error", param=param)
 
 
 def unauthorized(code: str, message: str) -> ProxyError:

@@ -34,5 +34,7 @@ class Exchange:
     lease: Lease | None = None
     lease_store: QuotaStore | None = None
     response_started: bool = False
+    delivered: bool = False
+    """The terminal event (``[DONE]``, ``response.completed``) or the whole body reached the client."""
     first_byte: float | None = None
     headers: dict[str, str] = field(default_factory=dict)

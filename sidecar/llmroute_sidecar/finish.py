@@ -56,7 +56,7 @@ class Finisher:
             if ex.tokens_actual is not None:
                 self.metrics.tokens_total.labels(policy_name, "prompt").inc(ex.prompt_tokens)
                 self.metrics.tokens_total.labels(policy_name, "completion").inc(max(0, ex.completion_tokens))
-            if ex.client_disconnected:
+            if ex.client_disconnected and not ex.delivered:  # only real mid-response disconnects
                 ex.outcome = "client_disconnected"
                 self.metrics.client_disconnects_total.labels(policy_name).inc()
             duration = time.monotonic() - ex.started

@@ -6,7 +6,10 @@ completion tokens are the number of content chunks. Test-control request headers
 ``X-Mock-Key: K`` the first N requests of key K get 503; ``X-Mock-Latency: S`` extra seconds before
 the first byte; ``X-Mock-Stream-Error-After: N`` close the connection after N content chunks;
 ``X-Mock-Tokens: N`` completion tokens; ``X-Mock-No-Usage: 1`` never send usage in a stream;
-``X-Mock-Hold: 1`` hold the stream after its first content chunk until ``POST /mock/release``.
+``X-Mock-Hold: 1`` hold the stream after its first content chunk until ``POST /mock/release``;
+``X-Mock-Usage-Shape: S`` how a stream carries usage: ``openai`` (default: ``"usage": null`` on every
+chunk, then a ``choices: []`` usage chunk), ``litellm`` (no ``usage`` on content chunks, then a usage
+chunk with ``choices: [{"index": 0, "delta": {}}]``) or ``final`` (usage on the finish chunk itself).
 Received requests are kept in ``app[REQUESTS]`` (also ``GET /mock/requests``), counters in
 ``app[COUNTERS]``; ``POST /mock/health {"healthy": false}`` makes ``GET /health`` answer 503.
 """
@@ -197,6 +200,8 @@ async def _stream(
     break_after = int(_number(request, "X-Mock-Stream-Error-After", -1))
     hold = request.headers.get("X-Mock-Hold") == "1"
     send_usage = include_usage and request.headers.get("X-Mock-No-Usage") != "1"
+    shape = request.headers.get("X-Mock-Usage-Shape", "openai")
+    null_usage = {"usage": None} if send_usage and shape == "openai" else {}
 
     def chunk(text: str | None, finish_reason: str | None = None) -> bytes:
         if chat:
@@ -205,7 +210,9 @@ async def _stream(
         else:
             choice = {"index": 0, "text": text or ""}
         choice.update(logprobs=None, finish_reason=finish_reason)
-        return _sse({**head, "choices": [choice], **({"usage": None} if send_usage else {})})
+        if finish_reason and send_usage and shape == "final":
+            return _sse({**head, "choices": [choice], "usage": usage})
+        return _sse({**head, "choices": [choice], **null_usage})
 
     response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
     await response.prepare(request)
@@ -223,8 +230,9 @@ async def _stream(
         if settings.token_interval:
             await asyncio.sleep(settings.token_interval)
     await response.write(chunk("", finish_reason=finish))
-    if send_usage:
-        await response.write(_sse({**head, "choices": [], "usage": usage}))
+    if send_usage and shape != "final":
+        empty = [{"index": 0, "delta": {}}] if shape == "litellm" else []
+        await response.write(_sse({**head, "choices": empty, "usage": usage}))
     await response.write(b"data: [DONE]\n\n")
     await response.write_eof()
     return response

@@ -25,7 +25,6 @@ from llmroute_sidecar.config import Settings
 from llmroute_sidecar.errors import ProxyError
 from llmroute_sidecar.exchange import Exchange
 from llmroute_sidecar.finish import Finisher
-from llmroute_sidecar.headers import rate_limit_headers
 from llmroute_sidecar.health import HealthState
 from llmroute_sidecar.metrics import SidecarMetrics
 from llmroute_sidecar.openai.requests import (
@@ -144,12 +143,13 @@ class Gateway:
         except ProxyError as error:
             return await self._fail(request, ex, error)
         except ConnectionResetError:  # the client went away while we wrote to it
-            ex.client_disconnected = True
+            ex.client_disconnected = not ex.delivered
             response = request.get(RESPONSE_KEY)
             return response if isinstance(response, web.StreamResponse) else web.Response(status=499)
         except asyncio.CancelledError:
-            ex.client_disconnected = True
-            ex.outcome = "client_disconnected"
+            if not ex.delivered:  # closing after the terminal event is how clients end a stream
+                ex.client_disconnected = True
+                ex.outcome = "client_disconnected"
             raise
         except Exception as error:  # a bug must still answer JSON and free the quota
             log.exception("unexpected error", extra={"fields": {"request_id": ex.request_id}})
@@ -200,7 +200,7 @@ class Gateway:
             try:
                 parsed = parse_request(request.path, raw)
             except RequestValidationError as error:
-                raise errors.bad_request(error.code, error.message, error.status) from None
+                raise errors.bad_request(error.code, error.message, error.status, error.param) from None
             ex.stream = parsed.stream
             injected = with_stream_usage(parsed)
             body = injected if injected is not None else raw
@@ -211,8 +211,7 @@ class Gateway:
         ex.tokens_reserved = tokens
         if self.breaker.state is BreakerState.OPEN:  # fail fast, before the request consumes quota
             raise breaker_open()
-        decision = await self.admission.admit(policy, identity, request.headers, ex, tokens)
-        ex.headers.update(rate_limit_headers(decision))
+        await self.admission.admit(policy, identity, request.headers, ex, tokens)  # headers into ex
         upstream = await self.upstream.forward(request, policy, ex, body)
         return await self.relay.relay(request, policy, ex, upstream, parsed, injected is not None)
 

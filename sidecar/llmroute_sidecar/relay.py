@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 from collections.abc import AsyncIterator
@@ -20,8 +21,9 @@ from llmroute_sidecar.openai.sse import (
     SSEParser,
     StreamUsage,
     heartbeat,
-    is_injected_usage_event,
+    is_terminal_event,
     usage_from_json,
+    without_injected_usage,
 )
 from llmroute_sidecar.openai.tokens import estimate_prompt_tokens
 from llmroute_sidecar.policy import RoutePolicy
@@ -76,22 +78,34 @@ class Relay:
                         ex.first_byte - ex.started
                     )
                 out = chunk
+                terminal = False
                 if parser is not None and usage is not None:
                     events = parser.feed(chunk)
                     for event in events:
                         usage.consume(event)
-                    if strip_usage:
-                        out = b"".join(e.raw for e in events if not is_injected_usage_event(e))
+                    terminal = any(is_terminal_event(e) for e in events)
+                    if strip_usage:  # exactly the usage the sidecar asked for, nothing else
+                        out = b"".join(filter(None, map(without_injected_usage, events)))
                     _stream_usage_into(ex, usage, prompt)  # kept current: a cut stream settles it
                 elif kept is not None and len(kept) + len(chunk) <= USAGE_BODY_LIMIT:
                     kept.extend(chunk)
                 if out:
                     await response.write(out)
+                ex.delivered = ex.delivered or terminal
             if parser is not None and strip_usage and parser.pending():
                 await response.write(parser.pending())
+            ex.delivered = True  # the whole upstream body reached the client
             if kept is not None and upstream.status < 400:
                 _json_usage_into(ex, bytes(kept))
             await response.write_eof()
+            return response
+        except (ConnectionResetError, errors.ProxyError):
+            if not ex.delivered:
+                raise
+            # After the terminal event the response is complete: the client closing (the openai SDK does
+            # after [DONE]) or the upstream failing now changes nothing for the client.
+            with contextlib.suppress(ConnectionResetError):
+                await response.write_eof()
             return response
         finally:
             upstream.release()

@@ -41,13 +41,17 @@ def kind_for_path(path: str) -> str | None:
 
 
 class RequestValidationError(Exception):
-    """A refused body: ``status`` 400 (not a JSON object), 413 (prompt too long) or 422 (schema)."""
+    """A refused body: ``status`` 400 (bad JSON or schema, as OpenAI answers) or 413 (prompt too long).
 
-    def __init__(self, status: int, code: str, message: str) -> None:
+    ``param`` names the offending field in OpenAI's notation (``messages[0].role``) when one is known.
+    """
+
+    def __init__(self, status: int, code: str, message: str, param: str | None = None) -> None:
         super().__init__(message)
         self.status = status
         self.code = code
         self.message = message
+        self.param = param
 
 
 def _one_of(expected: str) -> WrapValidator:
@@ -222,6 +226,12 @@ def _describe(errors: list[ErrorDetails]) -> str:
     return message + (f" (and {len(errors) - 1} more problem(s))" if len(errors) > 1 else "")
 
 
+def _param(errors: list[ErrorDetails]) -> str | None:
+    """The first failing field (None when the whole body is at fault)."""
+    location = _location(errors[0]["loc"])
+    return None if location == "body" else location
+
+
 def parse_request(path: str, raw: bytes, *, max_chars: int = DEFAULT_MAX_CHARS) -> ParsedRequest:
     """Validate an OpenAI request body; raise RequestValidationError with a field-naming message."""
     kind = kind_for_path(path)
@@ -233,14 +243,13 @@ def parse_request(path: str, raw: bytes, *, max_chars: int = DEFAULT_MAX_CHARS) 
     nul = _find_nul(document, raw)
     if nul:
         raise RequestValidationError(
-            422, "null_byte", f"{nul}: strings must not contain NUL (\\u0000) characters"
+            400, "null_byte", f"{nul}: strings must not contain NUL (\\u0000) characters", nul
         )
     try:
         model = _MODELS[kind].model_validate(document)
     except ValidationError as error:
-        raise RequestValidationError(
-            422, "invalid_request", _describe(error.errors(include_url=False))
-        ) from None
+        details = error.errors(include_url=False)
+        raise RequestValidationError(400, "invalid_request", _describe(details), _param(details)) from None
     chars, ids, messages = _prompt_size(model)
     if chars > max_chars:
         raise RequestValidationError(

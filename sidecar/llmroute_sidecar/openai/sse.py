@@ -9,9 +9,6 @@ from typing import Any
 
 from llmroute_sidecar.openai.tokens import tokens_for_chars
 
-#: Cheap pre-check before decoding: only chunks with an empty choices list can be usage-only.
-_EMPTY_CHOICES = re.compile(r'"choices"\s*:\s*\[\s*\]')
-
 SSE_DONE = b"data: [DONE]\n\n"
 _EOL = re.compile(rb"[\r\n]")
 _LINES = re.compile(rb"\r\n|\r|\n")
@@ -183,19 +180,124 @@ def usage_from_json(document: dict[str, Any]) -> tuple[int, int, int] | None:
     return prompt, completion, prompt + completion if total is None else total
 
 
-def is_injected_usage_event(event: SSEEvent) -> bool:
-    """The usage-only chunk sent for ``include_usage``: ``usage`` an object and ``choices`` empty."""
-    if event.data is None or '"usage"' not in event.data or not _EMPTY_CHOICES.search(event.data):
+#: Top-level chunk fields that describe a chunk rather than carry content.
+_CHUNK_METADATA = frozenset(
+    {"id", "object", "created", "model", "system_fingerprint", "service_tier", "obfuscation", "choices"}
+)
+_NULL_USAGE = b'"usage":null'
+_ONE_LINE = re.compile(rb"data:[^\r\n]*\n\n")
+_DATA_LINE = re.compile(rb"([^\r\n]*)(\r\n|\r|\n)")
+
+
+def without_injected_usage(event: SSEEvent) -> bytes | None:
+    """What to forward of ``event`` to a client that did not ask for usage when the sidecar asked for it.
+
+    Events without a ``usage`` key pass byte-exact. Otherwise the key is removed: an event then
+    carrying no content (usage was an object and every choice is empty, e.g. ``choices: []`` or
+    LiteLLM's ``[{"index": 0, "delta": {}}]``) is dropped (None). Any other loses only the key: a
+    compact ``"usage":null`` member is cut out of the original bytes, anything else is re-serialised
+    (compact JSON, the event's other lines kept), so nothing the upstream sent is lost and no
+    ``"usage": null`` reaches the client.
+    """
+    data = event.data
+    if data is None or '"usage"' not in data:
+        return event.raw
+    try:
+        document = json.loads(data)
+    except ValueError:
+        return event.raw
+    if not isinstance(document, dict) or "usage" not in document:
+        return event.raw
+    usage = document.pop("usage")
+    if usage is None:
+        cut = _cut_null_usage(event.raw)
+        if cut is not None:
+            return cut
+    elif isinstance(usage, dict) and not _carries_content(document):
+        return None
+    return _with_data(event.raw, _compact(document))
+
+
+def _cut_null_usage(raw: bytes) -> bytes | None:
+    """A one-line event with its only ``"usage":null`` member cut out, every other byte kept.
+
+    An unescaped ``"usage":null`` can only be a member (quotes inside strings are escaped); when it is
+    the only one, it is the top-level member the caller found. None when the event is not that simple.
+    """
+    if not _ONE_LINE.fullmatch(raw) or raw.count(_NULL_USAGE) != 1:
+        return None
+    for member in (b"," + _NULL_USAGE, _NULL_USAGE + b","):
+        if member in raw:
+            return raw.replace(member, b"", 1)
+    return None
+
+
+#: ``/v1/responses`` events after which nothing follows.
+_TERMINAL_TYPES = ("response.completed", "response.incomplete", "response.failed")
+
+
+def is_terminal_event(event: SSEEvent) -> bool:
+    """``data: [DONE]`` (chat/completions) or a terminal ``/v1/responses`` event (``response.completed``)."""
+    data = event.data
+    if data is None:
+        return False
+    if data.strip() == "[DONE]":
+        return True
+    if not any(name in data for name in _TERMINAL_TYPES):
         return False
     try:
-        document = json.loads(event.data)
+        document = json.loads(data)
     except ValueError:
         return False
-    return (
-        isinstance(document, dict)
-        and document.get("choices") == []
-        and isinstance(document.get("usage"), dict)
+    return isinstance(document, dict) and document.get("type") in _TERMINAL_TYPES
+
+
+def is_injected_usage_event(event: SSEEvent) -> bool:
+    """A usage chunk with nothing else in it: dropped when the sidecar injected ``include_usage``."""
+    return without_injected_usage(event) is None
+
+
+def _empty(value: Any) -> bool:
+    """Null, an empty string/list/object, or an object of such values (``{"content": null}``)."""
+    if isinstance(value, dict):
+        return all(_empty(item) for item in value.values())
+    return value is None or value == "" or value == []
+
+
+def _carries_content(document: dict[str, Any]) -> bool:
+    if any(not _empty(v) for k, v in document.items() if k not in _CHUNK_METADATA):
+        return True
+    choices = document.get("choices")
+    if not isinstance(choices, list):
+        return not _empty(choices)
+    return any(
+        not isinstance(choice, dict) or any(not _empty(v) for k, v in choice.items() if k != "index")
+        for choice in choices
     )
+
+
+def _compact(document: dict[str, Any]) -> bytes:
+    try:
+        return json.dumps(document, separators=(",", ":"), ensure_ascii=False).encode()
+    except UnicodeEncodeError:  # a lone surrogate only survives as an escape
+        return json.dumps(document, separators=(",", ":")).encode()
+
+
+def _with_data(raw: bytes, data: bytes) -> bytes:
+    """``raw`` with its ``data:`` lines replaced by one carrying ``data``; other lines kept as they are."""
+    if _ONE_LINE.fullmatch(raw):
+        return b"data: " + data + b"\n\n"  # the usual one-line event
+    out = bytearray()
+    written = False
+    for match in _DATA_LINE.finditer(raw):
+        line, eol = match.group(1), match.group(2)
+        if line == b"data" or line.startswith(b"data:"):
+            if not written:
+                out += b"data: " + data + eol
+                written = True
+            continue
+        out += line + eol
+    return bytes(out)
 
 
 def sse_error_event(message: str, type_: str, code: str, request_id: str) -> bytes:
