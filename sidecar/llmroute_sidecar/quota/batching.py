@@ -20,7 +20,7 @@ from llmroute_sidecar.quota.base import StoreUnavailableError
 
 T = TypeVar("T")
 
-#: A timer that fires this much later than asked means the event loop was busy, not Redis silent.
+#: Shortest wait between two looks at an operation that is still running.
 LAG_TOLERANCE = 0.05
 
 
@@ -127,6 +127,41 @@ class Batcher:
         self.fail_queued(lambda: StoreUnavailableError("quota store closed"))
 
 
+class LoopLag:
+    """How much of the wall time since a moment the event loop spent too busy to run anything.
+
+    A task wakes every ``TICK`` seconds and adds how late it woke. Time the loop was that late is
+    not held against Redis: a thousand requests parsing at once delay our reading of Redis's answer,
+    and that must not look like Redis failing to answer.
+    """
+
+    TICK = 0.02
+
+    def __init__(self) -> None:
+        self.total = 0.0
+        self._due = 0.0
+        self._task: asyncio.Task[None] | None = None
+
+    def now(self) -> float:
+        """Cumulative lag, including the tick that is overdue right now."""
+        if self._task is None:
+            self._task = asyncio.create_task(self._run(), name="store-loop-lag")
+        return self.total + max(0.0, time.monotonic() - self._due) if self._due else self.total
+
+    async def _run(self) -> None:
+        while True:
+            self._due = time.monotonic() + self.TICK
+            await asyncio.sleep(self.TICK)
+            self.total += max(0.0, time.monotonic() - self._due)
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+
 class AnswerTimeout(TimeoutError):
     """No answer within the operation timeout; ``busy_loop`` when the event loop, not Redis, was late."""
 
@@ -135,26 +170,34 @@ class AnswerTimeout(TimeoutError):
         self.busy_loop = busy_loop
 
 
-async def answered(work: Awaitable[T], timeout: float, extensions: int = 3) -> T:
-    """Await ``work`` for ``timeout`` seconds of a responsive event loop.
+async def answered(
+    work: Awaitable[T],
+    timeout: float,
+    lag: LoopLag,
+    patience: Callable[[], bool] | None = None,
+    hard_limit: float | None = None,
+) -> T:
+    """Await ``work`` for ``timeout`` seconds of a responsive event loop (wall time minus loop lag).
 
-    When the timer fires late the loop was busy and the answer may already sit unread in the socket:
-    wait a little longer (at most ``extensions`` more timeouts) instead of calling Redis silent.
+    When that passes and ``patience()`` says Redis demonstrably answers (another round trip came
+    back meanwhile), keep waiting: that is back-pressure, not silence. Never past ``hard_limit``
+    seconds of wall time (default ``4 * timeout``); ``busy_loop`` then tells the two apart.
     """
-    loop = asyncio.get_running_loop()
     task = asyncio.ensure_future(work)
-    deadline = loop.time() + timeout
-    hard = deadline + timeout * extensions
+    started, lag0 = time.monotonic(), lag.now()
+    limit = hard_limit if hard_limit is not None else timeout * 4
     try:
         while True:
-            done, _ = await asyncio.wait({task}, timeout=max(0.0, deadline - loop.time()))
+            wall = time.monotonic() - started
+            responsive = wall - (lag.now() - lag0)
+            if wall >= limit:
+                raise AnswerTimeout(busy_loop=True)
+            if responsive >= timeout and (patience is None or not patience()):
+                raise AnswerTimeout(busy_loop=wall - responsive > timeout / 2)
+            wait = min(max(timeout - responsive, LAG_TOLERANCE), limit - wall)
+            done, _ = await asyncio.wait({task}, timeout=wait)
             if done:
                 return task.result()
-            now = loop.time()
-            late = now - deadline > LAG_TOLERANCE
-            if not late or now >= hard:
-                raise AnswerTimeout(busy_loop=late)
-            deadline = min(hard, now + LAG_TOLERANCE)
     finally:
         if not task.done():
             task.cancel()  # redis-py drops the half-read connection; nobody waits for that here

@@ -50,7 +50,14 @@ from llmroute_sidecar.quota.base import (
     StoreState,
     StoreUnavailableError,
 )
-from llmroute_sidecar.quota.batching import AnswerTimeout, Batcher, Operation, StoreBusyError, answered
+from llmroute_sidecar.quota.batching import (
+    AnswerTimeout,
+    Batcher,
+    LoopLag,
+    Operation,
+    StoreBusyError,
+    answered,
+)
 from llmroute_sidecar.quota.scripts import ADMIT, DIMENSION_CODES, SETTLE
 
 log = logging.getLogger("llmroute.quota.redis")
@@ -58,7 +65,7 @@ log = logging.getLogger("llmroute.quota.redis")
 #: One round trip (a whole batch) before Redis counts as not answering.
 OPERATION_TIMEOUT = 0.5
 #: How long an operation may wait in this sidecar for its round trip while Redis answers.
-QUEUE_BUDGET_SECONDS = 2.0
+QUEUE_BUDGET_SECONDS = 5.0
 #: Concurrent round trips carrying batched operations, and the most operations in one.
 WORKERS = 4
 MAX_BATCH = 100
@@ -177,6 +184,8 @@ class RedisQuotaStore:
         self._replicas = 1
         self._heartbeat_task: asyncio.Task[None] | None = None
         self._background: set[asyncio.Task[Any]] = set()
+        self._lag = LoopLag()
+        self._last_answer = 0.0
 
     @classmethod
     def from_url(cls, url: str, member: str = "") -> RedisQuotaStore:
@@ -254,10 +263,11 @@ class RedisQuotaStore:
 
     async def _send(self, batch: list[Operation]) -> None:
         """One batch: a pipelined round trip; resolves every operation, never raises."""
+        sent = time.monotonic()
         try:
-            results = await self._retried(lambda: self._pipeline(batch))
+            results = await self._retried(lambda: self._pipeline(batch), sent)
         except AnswerTimeout as error:
-            if error.busy_loop:  # the event loop was too busy to tell: back-pressure, not an outage
+            if error.busy_loop or self._last_answer > sent:  # Redis answers others: back-pressure
                 self._busy()
                 for operation in batch:
                     operation.resolve(StoreBusyError("quota store busy: this sidecar is overloaded"))
@@ -271,6 +281,7 @@ class RedisQuotaStore:
             for operation in batch:
                 operation.resolve(StoreUnavailableError(f"redis unavailable: {error!r}"))
             return
+        self._last_answer = time.monotonic()
         self._succeeded()
         for operation, result in zip(batch, results, strict=True):
             if isinstance(result, ResponseError):  # this command failed, the connection is fine
@@ -280,15 +291,36 @@ class RedisQuotaStore:
             else:
                 operation.resolve(result)
 
-    async def _retried(self, work: Callable[[], Awaitable[Any]]) -> Any:
-        """Run one round trip; once more on a fresh connection when the first one proves dead."""
+    async def _retried(self, work: Callable[[], Awaitable[Any]], sent: float | None = None) -> Any:
+        """Run one round trip; once more on a fresh connection when the first one proves dead.
+
+        With ``sent`` (a batch), a slow answer is waited for up to the queue budget while other
+        round trips since ``sent`` prove that Redis answers.
+        """
+        patience = None if sent is None else (lambda: self._last_answer > sent)
+        limit = None if sent is None else QUEUE_BUDGET_SECONDS
         try:
-            return await answered(work(), OPERATION_TIMEOUT)
+            return await answered(work(), OPERATION_TIMEOUT, self._lag, patience, limit)
         except AnswerTimeout:
             raise
         except Exception as error:  # refused, reset, a pooled connection of a restarted Redis
             log.debug("redis round trip failed; retrying once", extra={"fields": {"error": repr(error)}})
-        return await answered(work(), OPERATION_TIMEOUT)
+            self._forget_idle_connections()
+        return await answered(work(), OPERATION_TIMEOUT, self._lag, patience, limit)
+
+    def _forget_idle_connections(self) -> None:
+        """Take the idle pooled connections out of the pool (they may all belong to a dead Redis).
+
+        Only idle ones, synchronously: nobody else holds them, so nothing is disconnected under another
+        request's feet (disconnecting a shared pool raced redis-py into AttributeErrors).
+        """
+        idle = getattr(getattr(self.client, "connection_pool", None), "_available_connections", None)
+        if not isinstance(idle, list):
+            return
+        stale = list(idle)
+        idle.clear()
+        for connection in stale:
+            self._in_background(connection.disconnect())
 
     async def _pipeline(self, batch: list[Operation]) -> list[Any]:
         """EVALSHA every operation in one pipeline; load scripts Redis lost and resend those."""
@@ -359,15 +391,17 @@ class RedisQuotaStore:
 
     async def ping(self) -> bool:
         """True when Redis answers; ends the failure pause so exact limiting resumes at once."""
+        sent = time.monotonic()
         try:
             await self._retried(self.client.ping)
         except AnswerTimeout as error:
-            if not error.busy_loop:
+            if not error.busy_loop and self._last_answer < sent:
                 self._failed(error)
             return False
         except Exception as error:
             self._failed(error)
             return False
+        self._last_answer = time.monotonic()
         self._succeeded()
         return True
 
@@ -393,6 +427,7 @@ class RedisQuotaStore:
         if self._background:
             await asyncio.wait(set(self._background), timeout=OPERATION_TIMEOUT * 2)
         await self._batcher.close()
+        await self._lag.close()
         close = getattr(self.client, "aclose", None) or self.client.close
         with contextlib.suppress(Exception):
             await close()
@@ -411,7 +446,7 @@ class RedisQuotaStore:
         key = f"{key_prefix(route)}:members"
         while True:
             with contextlib.suppress(Exception):
-                self._replicas = await answered(self.beat(key), OPERATION_TIMEOUT)
+                self._replicas = await answered(self.beat(key), OPERATION_TIMEOUT, self._lag)
             await asyncio.sleep(HEARTBEAT_SECONDS)
 
     async def beat(self, key: str) -> int:
