@@ -13,7 +13,7 @@ import os
 import signal
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,9 +21,18 @@ import aiohttp
 import pytest
 from redis import Redis
 
-from llmroute_sidecar.quota.redis import OPERATION_TIMEOUT
+from llmroute_sidecar.api.spec import Readiness, StoreFailurePolicy
+from llmroute_sidecar.health import HealthState, readiness_reasons
+from llmroute_sidecar.metrics import SidecarMetrics
+from llmroute_sidecar.quota import redis as redis_store
+from llmroute_sidecar.quota.base import LimitCheck, StoreState, StoreUnavailableError
+from llmroute_sidecar.quota.batching import StoreBusyError
+from llmroute_sidecar.quota.memory import MemoryQuotaStore
+from llmroute_sidecar.quota.redis import OPERATION_TIMEOUT, RedisQuotaStore
+from llmroute_sidecar.settlement import Settler
 from tests.support.redis_procs import RedisServer, ping
 from tests.support.sidecar_procs import MockUpstream, SidecarProcess, hold_stream, start, wait_for
+from tests.test_quota_redis import request
 from tests.test_sidecar_proxy import CHAT, chat_body, write_route
 
 TENANT = "X-Tenant-ID"
@@ -77,6 +86,184 @@ def redis_sidecar(
 ) -> SidecarProcess:
     route = write_route(tmp_path / "r.yaml", mock.url, **{"limits": PER_TENANT, **spec})
     return start(sidecars, route, "--redis", redis.url)
+
+
+@pytest.fixture
+async def store(redis_server: RedisServer) -> AsyncIterator[RedisQuotaStore]:
+    quota = RedisQuotaStore.from_url(redis_server.url)
+    try:
+        yield quota
+    finally:
+        await quota.close()
+
+
+def count_round_trips(store: RedisQuotaStore, monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Record the size of every batch the store sends (one attempt: a pipeline, NOSCRIPT resend included)."""
+    sizes: list[int] = []
+    original = store._pipeline
+
+    async def counted(batch: list[Any]) -> list[Any]:
+        sizes.append(len(batch))
+        return await original(batch)
+
+    monkeypatch.setattr(store, "_pipeline", counted)
+    return sizes
+
+
+# -- the store itself -----------------------------------------------------------------------------
+
+
+async def test_concurrent_admissions_share_round_trips_and_stay_exact(
+    store: RedisQuotaStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sizes = count_round_trips(store, monkeypatch)
+    check = LimitCheck("rpm", "route", requests_per_minute=150)
+    decisions = await asyncio.gather(*(store.admit(request(check)) for _ in range(400)))
+    assert sum(d.admitted for d in decisions) == 150  # batching changes nothing about exactness
+    assert sum(sizes) == 400 and len(sizes) <= 400 // redis_store.MAX_BATCH + redis_store.WORKERS
+    assert max(sizes) <= redis_store.MAX_BATCH
+    assert store.state is StoreState.UP
+
+
+async def test_a_dead_pooled_connection_is_retried_once_on_a_fresh_one(
+    store: RedisQuotaStore, redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    check = LimitCheck("rpm", "route", requests_per_minute=100)
+    await asyncio.gather(*(store.admit(request(check)) for _ in range(50)))  # several pooled connections
+    redis_server.restart()
+    sizes = count_round_trips(store, monkeypatch)
+    assert (await store.admit(request(check))).admitted  # no StoreUnavailableError after the restart
+    assert store.state is StoreState.UP
+    assert 1 <= len(sizes) <= 2  # at most the one retry
+
+
+async def test_every_exception_out_of_redis_py_is_a_store_failure(
+    store: RedisQuotaStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    attempts: list[int] = []
+
+    async def broken(batch: list[Any]) -> list[Any]:
+        attempts.append(len(batch))
+        raise AttributeError("'NoneType' object has no attribute 'writelines'")  # what issue 13.2 saw
+
+    monkeypatch.setattr(store, "_evalsha", broken)
+    with pytest.raises(StoreUnavailableError):
+        await store.admit(request(LimitCheck("rpm", "route", requests_per_minute=5)))
+    assert attempts == [1, 1]  # the first attempt and one retry on a fresh connection
+    assert store.state is StoreState.DOWN
+    with pytest.raises(StoreUnavailableError):  # paused: fails at once, Redis is not asked
+        await store.admit(request(LimitCheck("rpm", "route", requests_per_minute=5)))
+    assert attempts == [1, 1]
+
+
+async def test_an_operation_past_its_queue_budget_is_busy_not_down(
+    store: RedisQuotaStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(redis_store, "QUEUE_BUDGET_SECONDS", -1.0)  # every operation is already late
+    busy: list[bool] = []
+    store.watch(lambda state: None, lambda: busy.append(True))
+    with pytest.raises(StoreBusyError):
+        await store.admit(request(LimitCheck("rpm", "route", requests_per_minute=5)))
+    assert store.state is StoreState.BUSY and store.available and busy == [True]
+    monkeypatch.setattr(redis_store, "QUEUE_BUDGET_SECONDS", 5.0)
+    assert (await store.admit(request(LimitCheck("rpm", "route", requests_per_minute=5)))).admitted
+    assert store.state is StoreState.UP
+
+
+async def test_a_paused_redis_fails_after_one_attempt(
+    store: RedisQuotaStore, redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Item 9.12: no answer → the store gives up after one operation timeout, without a retry."""
+    check = LimitCheck("rpm", "route", requests_per_minute=100)
+    assert (await store.admit(request(check))).admitted
+    sizes = count_round_trips(store, monkeypatch)
+    assert redis_server.pid is not None
+    os.kill(redis_server.pid, signal.SIGSTOP)
+    try:
+        with pytest.raises(StoreUnavailableError):
+            await store.admit(request(check))
+        assert sizes == [1]  # one attempt: a timeout is never retried
+        assert store.state is StoreState.DOWN
+        assert not await store.ping()
+    finally:
+        os.kill(redis_server.pid, signal.SIGCONT)
+    assert await store.ping() and store.state is StoreState.UP
+
+
+async def test_an_admission_whose_caller_went_away_releases_its_slot(
+    store: RedisQuotaStore, redis_server: RedisServer
+) -> None:
+    check = LimitCheck("l", "route", requests_per_minute=10, concurrent_requests=5)
+    task = asyncio.create_task(store.admit(request(check)))
+    while store._batcher.in_flight == 0:  # noqa: ASYNC110 -- the admission is on the wire
+        await asyncio.sleep(0)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    client = Redis.from_url(redis_server.url)
+    try:
+        admitted = lambda: sum(int(client.zcard(k)) for k in client.keys("*:rpm")) == 1  # noqa: E731
+        await asyncio.to_thread(wait_for, admitted, 5, what="the admission ran in Redis")
+        await asyncio.to_thread(wait_for, lambda: concurrency_slots(client) == 0, 5, what="slot released")
+    finally:
+        client.close()
+
+
+class FlakyStore(MemoryQuotaStore):
+    """A memory store whose first ``failures`` settlements fail like an unreachable Redis."""
+
+    def __init__(self, failures: int) -> None:
+        super().__init__()
+        self.failures = failures
+        self.settled = 0
+
+    async def settle(self, lease: Any, actual_tokens: int) -> None:
+        if self.failures > 0:
+            self.failures -= 1
+            raise StoreUnavailableError("down")
+        self.settled += 1
+        await super().settle(lease, actual_tokens)
+
+
+async def admitted_lease(store: MemoryQuotaStore) -> Any:
+    decision = await store.admit(request(LimitCheck("conc", "route", concurrent_requests=2)))
+    assert decision.lease is not None
+    return decision.lease
+
+
+async def test_the_settler_retries_in_the_background_and_counts_once() -> None:
+    metrics = SidecarMetrics()
+    settler = Settler(metrics)
+    store = FlakyStore(failures=3)
+    settler.submit(store, await admitted_lease(store), 0)  # returns at once
+    assert store.settled == 0 and settler.pending == 1
+    assert await settler.drain(10)
+    assert store.settled == 1 and settler.pending == 0
+    assert metrics.store_errors_total.labels("ns/r", "settle")._value.get() == 1
+    assert metrics.settlements_lost_total.labels("ns/r")._value.get() == 0
+    await settler.close()
+
+
+async def test_the_settler_never_loses_a_settlement_silently() -> None:
+    metrics = SidecarMetrics()
+    settler = Settler(metrics, give_up_seconds=0.0)
+    store = FlakyStore(failures=100)
+    settler.submit(store, await admitted_lease(store), 0)
+    assert await settler.drain(10)  # given up on after its first failure
+    pending = Settler(metrics)
+    pending.submit(store, await admitted_lease(store), 0)
+    assert not await pending.drain(0.2)  # still retrying
+    await pending.close()  # shutdown: what is still pending is counted
+    assert metrics.settlements_lost_total.labels("ns/r")._value.get() == 2
+
+
+def test_only_a_down_store_makes_the_pod_not_ready_under_deny() -> None:
+    rules = Readiness()
+    busy = HealthState(store_available=False, store_state="busy")
+    down = HealthState(store_state="down")
+    assert not readiness_reasons(busy, rules, StoreFailurePolicy.DENY)
+    assert any("quota store" in r for r in readiness_reasons(down, rules, StoreFailurePolicy.DENY))
+    assert not readiness_reasons(down, rules, StoreFailurePolicy.ALLOW)
 
 
 # -- bursts against a healthy Redis --------------------------------------------------------------
