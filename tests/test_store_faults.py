@@ -64,6 +64,11 @@ async def burst(
         return Counter(await asyncio.gather(*(one(i) for i in range(total))))
 
 
+def store_log(sidecar: SidecarProcess) -> list[str]:
+    """The sidecar's store state changes and errors, for assertion messages."""
+    return [line for line in sidecar.output().splitlines() if "llmroute.quota" in line or "Traceback" in line]
+
+
 def sidecar_500s(outcomes: Counter[str]) -> int:
     return sum(n for outcome, n in outcomes.items() if outcome.startswith("500"))
 
@@ -325,10 +330,15 @@ async def test_a_burst_right_after_an_idle_restart_is_admitted(
     sidecar = redis_sidecar(tmp_path, mock, redis_server, sidecars, onStoreFailure="deny")
     assert await burst(sidecar.url, 100, tenant="warm") == Counter({"200": 100})  # the pool is warm
     for trial in range(3):
+        client = Redis.from_url(redis_server.url)
+        try:  # idle: every settlement of the last burst has landed
+            await asyncio.to_thread(wait_for, lambda: concurrency_slots(client) == 0, 10, what="idle")
+        finally:
+            client.close()
         redis_server.restart()  # kill -9 and start again, while the sidecar is idle
         assert ping(redis_server.port) == "+PONG"
         outcomes = await burst(sidecar.url, 100, tenant=f"after-{trial}")
-        assert outcomes == Counter({"200": 100}), (trial, outcomes)
+        assert outcomes == Counter({"200": 100}), (trial, outcomes, store_log(sidecar))
     assert sidecar.metric("llmroute_store_errors_total", operation="admit") == 0
 
 

@@ -93,6 +93,11 @@ Client = aioredis.Redis | RedisCluster
 StateListener = Callable[[StoreState], None]
 
 
+def describe(error: BaseException) -> str:
+    """``Type: message`` (redis-py's own repr hides the message)."""
+    return f"{type(error).__name__}: {error}"
+
+
 def key_prefix(route: str) -> str:
     """Every key of a route shares this hash tag: one admission, one Cluster slot."""
     return f"llmr:{{{route}}}"
@@ -180,6 +185,7 @@ class RedisQuotaStore:
         self._listeners: list[tuple[StateListener, Callable[[], None] | None]] = []
         self._paused_until = 0.0
         self._probe_until = 0.0
+        self._probe = asyncio.Event()
         self._pause = MIN_PAUSE
         self._replicas = 1
         self._heartbeat_task: asyncio.Task[None] | None = None
@@ -209,32 +215,44 @@ class RedisQuotaStore:
         previous, self.state = self.state, state
         fields: dict[str, Any] = {"from": previous.value, "to": state.value}
         if error is not None:
-            fields["error"] = repr(error)
+            fields["error"] = describe(error)
         level = logging.WARNING if state is StoreState.DOWN else logging.INFO
         log.log(level, "redis store %s", state.value, extra={"fields": fields})
         for on_state, _ in self._listeners:
             on_state(state)
 
-    def _check_paused(self) -> None:
-        """While down, fail at once; after the pause one probe at a time goes to Redis."""
+    async def _check_paused(self) -> None:
+        """While down: fail at once during the pause; after it, one operation probes Redis and the
+        others wait for its outcome (at most about one operation timeout) instead of failing."""
         if self.state is not StoreState.DOWN:
             return
         now = time.monotonic()
-        if now < self._paused_until or now < self._probe_until:
+        if now < self._paused_until:
             raise StoreUnavailableError("redis unavailable (retrying shortly)")
+        if now < self._probe_until:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._probe.wait(), self._probe_until - now)
+            if self.state is StoreState.DOWN:
+                raise StoreUnavailableError("redis unavailable (retrying shortly)")
+            return
+        self._probe = asyncio.Event()
         self._probe_until = now + OPERATION_TIMEOUT * 2
+
+    def _probed(self) -> None:
+        self._probe_until = 0.0
+        self._probe.set()
 
     def _failed(self, error: BaseException) -> None:
         self._set_state(StoreState.DOWN, error)
         self._paused_until = time.monotonic() + self._pause
-        self._probe_until = 0.0
         self._pause = min(MAX_PAUSE, self._pause * 2)
-        self._batcher.fail_queued(lambda: StoreUnavailableError(f"redis unavailable: {error!r}"))
+        self._probed()
+        self._batcher.fail_queued(lambda: StoreUnavailableError(f"redis unavailable: {describe(error)}"))
 
     def _succeeded(self) -> None:
         self._set_state(StoreState.UP)
         self._pause = MIN_PAUSE
-        self._probe_until = 0.0
+        self._probed()
 
     def _busy(self) -> None:
         if self.state is StoreState.UP:
@@ -253,7 +271,7 @@ class RedisQuotaStore:
         orphaned: Callable[[Any], None] | None = None,
     ) -> Any:
         """Queue one script call for the next batch and wait for its result."""
-        self._check_paused()
+        await self._check_paused()
         operation = Operation(
             script.sha, script.script, list(keys), list(args), time.monotonic() + QUEUE_BUDGET_SECONDS
         )
@@ -279,7 +297,7 @@ class RedisQuotaStore:
         except Exception as error:
             self._failed(error)
             for operation in batch:
-                operation.resolve(StoreUnavailableError(f"redis unavailable: {error!r}"))
+                operation.resolve(StoreUnavailableError(f"redis unavailable: {describe(error)}"))
             return
         self._last_answer = time.monotonic()
         self._succeeded()
@@ -304,7 +322,7 @@ class RedisQuotaStore:
         except AnswerTimeout:
             raise
         except Exception as error:  # refused, reset, a pooled connection of a restarted Redis
-            log.debug("redis round trip failed; retrying once", extra={"fields": {"error": repr(error)}})
+            log.info("redis round trip failed; retrying once", extra={"fields": {"error": describe(error)}})
             self._forget_idle_connections()
         return await answered(work(), OPERATION_TIMEOUT, self._lag, patience, limit)
 
