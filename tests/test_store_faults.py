@@ -77,6 +77,14 @@ def concurrency_slots(client: Redis) -> int:
     return sum(int(client.zcard(key)) for key in client.keys("*:conc"))
 
 
+def slots_at(url: str) -> int:
+    client = Redis.from_url(url)
+    try:
+        return concurrency_slots(client)
+    finally:
+        client.close()
+
+
 @pytest.fixture
 def redis_client(redis_server: RedisServer) -> Iterator[Redis]:
     client = Redis.from_url(redis_server.url)
@@ -330,11 +338,8 @@ async def test_a_burst_right_after_an_idle_restart_is_admitted(
     sidecar = redis_sidecar(tmp_path, mock, redis_server, sidecars, onStoreFailure="deny")
     assert await burst(sidecar.url, 100, tenant="warm") == Counter({"200": 100})  # the pool is warm
     for trial in range(3):
-        client = Redis.from_url(redis_server.url)
-        try:  # idle: every settlement of the last burst has landed
-            await asyncio.to_thread(wait_for, lambda: concurrency_slots(client) == 0, 10, what="idle")
-        finally:
-            client.close()
+        # Idle: every settlement of the last burst has landed.
+        await asyncio.to_thread(wait_for, lambda: slots_at(redis_server.url) == 0, 10, what="idle")
         redis_server.restart()  # kill -9 and start again, while the sidecar is idle
         assert ping(redis_server.port) == "+PONG"
         outcomes = await burst(sidecar.url, 100, tenant=f"after-{trial}")
@@ -369,6 +374,7 @@ async def test_restarts_under_load_never_answer_500(
         stop.set()
         await loader
     assert sidecar_500s(outcomes) == 0, outcomes
+    assert sidecar.metric("llmroute_store_errors_total") > 0  # the restarts did hit the load
     allowed = {"200", "429"} if policy == "allow" else {"200", "429", "503:store_unavailable"}
     assert set(outcomes) <= allowed, outcomes
     assert outcomes["200"] > 0
