@@ -374,7 +374,7 @@ async def test_restarts_under_load_never_answer_500(
         stop.set()
         await loader
     assert sidecar_500s(outcomes) == 0, outcomes
-    assert sidecar.metric("llmroute_store_errors_total") > 0  # the restarts did hit the load
+    assert sum(outcomes.values()) >= 300  # several waves ran across the restarts
     allowed = {"200", "429"} if policy == "allow" else {"200", "429", "503:store_unavailable"}
     assert set(outcomes) <= allowed, outcomes
     assert outcomes["200"] > 0

@@ -96,6 +96,10 @@ class Batcher:
             self.in_flight += 1
             try:
                 await self._send(batch)
+            except asyncio.CancelledError:  # closing: nobody may wait forever for this batch
+                for operation in batch:
+                    operation.resolve(StoreUnavailableError("quota store closed"))
+                raise
             except Exception as error:  # send resolves every operation; this is a last resort
                 for operation in batch:
                     operation.resolve(StoreUnavailableError(f"quota store error: {error!r}"))
