@@ -36,6 +36,8 @@ log = logging.getLogger("llmroute.sidecar")
 #: The traffic app accepts large bodies itself; the route's maxRequestBytes is checked per request.
 CLIENT_MAX_SIZE = 1024**3
 STORE_PING_SECONDS = 0.25
+#: At shutdown, settlements still queued get this long to reach the store before it closes.
+SETTLE_DRAIN_SECONDS = 2.0
 
 
 class ListenError(OSError):
@@ -71,6 +73,7 @@ class Sidecar:
         self.gateway = Gateway(policy, self.store, settings, self.metrics, self.health, AccessLog())
         self._runners: list[web.AppRunner] = []
         self._tasks: list[asyncio.Task[None]] = []
+        self._watch_store_state()
         self._route_digest = self._config_digest()
         self.traffic_address: HostPort | None = None
         self.admin_address: HostPort | None = None
@@ -159,6 +162,12 @@ class Sidecar:
         for runner in reversed(self._runners):
             await runner.cleanup()
         await self.gateway.close()
+        settler = self.gateway.finisher.settler
+        if not await settler.drain(SETTLE_DRAIN_SECONDS):
+            log.warning(
+                "settlements still pending at shutdown", extra={"fields": {"pending": settler.pending}}
+            )
+        await settler.close()
         await self.store.close()
         self.stopped.set()
 
@@ -184,7 +193,8 @@ class Sidecar:
             "inflight": self.health.inflight,
             "breaker": self.gateway.breaker.state.value,
             "upstreamHealthy": self.health.upstream_healthy,
-            "storeAvailable": self.health.store_available,
+            "storeAvailable": not self.health.store_down,
+            "storeState": self.health.store_state or ("down" if self.health.store_down else "up"),
         }
         return web.json_response(body, status=200 if ready else 503)
 
@@ -282,8 +292,23 @@ class Sidecar:
         except aiohttp.ClientError as error:
             return False, f"unreachable: {type(error).__name__}"
 
+    def _watch_store_state(self) -> None:
+        """Mirror a store's own state (up, busy, down) in readiness and ``llmroute_store_state``."""
+        watch = getattr(self.store, "watch", None)
+        if watch is None:
+            return
+        route = self.policy.name
+        codes = {"up": 0, "busy": 1, "down": 2}
+
+        def changed(state: str) -> None:
+            self.health.store_state = str(state)
+            self.health.store_available = state != "down"
+            self.metrics.store_state.labels(route).set(codes.get(str(state), 2))
+
+        watch(changed, self.metrics.store_busy_total.labels(route).inc)
+
     async def _watch_store(self) -> None:
-        """While the quota store is marked unavailable, ping it so readiness recovers without traffic."""
+        """While the quota store is not up, ping it so readiness recovers without traffic."""
         ping = getattr(self.store, "ping", None)
         if ping is None:
             return
@@ -302,9 +327,10 @@ class Sidecar:
             )
         while True:
             await asyncio.sleep(STORE_PING_SECONDS)
-            if not self.health.store_available and await ping():
+            state = self.health.store_state or ("up" if self.health.store_available else "down")
+            if state != "up" and await ping():
                 self.health.store_available = True
-                log.info("quota store available again")
+                log.info("quota store answers again")
 
     async def _store_error(self) -> str:
         """Why the store does not answer, in words (one more ping, its exception kept)."""

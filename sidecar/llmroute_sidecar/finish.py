@@ -1,4 +1,9 @@
-"""The shielded finish of every request: settle the lease, count metrics, write the access log."""
+"""The shielded finish of every request: settle the lease, count metrics, write the access log.
+
+Leases of a store that ``settles_in_background`` (Redis) are handed to the ``Settler``: the response,
+and the next request on its keep-alive connection, never wait for settlement. The memory store
+settles inline (it never waits on anything).
+"""
 
 from __future__ import annotations
 
@@ -11,6 +16,7 @@ from llmroute_sidecar.exchange import Exchange
 from llmroute_sidecar.health import HealthState
 from llmroute_sidecar.metrics import SidecarMetrics
 from llmroute_sidecar.quota.base import QuotaStore, StoreUnavailableError
+from llmroute_sidecar.settlement import Settler
 
 log = logging.getLogger("llmroute.proxy")
 
@@ -25,6 +31,7 @@ class Finisher:
         self.metrics = metrics
         self.health = health
         self.access_log = access_log
+        self.settler = Settler(metrics)
         self.idle = asyncio.Event()
         self.idle.set()
 
@@ -40,8 +47,12 @@ class Finisher:
         try:
             if ex.lease is not None:
                 actual = tokens_to_charge(ex)
+                store = ex.lease_store or self.store
                 try:
-                    await (ex.lease_store or self.store).settle(ex.lease, actual)
+                    if getattr(store, "settles_in_background", False):
+                        self.settler.submit(store, ex.lease, actual)
+                    else:
+                        await store.settle(ex.lease, actual)
                 except StoreUnavailableError:
                     # The lease expires on its own; the reservation stays charged until its window ends.
                     self.metrics.store_errors_total.labels(policy_name, "settle").inc()

@@ -3,6 +3,8 @@
 Not ready while draining, when saturated (in flight >= readiness.maxInFlight), when the circuit
 breaker is open, when the upstream health path fails, when the upstream error rate over the last
 minute exceeds readiness.maxErrorRate, and when the quota store is down under onStoreFailure: deny.
+A store that reports its state counts as down only when it is ``down`` (refused, reset, or no
+answer to PING); ``busy`` (answers, but operations wait past their budget) keeps the pod ready.
 """
 
 from __future__ import annotations
@@ -56,7 +58,15 @@ class HealthState:
     """Result of the last upstream health probe; None when not probed."""
     upstream_health_detail: str = ""
     store_available: bool = True
+    """Outcome of the last store operation (for stores that do not report a state)."""
+    store_state: str = ""
+    """The store's own state (``up``, ``busy``, ``down``) when it reports one."""
     errors: ErrorRate = field(default_factory=ErrorRate)
+
+    @property
+    def store_down(self) -> bool:
+        """The store counts as unavailable for readiness."""
+        return self.store_state == "down" if self.store_state else not self.store_available
 
 
 def readiness_reasons(state: HealthState, rules: Readiness, store_policy: StoreFailurePolicy) -> list[str]:
@@ -80,6 +90,6 @@ def readiness_reasons(state: HealthState, rules: Readiness, store_policy: StoreF
             f"error rate {rate:.0%} over the last minute exceeds "
             f"readiness.maxErrorRate {rules.max_error_rate:.0%}"
         )
-    if not state.store_available and store_policy is StoreFailurePolicy.DENY:
+    if state.store_down and store_policy is StoreFailurePolicy.DENY:
         reasons.append("quota store unavailable and onStoreFailure is deny")
     return reasons

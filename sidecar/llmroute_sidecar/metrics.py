@@ -122,6 +122,24 @@ class SidecarMetrics:
             ["route", "operation"],
             registry=r,
         )
+        self.store_state = Gauge(
+            "llmroute_store_state",
+            "Quota store state: 0 up, 1 busy (answers, but operations wait past their budget), 2 down.",
+            ["route"],
+            registry=r,
+        )
+        self.store_busy_total = Counter(
+            "llmroute_store_busy_total",
+            "Store operations that failed as busy (back-pressure while the store answers).",
+            ["route"],
+            registry=r,
+        )
+        self.settlements_lost_total = Counter(
+            "llmroute_settlements_lost_total",
+            "Settlements given up on (or pending at shutdown); their leases expire on their own.",
+            ["route"],
+            registry=r,
+        )
         self.store_fallback_total = Counter(
             "llmroute_store_fallback_total",
             "Admissions decided by the local fallback limiter.",

@@ -126,6 +126,16 @@ class StoreUnavailableError(Exception):
     """The quota store cannot be reached; the failure policy decides what happens."""
 
 
+class StoreState(StrEnum):
+    """How a shared store is doing: only ``down`` makes a pod not ready."""
+
+    UP = "up"
+    BUSY = "busy"
+    """Redis answers, but operations waited past their budget in this sidecar (back-pressure)."""
+    DOWN = "down"
+    """Connection refused or reset, or no answer within the operation timeout."""
+
+
 class QuotaStore(Protocol):
     """A place where fleet-wide (or process-wide) quota state lives."""
 

@@ -1,12 +1,19 @@
 """The Redis quota store: exact limits across every replica of a route.
 
-One ``EVALSHA`` admits (all limits, all or nothing), one settles (actual tokens, lease release);
-NOSCRIPT is handled by redis-py's script objects. Keys carry the route as hash tag
-(``llmr:{ns/name}:...``) so an admission touches one Cluster slot; every key expires when idle.
+One ``EVALSHA`` admits (all limits, all or nothing), one settles (actual tokens, lease release).
+Concurrent operations are batched: a few workers, one connection each, send every operation queued
+meanwhile as one pipeline, so a burst costs a handful of round trips and never waits for a pool
+(``batching.py``). NOSCRIPT (a restarted Redis) is answered by loading the script and resending.
+Keys carry the route as hash tag (``llmr:{ns/name}:...``) so an admission touches one Cluster slot;
+every key expires when idle.
 
-Failures raise ``StoreUnavailableError`` at once; after a failure Redis is not asked again for a
-short, growing pause (50 ms doubling to 500 ms) so requests take the failure policy without waiting
-on timeouts, and exact limiting resumes within a second of Redis returning.
+Failure detection: a round trip that fails on a connection (refused, reset, a pooled connection
+that died with its Redis) is retried once, on a fresh connection; a second failure, or no answer
+within ``OPERATION_TIMEOUT`` of a responsive event loop, marks the store *down*: operations then
+fail at once for a short, growing pause (50 ms doubling to 500 ms; one probe at a time after it)
+and a PING ends the pause. An operation that waited past its queue budget while Redis answers
+marks it *busy* (back-pressure), which never makes a pod not ready. Every exception out of
+redis-py becomes ``StoreUnavailableError``.
 
 URLs: ``redis://`` and ``rediss://`` (single server), ``redis+cluster://`` / ``rediss+cluster://``
 (Cluster, any node), ``redis+sentinel://host:port[,host:port]/service[/db]`` (Sentinel). A password
@@ -21,15 +28,17 @@ import logging
 import os
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
 from redis import asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel
-from redis.exceptions import RedisError
+from redis.backoff import NoBackoff
+from redis.exceptions import NoScriptError, ResponseError
 
 from llmroute_sidecar.quota.base import (
     AdmissionRequest,
@@ -38,18 +47,31 @@ from llmroute_sidecar.quota.base import (
     Lease,
     LimitCheck,
     LimitState,
+    StoreState,
     StoreUnavailableError,
+)
+from llmroute_sidecar.quota.batching import (
+    AnswerTimeout,
+    Batcher,
+    LoopLag,
+    Operation,
+    StoreBusyError,
+    answered,
 )
 from llmroute_sidecar.quota.scripts import ADMIT, DIMENSION_CODES, SETTLE
 
 log = logging.getLogger("llmroute.quota.redis")
 
+#: One round trip (a whole batch) before Redis counts as not answering.
 OPERATION_TIMEOUT = 0.5
+#: How long an operation may wait in this sidecar for its round trip while Redis answers.
+QUEUE_BUDGET_SECONDS = 5.0
+#: Concurrent round trips carrying batched operations, and the most operations in one.
+WORKERS = 4
+MAX_BATCH = 100
+#: Connections per sidecar: the workers, the health ping, the fleet heartbeat, spares.
+MAX_CONNECTIONS = 16
 MIN_PAUSE, MAX_PAUSE = 0.05, 0.5
-#: Connections per sidecar: bursts queue for a connection instead of opening hundreds at once.
-MAX_CONNECTIONS = 64
-#: Settlement releases slots: it is retried this long before the lease is left to expire.
-SETTLE_RETRY_SECONDS = 3.0
 HEARTBEAT_SECONDS = 5.0
 MEMBER_TTL_SECONDS = 15.0
 ORDER = (
@@ -68,6 +90,12 @@ _SHORT = {
 }
 
 Client = aioredis.Redis | RedisCluster
+StateListener = Callable[[StoreState], None]
+
+
+def describe(error: BaseException) -> str:
+    """``Type: message`` (redis-py's own repr hides the message)."""
+    return f"{type(error).__name__}: {error}"
 
 
 def key_prefix(route: str) -> str:
@@ -102,11 +130,16 @@ def redis_password(env: dict[str, str] | None = None) -> str | None:
 
 
 def connect(url: str, password: str | None = None) -> Client:
-    """A redis-py asyncio client for a single, Cluster or Sentinel URL."""
+    """A redis-py asyncio client for a single, Cluster or Sentinel URL.
+
+    redis-py never retries by itself (the store retries once, on a fresh connection); its socket
+    timeout is only a backstop behind the store's own, loop-lag-aware operation timeout.
+    """
     parts = urlsplit(url)
     options: dict[str, Any] = {
-        "socket_timeout": OPERATION_TIMEOUT,
+        "socket_timeout": OPERATION_TIMEOUT * 4,
         "socket_connect_timeout": OPERATION_TIMEOUT,
+        "retry": Retry(NoBackoff(), 0),
     }
     if password and not parts.password:
         options["password"] = password
@@ -130,7 +163,7 @@ def connect(url: str, password: str | None = None) -> Client:
         master: aioredis.Redis = sentinel.master_for(path[0], db=db, ssl=parts.scheme.startswith("rediss"))
         return master
     pool = aioredis.BlockingConnectionPool.from_url(
-        url, max_connections=MAX_CONNECTIONS, timeout=OPERATION_TIMEOUT * 2, **options
+        url, max_connections=MAX_CONNECTIONS, timeout=OPERATION_TIMEOUT * 4, **options
     )
     return aioredis.Redis(connection_pool=pool)
 
@@ -138,61 +171,204 @@ def connect(url: str, password: str | None = None) -> Client:
 class RedisQuotaStore:
     """Fleet-wide quotas in Redis (single server, Cluster or Sentinel)."""
 
+    settles_in_background = True
+    """Settlement may take a round trip or a retry: callers hand it off the response path."""
+
     def __init__(self, client: Client, member: str = "") -> None:
         self.client = client
         self.member = member or uuid.uuid4().hex[:12]
         self._admit = client.register_script(ADMIT)
         self._settle = client.register_script(SETTLE)
+        self._scripts = {self._admit.sha: self._admit, self._settle.sha: self._settle}
+        self._batcher = Batcher(self._send, WORKERS, MAX_BATCH, on_expired=self._busy)
+        self.state = StoreState.UP
+        self._listeners: list[tuple[StateListener, Callable[[], None] | None]] = []
         self._paused_until = 0.0
+        self._probe_until = 0.0
+        self._probe = asyncio.Event()
         self._pause = MIN_PAUSE
         self._replicas = 1
         self._heartbeat_task: asyncio.Task[None] | None = None
-        self.available = True
+        self._background: set[asyncio.Task[Any]] = set()
+        self._lag = LoopLag()
+        self._last_answer = 0.0
 
     @classmethod
     def from_url(cls, url: str, member: str = "") -> RedisQuotaStore:
         return cls(connect(url, redis_password()), member)
 
-    # -- availability ----------------------------------------------------------------------------
+    # -- state -----------------------------------------------------------------------------------
 
-    def _check_paused(self) -> None:
-        if not self.available and time.monotonic() < self._paused_until:
+    @property
+    def available(self) -> bool:
+        """False only while the store is down (busy is back-pressure, not unavailability)."""
+        return self.state is not StoreState.DOWN
+
+    def watch(self, on_state: StateListener, on_busy: Callable[[], None] | None = None) -> None:
+        """Call ``on_state`` now and on every state change, ``on_busy`` for every busy operation."""
+        self._listeners.append((on_state, on_busy))
+        on_state(self.state)
+
+    def _set_state(self, state: StoreState, error: BaseException | None = None) -> None:
+        if state is self.state:
+            return
+        previous, self.state = self.state, state
+        fields: dict[str, Any] = {"from": previous.value, "to": state.value}
+        if error is not None:
+            fields["error"] = describe(error)
+        level = logging.WARNING if state is StoreState.DOWN else logging.INFO
+        log.log(level, "redis store %s", state.value, extra={"fields": fields})
+        for on_state, _ in self._listeners:
+            on_state(state)
+
+    async def _check_paused(self) -> None:
+        """While down: fail at once during the pause; after it, one operation probes Redis and the
+        others wait for its outcome (at most about one operation timeout) instead of failing."""
+        if self.state is not StoreState.DOWN:
+            return
+        now = time.monotonic()
+        if now < self._paused_until:
             raise StoreUnavailableError("redis unavailable (retrying shortly)")
+        if now < self._probe_until:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._probe.wait(), self._probe_until - now)
+            if self.state is StoreState.DOWN:
+                raise StoreUnavailableError("redis unavailable (retrying shortly)")
+            return
+        self._probe = asyncio.Event()
+        self._probe_until = now + OPERATION_TIMEOUT * 2
 
-    def _failed(self, error: BaseException) -> StoreUnavailableError:
-        if self.available:
-            log.warning("redis unavailable", extra={"fields": {"error": repr(error)}})
-        self.available = False
+    def _probed(self) -> None:
+        self._probe_until = 0.0
+        self._probe.set()
+
+    def _failed(self, error: BaseException) -> None:
+        self._set_state(StoreState.DOWN, error)
         self._paused_until = time.monotonic() + self._pause
         self._pause = min(MAX_PAUSE, self._pause * 2)
-        return StoreUnavailableError(f"redis unavailable: {error!r}")
+        self._probed()
+        self._batcher.fail_queued(lambda: StoreUnavailableError(f"redis unavailable: {describe(error)}"))
 
     def _succeeded(self) -> None:
-        if not self.available:
-            log.info("redis available again")
-        self.available = True
+        self._set_state(StoreState.UP)
         self._pause = MIN_PAUSE
+        self._probed()
 
-    async def _run(
-        self, script: Any, keys: Sequence[str], args: Sequence[Any], fail_fast: bool = True
+    def _busy(self) -> None:
+        if self.state is StoreState.UP:
+            self._set_state(StoreState.BUSY)
+        for _, on_busy in self._listeners:
+            if on_busy is not None:
+                on_busy()
+
+    # -- round trips -----------------------------------------------------------------------------
+
+    async def _call(
+        self,
+        script: Any,
+        keys: Sequence[str],
+        args: Sequence[Any],
+        orphaned: Callable[[Any], None] | None = None,
     ) -> Any:
-        if fail_fast:
-            self._check_paused()
-        try:
-            async with asyncio.timeout(OPERATION_TIMEOUT * 2):
-                result = await script(keys=list(keys), args=list(args))
-        except (RedisError, OSError, TimeoutError) as error:
-            await self._drop_connections()
-            raise self._failed(error) from None
-        self._succeeded()
-        return result
+        """Queue one script call for the next batch and wait for its result."""
+        await self._check_paused()
+        operation = Operation(
+            script.sha, script.script, list(keys), list(args), time.monotonic() + QUEUE_BUDGET_SECONDS
+        )
+        operation.orphaned = orphaned
+        self._batcher.submit(operation)
+        return await operation.future
 
-    async def _drop_connections(self) -> None:
-        """Forget pooled connections after a failure so none goes stale across a Redis restart."""
-        pool = getattr(self.client, "connection_pool", None)
-        if pool is not None:
-            with contextlib.suppress(Exception):
-                await pool.disconnect()
+    async def _send(self, batch: list[Operation]) -> None:
+        """One batch: a pipelined round trip; resolves every operation, never raises."""
+        sent = time.monotonic()
+        try:
+            results = await self._retried(lambda: self._pipeline(batch), sent)
+        except AnswerTimeout as error:
+            if error.busy_loop or self._last_answer > sent:  # Redis answers others: back-pressure
+                self._busy()
+                for operation in batch:
+                    operation.resolve(StoreBusyError("quota store busy: this sidecar is overloaded"))
+                return
+            self._failed(error)
+            for operation in batch:
+                operation.resolve(StoreUnavailableError("redis did not answer in time"))
+            return
+        except Exception as error:
+            self._failed(error)
+            for operation in batch:
+                operation.resolve(StoreUnavailableError(f"redis unavailable: {describe(error)}"))
+            return
+        self._last_answer = time.monotonic()
+        self._succeeded()
+        for operation, result in zip(batch, results, strict=True):
+            if isinstance(result, ResponseError):  # this command failed, the connection is fine
+                busy = str(result).startswith("BUSY")
+                error_type = StoreBusyError if busy else StoreUnavailableError
+                operation.resolve(error_type(f"redis error: {result}"))
+            else:
+                operation.resolve(result)
+
+    async def _retried(self, work: Callable[[], Awaitable[Any]], sent: float | None = None) -> Any:
+        """Run one round trip; once more on a fresh connection when the first one proves dead.
+
+        With ``sent`` (a batch), a slow answer is waited for up to the queue budget while other
+        round trips since ``sent`` prove that Redis answers.
+        """
+        patience = None if sent is None else (lambda: self._last_answer > sent)
+        limit = None if sent is None else QUEUE_BUDGET_SECONDS
+        try:
+            return await answered(work(), OPERATION_TIMEOUT, self._lag, patience, limit)
+        except AnswerTimeout:
+            raise
+        except Exception as error:  # refused, reset, a pooled connection of a restarted Redis
+            log.info("redis round trip failed; retrying once", extra={"fields": {"error": describe(error)}})
+            self._forget_idle_connections()
+        return await answered(work(), OPERATION_TIMEOUT, self._lag, patience, limit)
+
+    def _forget_idle_connections(self) -> None:
+        """Take the idle pooled connections out of the pool (they may all belong to a dead Redis).
+
+        Only idle ones, synchronously: nobody else holds them, so nothing is disconnected under another
+        request's feet (disconnecting a shared pool raced redis-py into AttributeErrors).
+        """
+        idle = getattr(getattr(self.client, "connection_pool", None), "_available_connections", None)
+        if not isinstance(idle, list):
+            return
+        stale = list(idle)
+        idle.clear()
+        for connection in stale:
+            self._in_background(connection.disconnect())
+
+    async def _pipeline(self, batch: list[Operation]) -> list[Any]:
+        """EVALSHA every operation in one pipeline; load scripts Redis lost and resend those."""
+        if isinstance(self.client, RedisCluster):
+            return await self._one_by_one(batch)
+        results = await self._evalsha(batch)
+        missing = [index for index, result in enumerate(results) if isinstance(result, NoScriptError)]
+        if missing:
+            for source in {batch[index].source for index in missing}:
+                await self.client.script_load(source)
+            again = await self._evalsha([batch[index] for index in missing])
+            for index, result in zip(missing, again, strict=True):
+                results[index] = result
+        return results
+
+    async def _evalsha(self, batch: list[Operation]) -> list[Any]:
+        pipe = self.client.pipeline(transaction=False)
+        for operation in batch:
+            pipe.evalsha(operation.sha, len(operation.keys), *operation.keys, *operation.args)
+        return list(await pipe.execute(raise_on_error=False))
+
+    async def _one_by_one(self, batch: list[Operation]) -> list[Any]:
+        """Cluster: each operation goes to its slot's node (redis-py reloads scripts on NOSCRIPT)."""
+        results = await asyncio.gather(
+            *(self._scripts[op.sha](keys=op.keys, args=op.args) for op in batch), return_exceptions=True
+        )
+        for result in results:
+            if isinstance(result, BaseException) and not isinstance(result, ResponseError):
+                raise result
+        return list(results)
 
     # -- QuotaStore ------------------------------------------------------------------------------
 
@@ -207,10 +383,16 @@ class RedisQuotaStore:
             keys.extend(_keys(request.route, check, dimension))
             extra = (check.requests_per_minute or 0) if dimension is Dimension.BURST else 0
             args.extend([DIMENSION_CODES[dimension.value], value, int(check.shadow), extra])
-        raw = await self._run(self._admit, keys, args)
+
+        def orphaned(raw: Any) -> None:  # admitted for a caller that went away: release at once
+            if raw and int(raw[0]) == 1:
+                self._in_background(self.settle(Lease(lease_id, request, request.tokens), 0))
+
+        raw = await self._call(self._admit, keys, args, orphaned)
         return _decision(request, items, [int(v) for v in raw], lease_id)
 
     async def settle(self, lease: Lease, actual_tokens: int) -> None:
+        """One attempt (batched with others); the caller retries (``settlement.Settler``)."""
         items = [
             (check, dimension)
             for check, dimension, _ in _items(lease.request)
@@ -223,26 +405,21 @@ class RedisQuotaStore:
         for check, dimension in items:
             keys.extend(_keys(lease.request.route, check, dimension))
             args.append(DIMENSION_CODES[dimension.value])
-        # Retried (not fail-fast) because a lost settlement holds slots until the lease expires.
-        deadline = time.monotonic() + SETTLE_RETRY_SECONDS
-        delay = MIN_PAUSE
-        while True:
-            try:
-                await self._run(self._settle, keys, args, fail_fast=False)
-                return
-            except StoreUnavailableError:
-                if time.monotonic() + delay > deadline:
-                    raise
-            await asyncio.sleep(delay)
-            delay = min(MAX_PAUSE, delay * 2)
+        await self._call(self._settle, keys, args)
 
     async def ping(self) -> bool:
-        """True when Redis answers; resets the failure pause so exact limiting resumes at once."""
+        """True when Redis answers; ends the failure pause so exact limiting resumes at once."""
+        sent = time.monotonic()
         try:
-            async with asyncio.timeout(OPERATION_TIMEOUT * 2):
-                await self.client.ping()
-        except (RedisError, OSError, TimeoutError):
+            await self._retried(self.client.ping)
+        except AnswerTimeout as error:
+            if not error.busy_loop and self._last_answer < sent:
+                self._failed(error)
             return False
+        except Exception as error:
+            self._failed(error)
+            return False
+        self._last_answer = time.monotonic()
         self._succeeded()
         return True
 
@@ -250,11 +427,28 @@ class RedisQuotaStore:
         # Slots free up in other pods too: poll at a short, bounded interval.
         await asyncio.sleep(min(timeout, 0.02))
 
+    def _in_background(self, work: Coroutine[Any, Any, Any]) -> None:
+        task = asyncio.ensure_future(work)
+        self._background.add(task)
+        task.add_done_callback(self._forget)
+
+    def _forget(self, task: asyncio.Future[Any]) -> None:
+        self._background.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.debug(
+                "background store operation failed", extra={"fields": {"error": repr(task.exception())}}
+            )
+
     async def close(self) -> None:
         if self._heartbeat_task is not None:
             self._heartbeat_task.cancel()
+        if self._background:
+            await asyncio.wait(set(self._background), timeout=OPERATION_TIMEOUT * 2)
+        await self._batcher.close()
+        await self._lag.close()
         close = getattr(self.client, "aclose", None) or self.client.close
-        await close()
+        with contextlib.suppress(Exception):
+            await close()
 
     # -- fleet heartbeat -------------------------------------------------------------------------
 
@@ -269,19 +463,20 @@ class RedisQuotaStore:
     async def _heartbeat(self, route: str) -> None:
         key = f"{key_prefix(route)}:members"
         while True:
-            with contextlib.suppress(RedisError, OSError, TimeoutError):
-                self._replicas = await self.beat(key)
+            with contextlib.suppress(Exception):
+                self._replicas = await answered(self.beat(key), OPERATION_TIMEOUT, self._lag)
             await asyncio.sleep(HEARTBEAT_SECONDS)
 
     async def beat(self, key: str) -> int:
-        """Record this member and count the live ones."""
+        """Record this member and count the live ones (one round trip)."""
         now = time.time()
-        async with asyncio.timeout(OPERATION_TIMEOUT * 2):
-            await self.client.zadd(key, {self.member: now})
-            await self.client.zremrangebyscore(key, "-inf", now - MEMBER_TTL_SECONDS)
-            await self.client.expire(key, int(MEMBER_TTL_SECONDS * 4))
-            count = int(await self.client.zcard(key))
-        return max(1, count)
+        pipe = self.client.pipeline(transaction=False)
+        pipe.zadd(key, {self.member: now})
+        pipe.zremrangebyscore(key, "-inf", now - MEMBER_TTL_SECONDS)
+        pipe.expire(key, int(MEMBER_TTL_SECONDS * 4))
+        pipe.zcard(key)
+        results = await pipe.execute()
+        return max(1, int(results[-1]))
 
 
 def _decision(

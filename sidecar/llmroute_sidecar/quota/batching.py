@@ -1,0 +1,213 @@
+"""Natural batching of store operations: concurrent calls share pipelined round trips.
+
+A few workers (one connection each, at most) take every operation queued while they were busy and
+send them as one batch, so a burst of a thousand admissions costs a handful of round trips and never
+waits for a connection. An operation not sent within its queue budget fails as *busy* (Redis
+answers, this sidecar cannot keep up), which is back-pressure and not an outage.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from llmroute_sidecar.quota.base import StoreUnavailableError
+
+T = TypeVar("T")
+
+#: Shortest wait between two looks at an operation that is still running.
+LAG_TOLERANCE = 0.05
+
+
+class StoreBusyError(StoreUnavailableError):
+    """Redis answers, but an operation could not be sent within its budget (back-pressure)."""
+
+
+@dataclass
+class Operation:
+    """One script call waiting for its batch."""
+
+    sha: str
+    source: str
+    keys: list[str]
+    args: list[Any]
+    deadline: float
+    """Monotonic time after which it is no longer sent (fails as busy)."""
+    future: asyncio.Future[Any] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
+    orphaned: Callable[[Any], None] | None = None
+    """Called with the result when the caller went away before it arrived (to release a lease)."""
+
+    def resolve(self, result: Any) -> None:
+        if isinstance(result, BaseException):
+            if not self.future.done():
+                self.future.set_exception(result)
+            return
+        if not self.future.done():
+            self.future.set_result(result)
+        elif self.future.cancelled() and self.orphaned is not None:
+            self.orphaned(result)
+
+
+class Batcher:
+    """Queue of operations drained by ``workers`` concurrent batches of at most ``max_batch``."""
+
+    def __init__(
+        self,
+        send: Callable[[list[Operation]], Awaitable[None]],
+        workers: int,
+        max_batch: int,
+        on_expired: Callable[[], None] | None = None,
+    ) -> None:
+        self._send = send
+        self._on_expired = on_expired
+        self._workers = workers
+        self._max_batch = max_batch
+        self._queue: deque[Operation] = deque()
+        self._wake = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+        self.in_flight = 0
+
+    def submit(self, operation: Operation) -> None:
+        if not self._tasks:
+            self._tasks = [
+                asyncio.create_task(self._work(), name=f"store-batcher-{n}") for n in range(self._workers)
+            ]
+        self._queue.append(operation)
+        self._wake.set()
+
+    def fail_queued(self, error: Callable[[], BaseException]) -> None:
+        """Fail every operation not yet sent (the store just went down: no point waiting)."""
+        while self._queue:
+            self._queue.popleft().resolve(error())
+
+    async def _work(self) -> None:
+        while True:
+            while not self._queue:
+                self._wake.clear()
+                await self._wake.wait()
+            batch = self._take()
+            if not batch:
+                continue
+            self.in_flight += 1
+            try:
+                await self._send(batch)
+            except asyncio.CancelledError:  # closing: nobody may wait forever for this batch
+                for operation in batch:
+                    operation.resolve(StoreUnavailableError("quota store closed"))
+                raise
+            except Exception as error:  # send resolves every operation; this is a last resort
+                for operation in batch:
+                    operation.resolve(StoreUnavailableError(f"quota store error: {error!r}"))
+            finally:
+                self.in_flight -= 1
+
+    def _take(self) -> list[Operation]:
+        now = time.monotonic()
+        batch: list[Operation] = []
+        while self._queue and len(batch) < self._max_batch:
+            operation = self._queue.popleft()
+            if operation.future.done():  # the caller went away before it was sent
+                continue
+            if now > operation.deadline:
+                operation.resolve(StoreBusyError("quota store busy: no round trip within the queue budget"))
+                if self._on_expired is not None:
+                    self._on_expired()
+                continue
+            batch.append(operation)
+        return batch
+
+    async def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._tasks = []
+        self.fail_queued(lambda: StoreUnavailableError("quota store closed"))
+
+
+class LoopLag:
+    """How much of the wall time since a moment the event loop spent too busy to run anything.
+
+    A task wakes every ``TICK`` seconds and adds how late it woke. Time the loop was that late is
+    not held against Redis: a thousand requests parsing at once delay our reading of Redis's answer,
+    and that must not look like Redis failing to answer.
+    """
+
+    TICK = 0.02
+
+    def __init__(self) -> None:
+        self.total = 0.0
+        self._due = 0.0
+        self._task: asyncio.Task[None] | None = None
+
+    def now(self) -> float:
+        """Cumulative lag, including the tick that is overdue right now."""
+        if self._task is None:
+            self._task = asyncio.create_task(self._run(), name="store-loop-lag")
+        return self.total + max(0.0, time.monotonic() - self._due) if self._due else self.total
+
+    async def _run(self) -> None:
+        while True:
+            self._due = time.monotonic() + self.TICK
+            await asyncio.sleep(self.TICK)
+            self.total += max(0.0, time.monotonic() - self._due)
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+
+class AnswerTimeout(TimeoutError):
+    """No answer within the operation timeout; ``busy_loop`` when the event loop, not Redis, was late."""
+
+    def __init__(self, busy_loop: bool) -> None:
+        super().__init__("no answer within the operation timeout")
+        self.busy_loop = busy_loop
+
+
+async def answered(
+    work: Awaitable[T],
+    timeout: float,
+    lag: LoopLag,
+    patience: Callable[[], bool] | None = None,
+    hard_limit: float | None = None,
+) -> T:
+    """Await ``work`` for ``timeout`` seconds of a responsive event loop (wall time minus loop lag).
+
+    When that passes and ``patience()`` says Redis demonstrably answers (another round trip came
+    back meanwhile), keep waiting: that is back-pressure, not silence. Never past ``hard_limit``
+    seconds of wall time (default ``4 * timeout``); ``busy_loop`` then tells the two apart.
+    """
+    task = asyncio.ensure_future(work)
+    started, lag0 = time.monotonic(), lag.now()
+    limit = hard_limit if hard_limit is not None else timeout * 4
+    try:
+        while True:
+            wall = time.monotonic() - started
+            responsive = wall - (lag.now() - lag0)
+            if wall >= limit:
+                raise AnswerTimeout(busy_loop=True)
+            if responsive >= timeout and (patience is None or not patience()):
+                raise AnswerTimeout(busy_loop=wall - responsive > timeout / 2)
+            wait = min(max(timeout - responsive, LAG_TOLERANCE), limit - wall)
+            done, _ = await asyncio.wait({task}, timeout=wait)
+            if done:
+                return task.result()
+    finally:
+        if not task.done():
+            task.cancel()  # redis-py drops the half-read connection; nobody waits for that here
+            task.add_done_callback(_consume)
+
+
+def _consume(task: asyncio.Future[Any]) -> None:
+    if not task.cancelled():
+        task.exception()
