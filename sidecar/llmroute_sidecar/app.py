@@ -24,6 +24,7 @@ from llmroute_sidecar.accesslog import AccessLog
 from llmroute_sidecar.api import LLMRoute
 from llmroute_sidecar.api.manifest import ManifestError, load_route
 from llmroute_sidecar.config import HostPort, Settings
+from llmroute_sidecar.connections import ConnectionGuard, GuardedHandler
 from llmroute_sidecar.health import HealthState, readiness_reasons
 from llmroute_sidecar.hints import HintTracker
 from llmroute_sidecar.metrics import SidecarMetrics
@@ -62,6 +63,7 @@ class Sidecar:
         self.store = store if store is not None else make_store(settings, route)
         self.gateway = Gateway(policy, self.store, settings, self.metrics, self.health, AccessLog())
         self._runners: list[web.AppRunner] = []
+        self._servers: list[asyncio.AbstractServer] = []
         self._tasks: list[asyncio.Task[None]] = []
         self._route_digest = self._config_digest()
         self.traffic_address: HostPort | None = None
@@ -90,7 +92,9 @@ class Sidecar:
     async def start(self) -> None:
         """Open the connection pool and both listening sockets, start background loops."""
         await self.gateway.start()
-        self.traffic_address = await self._serve(self.traffic_app(), self.settings.listen)
+        self.traffic_address = await self._serve(
+            self.traffic_app(), self.settings.listen, self.settings.max_connections or 2**31
+        )
         self.admin_address = await self._serve(self.admin_app(), self.settings.admin_listen)
         self._tasks.append(asyncio.create_task(self._watch_route_file(), name="route-watch"))
         self._tasks.append(asyncio.create_task(self._probe_upstream(), name="upstream-health"))
@@ -110,15 +114,24 @@ class Sidecar:
             },
         )
 
-    async def _serve(self, app: web.Application, where: HostPort) -> HostPort:
+    async def _serve(self, app: web.Application, where: HostPort, max_connections: int = 0) -> HostPort:
         runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=1.0)
         await runner.setup()
         self._runners.append(runner)
         sock = socket.socket(socket.AF_INET6 if ":" in where.host else socket.AF_INET, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((where.host, where.port))
-        site = web.SockSite(runner, sock)
-        await site.start()
+        manager = runner.server
+        assert manager is not None
+        listener = "traffic" if max_connections else "admin"
+        guard = ConnectionGuard(listener, self.metrics, self.settings.header_timeout_seconds, max_connections)
+        loop = asyncio.get_running_loop()
+        server = await loop.create_server(
+            lambda: GuardedHandler(manager, guard, loop=loop, access_log=None, auto_decompress=False),
+            sock=sock,
+            backlog=1024,
+        )
+        self._servers.append(server)
         return HostPort(where.host, sock.getsockname()[1])
 
     async def drain(self) -> bool:
@@ -135,6 +148,8 @@ class Sidecar:
         for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        for server in self._servers:
+            server.close()
         for runner in reversed(self._runners):
             await runner.cleanup()
         await self.gateway.close()

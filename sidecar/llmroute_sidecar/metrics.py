@@ -143,6 +143,15 @@ class SidecarMetrics:
         self.config_reloads_total = Counter(
             "llmroute_config_reloads_total", "Route file reloads by result.", ["route", "result"], registry=r
         )
+        self.connections_open = Gauge(
+            "llmroute_connections_open", "Open client connections.", ["listener"], registry=r
+        )
+        self.connections_rejected_total = Counter(
+            "llmroute_connections_rejected_total",
+            "Client connections closed by the sidecar: max_connections, header_timeout.",
+            ["listener", "reason"],
+            registry=r,
+        )
         self.ready = Gauge("llmroute_ready", "1 when the sidecar reports ready.", ["route"], registry=r)
 
     def render(self) -> tuple[bytes, str]:
