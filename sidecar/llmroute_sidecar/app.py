@@ -139,7 +139,10 @@ class Sidecar:
         self.health.draining = True
         self.metrics.ready.labels(self.policy.name).set(0)
         log.info("draining", extra={"fields": {"inflight": self.health.inflight}})
-        return await self.gateway.wait_idle(self.settings.drain_seconds)
+        drained = await self.gateway.wait_idle(self.settings.drain_seconds)
+        if not drained:
+            await self.gateway.cut_streams()
+        return drained
 
     async def stop(self) -> None:
         """Close sockets, background loops, the pool and the store."""
@@ -164,6 +167,9 @@ class Sidecar:
 
     def readiness(self) -> tuple[bool, list[str]]:
         spec = self.policy.route.spec
+        # Reading the state applies a due open → half-open transition (and health.breaker_open with it)
+        # before the reasons are computed, so they never disagree with the "breaker" field.
+        self.gateway.breaker.state  # noqa: B018
         reasons = readiness_reasons(self.health, spec.readiness, spec.on_store_failure)
         return not reasons, reasons
 
@@ -199,7 +205,7 @@ class Sidecar:
                 "configHash": self.policy.config_hash,
                 "generation": self.policy.route.metadata.generation,
                 "targetInFlightPerPod": target,
-                **self.hints.snapshot(),
+                **self.hints.snapshot(live=self.health.inflight),
                 "ready": self.readiness()[0],
             }
         )

@@ -66,7 +66,7 @@ def raw_error(status: int, reason: str, code: str, message: str, kind: str) -> b
 class GuardedHandler(RequestHandler):
     """``RequestHandler`` with a header-read timeout, a connection cap and JSON parse errors."""
 
-    __slots__ = ("_guard", "_header_timer", "_admitted", "_seen_requests")
+    __slots__ = ("_admitted", "_guard", "_header_timer", "_seen_requests")
 
     def __init__(self, manager: web.Server, guard: ConnectionGuard, **kwargs: Any) -> None:
         super().__init__(manager, **kwargs)

@@ -34,7 +34,7 @@ OUTCOMES = (
 UPSTREAM_OUTCOMES = ("ok", "http_5xx", "http_4xx", "timeout", "connect_error")
 #: ``kind`` of ``llmroute_tokens_total``; ``layer`` of ``llmroute_timeouts_total``.
 TOKEN_KINDS = ("prompt", "completion", "reserved", "refunded")
-TIMEOUT_LAYERS = ("queue", "attempt", "deadline")
+TIMEOUT_LAYERS = ("queue", "attempt", "deadline", "stream")
 
 
 class SidecarMetrics:
@@ -106,7 +106,7 @@ class SidecarMetrics:
         )
         self.timeouts_total = Counter(
             "llmroute_timeouts_total",
-            "Timeouts by layer: queue, attempt, deadline.",
+            "Timeouts by layer: queue, attempt, deadline, stream (upstream idle mid-response).",
             ["route", "layer"],
             registry=r,
         )
