@@ -212,3 +212,33 @@ async def test_connections_beyond_the_cap_are_refused_while_open_ones_work(
         assert refused.startswith(b"HTTP/1.1 503") and b"too_many_connections" in refused
         assert await asyncio.gather(*(one() for _ in range(10))) == [200] * 10
     assert sidecar.metric("llmroute_connections_rejected_total", reason="max_connections") >= 1
+
+
+async def test_first_readyz_after_the_open_period_agrees_with_the_breaker(
+    tmp_path: Path, mock: MockUpstream, sidecars: list[SidecarProcess]
+) -> None:
+    upstream = {"retries": 0, "circuitBreaker": {"consecutiveFailures": 2, "openSeconds": 0.5}}
+    sidecar = start(sidecars, write_route(tmp_path / "r.yaml", mock.url, upstream=upstream))
+    async with aiohttp.ClientSession() as session:
+        for _ in range(2):
+            headers = {"X-Mock-Status": "500"}
+            async with session.post(f"{sidecar.url}{CHAT}", json=chat_body(), headers=headers) as response:
+                assert response.status == 500
+    status, body = sidecar.readyz()
+    assert body["breaker"] == "open" and any("circuit breaker" in r for r in body["reasons"])
+    status, body = wait_for(lambda: (r := sidecar.readyz())[1]["breaker"] != "open" and r, what="half-open")
+    assert body["breaker"] == "half_open"
+    assert not any("circuit breaker" in r for r in body["reasons"]) and status == 200
+
+
+async def test_mid_stream_upstream_timeout_is_counted(
+    tmp_path: Path, mock: MockUpstream, sidecars: list[SidecarProcess]
+) -> None:
+    upstream = {"retries": 0, "timeoutSeconds": 0.5}
+    sidecar = start(sidecars, write_route(tmp_path / "r.yaml", mock.url, upstream=upstream))
+    async with aiohttp.ClientSession() as session:
+        held = await hold_stream(session, sidecar.url)
+        rest = await held.read()
+    assert b"upstream_timeout" in rest
+    assert sidecar.metric("llmroute_timeouts_total", layer="stream") == 1
+    assert sidecar.metric("llmroute_upstream_errors_total", type="stream_timeout") == 1
