@@ -123,10 +123,11 @@ class GuardedHandler(RequestHandler):
         message: str | None = None,
     ) -> web.StreamResponse:
         """A JSON error naming the problem's kind only: the raw request line may carry credentials."""
-        log.warning(
-            "unparsable request",
-            extra={"fields": {"status": status, "error": type(exc).__name__ if exc else None}},
-        )
+        fields = {"status": status, "error": type(exc).__name__ if exc else None}
+        if status == 400:  # the parser's message quotes the raw bytes: only the error's kind is logged
+            log.warning("unparsable request", extra={"fields": fields})
+        else:
+            log.error("request failed outside the gateway", exc_info=exc, extra={"fields": fields})
         if request.writer.output_size > 0:
             raise ConnectionError("a response was already sent; cannot send the error")
         rid = request_id(None)
