@@ -12,6 +12,7 @@ import zlib
 from pathlib import Path
 
 import aiohttp
+import pytest
 
 from tests.support.sidecar_procs import (
     MockUpstream,
@@ -242,3 +243,18 @@ async def test_mid_stream_upstream_timeout_is_counted(
     assert b"upstream_timeout" in rest
     assert sidecar.metric("llmroute_timeouts_total", layer="stream") == 1
     assert sidecar.metric("llmroute_upstream_errors_total", type="stream_timeout") == 1
+
+
+def test_decoder_handles_raw_deflate_and_multi_member_gzip_within_its_budget() -> None:
+    from llmroute_sidecar.request_body import _Decoder
+
+    raw = zlib.compressobj(wbits=-zlib.MAX_WBITS)
+    raw_deflate = raw.compress(b"abc" * 100) + raw.flush()
+    decoder = _Decoder("deflate")
+    assert decoder.feed(raw_deflate, 1000) == b"abc" * 100
+    decoder.finish()
+    decoder = _Decoder("gzip")
+    assert decoder.feed(gzip.compress(b"one ") + gzip.compress(b"two"), 1000) == b"one two"
+    decoder = _Decoder("gzip")
+    with pytest.raises(OverflowError):
+        decoder.feed(gzip.compress(b"x" * 10_000), 100)
