@@ -30,6 +30,8 @@ EXPECTED: dict[str, tuple[str, tuple[str, ...]]] = {
     "llmroute_client_disconnects_total": ("counter", ("route",)),
     "llmroute_config_reloads_total": ("counter", ("route", "result")),
     "llmroute_ready": ("gauge", ("route",)),
+    "llmroute_connections_open": ("gauge", ("listener",)),
+    "llmroute_connections_rejected_total": ("counter", ("listener", "reason")),
 }
 
 

@@ -21,6 +21,7 @@ CODE_ARGUMENT = {
     "bad_request": 0,
     "unauthorized": 0,
     "overloaded": 0,
+    "raw_error": 2,
 }
 
 
@@ -34,6 +35,17 @@ def _snake(name: str) -> str:
     return re.sub(r"[A-Z]", lambda m: "_" + m.group().lower(), name)
 
 
+def _assigned_codes(node: ast.Assign) -> set[str]:
+    """Codes bound by ``code, kind, text = "...", ...`` (answers built outside the error helpers)."""
+    found: set[str] = set()
+    for target in node.targets:
+        if isinstance(target, ast.Tuple) and isinstance(node.value, ast.Tuple):
+            for name, value in zip(target.elts, node.value.elts, strict=False):
+                if isinstance(name, ast.Name) and name.id == "code" and isinstance(value, ast.Constant):
+                    found.add(str(value.value))
+    return found
+
+
 def codes_in_source() -> set[str]:
     """Every literal error code passed to an error constructor in the sidecar's source."""
     codes: set[str] = set()
@@ -41,6 +53,9 @@ def codes_in_source() -> set[str]:
         if path.name in NOT_SIDECAR:
             continue
         for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Assign):
+                codes.update(_assigned_codes(node))
+                continue
             if not isinstance(node, ast.Call):
                 continue
             func = node.func

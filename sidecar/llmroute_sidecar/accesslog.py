@@ -6,13 +6,45 @@ import dataclasses
 import hashlib
 import json
 import logging
+import re
 import sys
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, TextIO
 
 ACCESS_LOGGER = "llmroute.access"
+REDACTED = "[REDACTED]"
+#: Credential-bearing header values, ``Bearer`` tokens and ``sk-`` style keys, wherever they appear.
+_SECRET_PATTERNS = (
+    re.compile(
+        r"(?i)((?:proxy-)?authorization|api-key|x-api-key|cookie|set-cookie)(\\?['\"]?\s*[:=]\s*)"
+        r"(?:(?!\\[rn])[^\r\n'\"])*"  # up to the line's end, also a repr'd ``\r``/``\n``
+    ),
+    re.compile(r"(?i)(bearer|basic)(\s+)[A-Za-z0-9._~+/=\-]+"),
+    re.compile(r"()()\bsk-[A-Za-z0-9_\-]{4,}"),
+)
 _CORE_KEYS = frozenset({"ts", "level", "logger", "msg", "exc"})
+
+
+def redact(text: str) -> str:
+    """``text`` with credential header values, bearer tokens and ``sk-`` keys replaced."""
+    for pattern in _SECRET_PATTERNS:
+        text = pattern.sub(lambda m: f"{m.group(1)}{m.group(2)}{REDACTED}", text)
+    return text
+
+
+class RedactingFilter(logging.Filter):
+    """Redacts credentials from a record's message, arguments and exception text (any logger)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        record.msg, record.args = redact(message), None
+        if record.exc_info:
+            record.exc_text = redact(logging.Formatter().formatException(record.exc_info))
+            record.exc_info = None
+        elif record.exc_text:
+            record.exc_text = redact(record.exc_text)
+        return True
 
 
 class JsonFormatter(logging.Formatter):
@@ -54,6 +86,7 @@ def configure_logging(level: str = "INFO", stream: TextIO | None = None) -> None
     """
     handler = _JsonHandler(stream if stream is not None else sys.stdout)
     handler.setFormatter(JsonFormatter())
+    handler.addFilter(RedactingFilter())  # on the handler: library loggers' records pass it too
     root = logging.getLogger()
     for old in [h for h in root.handlers if isinstance(h, _JsonHandler)]:
         root.removeHandler(old)

@@ -23,6 +23,7 @@ from llmroute_sidecar.accesslog import AccessLog
 from llmroute_sidecar.api import LLMRoute
 from llmroute_sidecar.api.manifest import ManifestError, load_route, load_secret_documents
 from llmroute_sidecar.config import HostPort, Settings, redact_url
+from llmroute_sidecar.connections import ConnectionGuard, GuardedHandler
 from llmroute_sidecar.health import HealthState, readiness_reasons
 from llmroute_sidecar.hints import HintTracker
 from llmroute_sidecar.metrics import SidecarMetrics
@@ -72,6 +73,7 @@ class Sidecar:
         self.store = store if store is not None else make_store(settings, route)
         self.gateway = Gateway(policy, self.store, settings, self.metrics, self.health, AccessLog())
         self._runners: list[web.AppRunner] = []
+        self._servers: list[asyncio.AbstractServer] = []
         self._tasks: list[asyncio.Task[None]] = []
         self._watch_store_state()
         self._route_digest = self._config_digest()
@@ -105,7 +107,9 @@ class Sidecar:
         before it is closed again."""
         try:
             await self.gateway.start()
-            self.traffic_address = await self._serve(self.traffic_app(), self.settings.listen, "--listen")
+            self.traffic_address = await self._serve(
+                self.traffic_app(), self.settings.listen, "--listen", self.settings.max_connections or 2**31
+            )
             self.admin_address = await self._serve(
                 self.admin_app(), self.settings.admin_listen, "--admin-listen"
             )
@@ -130,7 +134,9 @@ class Sidecar:
             },
         )
 
-    async def _serve(self, app: web.Application, where: HostPort, flag: str) -> HostPort:
+    async def _serve(
+        self, app: web.Application, where: HostPort, flag: str, max_connections: int = 0
+    ) -> HostPort:
         runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=1.0)
         await runner.setup()
         self._runners.append(runner)
@@ -141,8 +147,17 @@ class Sidecar:
         except OSError as error:
             sock.close()
             raise ListenError(f"cannot listen on {where} ({flag}): {error.strerror or error}") from None
-        site = web.SockSite(runner, sock)
-        await site.start()
+        manager = runner.server
+        assert manager is not None
+        listener = "traffic" if max_connections else "admin"
+        guard = ConnectionGuard(listener, self.metrics, self.settings.header_timeout_seconds, max_connections)
+        loop = asyncio.get_running_loop()
+        server = await loop.create_server(
+            lambda: GuardedHandler(manager, guard, loop=loop, access_log=None, auto_decompress=False),
+            sock=sock,
+            backlog=1024,
+        )
+        self._servers.append(server)
         return HostPort(where.host, sock.getsockname()[1])
 
     async def drain(self) -> bool:
@@ -150,7 +165,10 @@ class Sidecar:
         self.health.draining = True
         self.metrics.ready.labels(self.policy.name).set(0)
         log.info("draining", extra={"fields": {"inflight": self.health.inflight}})
-        return await self.gateway.wait_idle(self.settings.drain_seconds)
+        drained = await self.gateway.wait_idle(self.settings.drain_seconds)
+        if not drained:
+            await self.gateway.cut_streams()
+        return drained
 
     async def stop(self) -> None:
         """Close sockets, background loops, the pool and the store."""
@@ -159,6 +177,8 @@ class Sidecar:
         for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        for server in self._servers:
+            server.close()
         for runner in reversed(self._runners):
             await runner.cleanup()
         await self.gateway.close()
@@ -179,6 +199,9 @@ class Sidecar:
 
     def readiness(self) -> tuple[bool, list[str]]:
         spec = self.policy.route.spec
+        # Reading the state applies a due open → half-open transition (and health.breaker_open with it)
+        # before the reasons are computed, so they never disagree with the "breaker" field.
+        self.gateway.breaker.state  # noqa: B018
         reasons = readiness_reasons(self.health, spec.readiness, spec.on_store_failure)
         return not reasons, reasons
 
@@ -215,7 +238,7 @@ class Sidecar:
                 "configHash": self.policy.config_hash,
                 "generation": self.policy.route.metadata.generation,
                 "targetInFlightPerPod": target,
-                **self.hints.snapshot(),
+                **self.hints.snapshot(live=self.health.inflight),
                 "ready": self.readiness()[0],
             }
         )

@@ -20,7 +20,8 @@ DEFAULT_SECRETS_DIR = "/etc/llmroute/secrets"
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 USAGE = (
     "llmroute-sidecar --route FILE [--upstream URL] [--listen HOST:PORT] [--admin-listen HOST:PORT]\n"
-    "                 [--redis URL | --store {memory,redis}] [--secrets-dir DIR] [--log-level LEVEL]"
+    "                 [--redis URL | --store {memory,redis}] [--secrets-dir DIR] [--log-level LEVEL]\n"
+    "                 [--header-timeout SECONDS] [--max-connections N]"
 )
 
 
@@ -66,6 +67,10 @@ class Settings:
     pod_name: str = ""
     pod_namespace: str = ""
     log_level: str = "INFO"
+    header_timeout_seconds: float = 10.0
+    """From accept (or the end of the previous response) until a request's headers are complete."""
+    max_connections: int = 4096
+    """Open client connections on the traffic port; 0: no cap."""
 
 
 def _number(env: Mapping[str, str], name: str, default: float) -> float:
@@ -79,6 +84,14 @@ def _number(env: Mapping[str, str], name: str, default: float) -> float:
     if value < 0:
         raise SettingsError(f"{name} must not be negative, got {raw!r}")
     return value
+
+
+def _flag_or_env(flag: float | None, env: Mapping[str, str], name: str, default: float) -> float:
+    if flag is None:
+        return _number(env, name, default)
+    if flag < 0:
+        raise SettingsError(f"{name.removeprefix('LLMROUTE_').lower()} must not be negative, got {flag}")
+    return flag
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -121,6 +134,20 @@ def build_parser() -> argparse.ArgumentParser:
         choices=LOG_LEVELS,
         help=f"one of {', '.join(LOG_LEVELS)} (env LLMROUTE_LOG_LEVEL, default INFO)",
     )
+    parser.add_argument(
+        "--header-timeout",
+        metavar="SECONDS",
+        type=float,
+        help="close a connection whose request headers are not complete in time "
+        "(env LLMROUTE_HEADER_TIMEOUT_SECONDS, default 10)",
+    )
+    parser.add_argument(
+        "--max-connections",
+        metavar="N",
+        type=int,
+        help="open client connections on the traffic port, 0 = no cap "
+        "(env LLMROUTE_MAX_CONNECTIONS, default 4096)",
+    )
     return parser
 
 
@@ -161,6 +188,10 @@ def load_settings(argv: Sequence[str] | None = None, env: Mapping[str, str] | No
         replicas=max(1, replicas),
         pod_name=env.get("LLMROUTE_POD_NAME", ""),
         pod_namespace=env.get("LLMROUTE_POD_NAMESPACE", ""),
+        header_timeout_seconds=_flag_or_env(
+            args.header_timeout, env, "LLMROUTE_HEADER_TIMEOUT_SECONDS", 10.0
+        ),
+        max_connections=int(_flag_or_env(args.max_connections, env, "LLMROUTE_MAX_CONNECTIONS", 4096)),
         log_level=log_level,
     )
 

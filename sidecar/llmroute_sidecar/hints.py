@@ -27,11 +27,12 @@ class HintTracker:
         while self._samples and self._samples[0][0] < now - self._window:
             self._samples.popleft()
 
-    def snapshot(self) -> dict[str, float | int]:
-        """Current, average and peak in-flight requests over the window."""
+    def snapshot(self, live: int | None = None) -> dict[str, float | int]:
+        """In flight now (``live`` when given, else the last sample), average and peak over the window."""
         values = [value for _, value in self._samples]
+        last = values[-1] if values else 0
         return {
-            "inflight": values[-1] if values else 0,
+            "inflight": live if live is not None else last,
             "inflightAvg": round(sum(values) / len(values), 3) if values else 0.0,
             "inflightPeak": max(values) if values else 0,
             "samples": len(values),

@@ -34,7 +34,7 @@ OUTCOMES = (
 UPSTREAM_OUTCOMES = ("ok", "http_5xx", "http_4xx", "timeout", "connect_error")
 #: ``kind`` of ``llmroute_tokens_total``; ``layer`` of ``llmroute_timeouts_total``.
 TOKEN_KINDS = ("prompt", "completion", "reserved", "refunded")
-TIMEOUT_LAYERS = ("queue", "attempt", "deadline")
+TIMEOUT_LAYERS = ("queue", "attempt", "deadline", "stream")
 
 
 class SidecarMetrics:
@@ -106,7 +106,7 @@ class SidecarMetrics:
         )
         self.timeouts_total = Counter(
             "llmroute_timeouts_total",
-            "Timeouts by layer: queue, attempt, deadline.",
+            "Timeouts by layer: queue, attempt, deadline, stream (upstream idle mid-response).",
             ["route", "layer"],
             registry=r,
         )
@@ -160,6 +160,15 @@ class SidecarMetrics:
         )
         self.config_reloads_total = Counter(
             "llmroute_config_reloads_total", "Route file reloads by result.", ["route", "result"], registry=r
+        )
+        self.connections_open = Gauge(
+            "llmroute_connections_open", "Open client connections.", ["listener"], registry=r
+        )
+        self.connections_rejected_total = Counter(
+            "llmroute_connections_rejected_total",
+            "Client connections closed by the sidecar: max_connections, header_timeout.",
+            ["listener", "reason"],
+            registry=r,
         )
         self.ready = Gauge("llmroute_ready", "1 when the sidecar reports ready.", ["route"], registry=r)
 

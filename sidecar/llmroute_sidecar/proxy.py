@@ -39,6 +39,7 @@ from llmroute_sidecar.openai.tokens import estimate_cost
 from llmroute_sidecar.policy import RoutePolicy, identify
 from llmroute_sidecar.quota.base import QuotaStore
 from llmroute_sidecar.relay import RESPONSE_KEY, Relay
+from llmroute_sidecar.request_body import BodyReader, too_large
 from llmroute_sidecar.tracing import child_trace, request_id
 from llmroute_sidecar.upstream import Body, Upstream, breaker_open
 
@@ -46,7 +47,6 @@ log = logging.getLogger("llmroute.proxy")
 
 #: Bodies of non-OpenAI requests up to this size are buffered (so they can be retried).
 BUFFERED_BODY_LIMIT = 1024 * 1024
-CHUNK = 64 * 1024
 
 
 class Gateway:
@@ -74,6 +74,8 @@ class Gateway:
         self.upstream = Upstream(self.breaker, metrics, health)
         self.relay = Relay(settings, metrics)
         self.finisher = Finisher(store, metrics, health, access_log)
+        self._active: dict[asyncio.Task[object], Exchange] = {}
+        self._cutting = False
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -102,6 +104,32 @@ class Gateway:
             return False
         return True
 
+    async def cut_streams(self, timeout: float = 2.0) -> None:
+        """End the drain period: cancel what is still in flight; open streams get a ``draining`` event."""
+        self._cutting = True
+        tasks = list(self._active)
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.wait(tasks, timeout=timeout)
+
+    async def _send_drain_event(self, request: web.Request, ex: Exchange) -> None:
+        ex.outcome, ex.error = "draining", "draining"
+        response = request.get(RESPONSE_KEY)
+        if not isinstance(response, web.StreamResponse):
+            return
+        event = sse_error_event(
+            "this sidecar is shutting down and its drain period ended; retry the request",
+            "overloaded_error",
+            "draining",
+            ex.request_id,
+        )
+        try:
+            await response.write(event)
+            await response.write_eof()
+        except (ConnectionResetError, RuntimeError):
+            ex.client_disconnected = True
+
     def _breaker_changed(self, state: BreakerState) -> None:
         value = {BreakerState.CLOSED: 0, BreakerState.HALF_OPEN: 1, BreakerState.OPEN: 2}[state]
         self.metrics.circuit_breaker_state.labels(self.policy.name, self.policy.upstream_url).set(value)
@@ -129,6 +157,9 @@ class Gateway:
         if request.headers.get("tracestate"):
             ex.headers["tracestate"] = request.headers["tracestate"]
         self.finisher.enter(policy.name)
+        task = asyncio.current_task()
+        if task is not None:
+            self._active[task] = ex
         deadline = policy.route.spec.deadline_seconds
         timer = asyncio.timeout(deadline)
         try:
@@ -147,6 +178,9 @@ class Gateway:
             response = request.get(RESPONSE_KEY)
             return response if isinstance(response, web.StreamResponse) else web.Response(status=499)
         except asyncio.CancelledError:
+            if self._cutting and ex.stream and ex.response_started:
+                await self._send_drain_event(request, ex)
+                raise
             if not ex.delivered:  # closing after the terminal event is how clients end a stream
                 ex.client_disconnected = True
                 ex.outcome = "client_disconnected"
@@ -158,6 +192,8 @@ class Gateway:
                 request, ex, ProxyError(500, "internal_error", "internal error", "server_error")
             )
         finally:
+            if task is not None:
+                self._active.pop(task, None)
             await asyncio.shield(self.finisher.finish(ex))
 
     async def _fail(self, request: web.Request, ex: Exchange, error: ProxyError) -> web.StreamResponse:
@@ -190,13 +226,19 @@ class Gateway:
             raise errors.overloaded(
                 "draining", "this sidecar is shutting down; retry on another replica", "draining"
             )
+        if not request.raw_path.startswith("/"):  # absolute-form or authority-form: not a proxy
+            raise errors.bad_request(
+                "invalid_request_target", "the request target must be a path (origin-form), not a URL"
+            )
+        kind = kind_for_path(request.path)
+        if kind is not None and request.method != "POST":
+            raise _method_not_allowed(request.method, request.path)
         identity = identify(policy, request.headers)  # authenticate before reading the body
         ex.client = identity.label
-        kind = kind_for_path(request.path) if request.method == "POST" else None
         parsed: ParsedRequest | None = None
         body: Body
         if kind is not None:
-            raw = await self._read_body(request, spec.max_request_bytes)
+            raw = await BodyReader(request, spec.max_request_bytes).read()
             try:
                 parsed = parse_request(request.path, raw)
             except RequestValidationError as error:
@@ -215,37 +257,38 @@ class Gateway:
         upstream = await self.upstream.forward(request, policy, ex, body)
         return await self.relay.relay(request, policy, ex, upstream, parsed, injected is not None)
 
-    async def _read_body(self, request: web.Request, limit: int) -> bytes:
-        if request.content_length is not None and request.content_length > limit:
-            raise _too_large(limit)
-        chunks = []
-        size = 0
-        async for chunk in request.content.iter_chunked(CHUNK):
-            size += len(chunk)
-            if size > limit:
-                raise _too_large(limit)
-            chunks.append(chunk)
-        return b"".join(chunks)
-
     async def _pass_through_body(self, request: web.Request, limit: int) -> Body:
         if not request.body_exists:
             return None
+        reader = BodyReader(request, limit)
         length = request.content_length
-        if length is not None and length <= BUFFERED_BODY_LIMIT:
-            return await self._read_body(request, limit)
-        if length is not None and length > limit:
-            raise _too_large(limit)
-        return _stream_body(request, limit)
+        if length is not None and length <= BUFFERED_BODY_LIMIT and not reader.decoded:
+            return await reader.read()
+        if length is not None and length > limit and not reader.decoded:
+            raise too_large(limit)
+        return StreamedBody(reader)
 
 
-async def _stream_body(request: web.Request, limit: int) -> AsyncIterator[bytes]:
-    size = 0
-    async for chunk in request.content.iter_chunked(CHUNK):
-        size += len(chunk)
-        if size > limit:
-            raise _too_large(limit)
-        yield chunk
+class StreamedBody:
+    """A body streamed upstream as it arrives; ``reader.error`` tells a client fault from an upstream one."""
+
+    def __init__(self, reader: BodyReader) -> None:
+        self.reader = reader
+
+    def __aiter__(self) -> AsyncIterator[bytes]:
+        return self.reader.chunks()
 
 
-def _too_large(limit: int) -> ProxyError:
-    return errors.bad_request("request_too_large", f"request body exceeds {limit} bytes", status=413)
+#: OpenAI endpoints accept POST only.
+OPENAI_METHODS = "POST"
+
+
+def _method_not_allowed(method: str, path: str) -> ProxyError:
+    return ProxyError(
+        405,
+        "method_not_allowed",
+        f"{method} is not allowed on {path}; use POST",
+        "invalid_request_error",
+        "client_error",
+        {"Allow": OPENAI_METHODS},
+    )

@@ -71,7 +71,7 @@ class Relay:
             kept = bytearray() if (parsed is not None and not is_sse) else None
             prompt = estimate_prompt_tokens(parsed) if parsed is not None else 0
             timeout = policy.route.spec.upstream.timeout_seconds
-            async for chunk in self._chunks(upstream, response, timeout, parser, is_sse):
+            async for chunk in self._chunks(upstream, response, timeout, parser, is_sse, policy.name):
                 if ex.first_byte is None:
                     ex.first_byte = time.monotonic()
                     self.metrics.time_to_first_byte_seconds.labels(policy.name).observe(
@@ -117,6 +117,7 @@ class Relay:
         timeout: float,
         parser: SSEParser | None,
         is_sse: bool,
+        route: str = "",
     ) -> AsyncIterator[bytes]:
         """Upstream body chunks as they arrive; heartbeats on idle SSE streams; idle timeout per chunk."""
         idle_since = time.monotonic()
@@ -124,6 +125,8 @@ class Relay:
         while True:
             left = timeout - (time.monotonic() - idle_since)
             if left <= 0:
+                self.metrics.timeouts_total.labels(route, "stream").inc()
+                self.metrics.upstream_errors_total.labels(route, "stream_timeout").inc()
                 raise errors.ProxyError(
                     502,
                     "upstream_timeout",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterable
 
 import aiohttp
 from aiohttp import web
@@ -22,7 +22,14 @@ from llmroute_sidecar.metrics import SidecarMetrics
 from llmroute_sidecar.openai.requests import kind_for_path
 from llmroute_sidecar.policy import RoutePolicy
 
-Body = bytes | AsyncIterator[bytes] | None
+Body = bytes | AsyncIterable[bytes] | None
+
+
+def client_fault(body: Body) -> ProxyError | None:
+    """The error a streamed request body hit (too large, bad encoding): the client's, not the upstream's."""
+    reader = getattr(body, "reader", None)
+    error = getattr(reader, "error", None)
+    return error if isinstance(error, ProxyError) else None
 
 
 class UpstreamAttemptError(Exception):
@@ -69,7 +76,8 @@ class Upstream:
     def headers(self, request: web.Request, policy: RoutePolicy, ex: Exchange) -> CIMultiDict[str]:
         """The request headers as the upstream gets them: end-to-end only, vendor key, ids, forwarding."""
         spec = policy.route.spec
-        drop = ["Host", "Content-Length"]
+        # Bodies are forwarded decoded (request_body), so their Content-Encoding never is.
+        drop = ["Host", "Content-Length", "Content-Encoding"]
         if kind_for_path(request.path) is not None:
             drop.append("Accept-Encoding")  # usage is read from the response: keep it uncompressed
         if policy.vendor_key is not None:
@@ -94,7 +102,7 @@ class Upstream:
         spec = policy.route.spec
         url = URL(policy.upstream_url + request.raw_path, encoded=True)
         headers = self.headers(request, policy, ex)
-        retryable_body = not isinstance(body, AsyncIterator)
+        retryable_body = body is None or isinstance(body, bytes)
         attempts_allowed = 1 + (spec.upstream.retries if retryable_body else 0)
         delays = backoff_delays()
         deadline_at = ex.started + spec.deadline_seconds
@@ -109,10 +117,17 @@ class Upstream:
                     request.method, url, headers, body, spec.upstream.timeout_seconds
                 )
             except UpstreamAttemptError as error:
+                fault = client_fault(body)
+                if fault is not None:  # the client's body failed mid-upload: no verdict on the upstream
+                    self.breaker.release_probe()
+                    raise fault from None
                 self._record_attempt(policy, ex, started, error.kind, ok=False)
                 last_error, last_kind = f"{error.kind}: {error}", error.kind
-            except BaseException:
+            except BaseException as error:
                 self.breaker.release_probe()
+                fault = client_fault(body)
+                if fault is not None and fault is not error:
+                    raise fault from None
                 raise
             else:
                 ok = response.status < 500
