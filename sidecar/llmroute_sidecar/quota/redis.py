@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import time
@@ -40,7 +41,7 @@ from llmroute_sidecar.quota.base import (
     LimitState,
     StoreUnavailableError,
 )
-from llmroute_sidecar.quota.scripts import ADMIT, DIMENSION_CODES, SETTLE
+from llmroute_sidecar.quota.scripts import ADMIT, CHARGE, DIMENSION_CODES, SETTLE
 
 log = logging.getLogger("llmroute.quota.redis")
 
@@ -235,6 +236,23 @@ class RedisQuotaStore:
                     raise
             await asyncio.sleep(delay)
             delay = min(MAX_PAUSE, delay * 2)
+
+    # -- live charges: streams outgrowing their reservation ----------------------------------------
+
+    @functools.cached_property
+    def _charge_script(self) -> Any:
+        return self.client.register_script(CHARGE)
+
+    async def charge(self, lease: Lease, tokens_so_far: int) -> None:
+        """One EVALSHA raising the lease's tokensPerMinute entries to ``tokens_so_far`` (fail fast)."""
+        keys = [
+            key
+            for check, dimension, _ in _items(lease.request)
+            if dimension is Dimension.TOKENS_PER_MINUTE
+            for key in _keys(lease.request.route, check, dimension)
+        ]
+        if keys:
+            await self._run(self._charge_script, keys, [lease.lease_id, max(0, tokens_so_far)])
 
     async def ping(self) -> bool:
         """True when Redis answers; resets the failure pause so exact limiting resumes at once."""
