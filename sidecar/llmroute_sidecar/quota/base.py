@@ -142,7 +142,8 @@ class QuotaStore(Protocol):
         """Raise the lease's tokensPerMinute charges to ``max(current charge, tokens_so_far)``.
 
         Live usage of an unsettled lease (a stream outgrowing its reservation), so concurrent
-        admissions see it; never lowers a charge; a no-op for settled or unknown leases.
+        admissions see it; never lowers a charge. Call it only before ``settle`` (the sidecar waits
+        for its last charge first): the memory store ignores settled leases, Redis cannot tell.
         """
         ...
 
