@@ -5,7 +5,9 @@ completion tokens are the number of content chunks. Test-control request headers
 ``X-Mock-Status: N`` answer N with an OpenAI-style error; ``X-Mock-Fail-First: N`` with
 ``X-Mock-Key: K`` the first N requests of key K get 503; ``X-Mock-Latency: S`` extra seconds before
 the first byte; ``X-Mock-Stream-Error-After: N`` close the connection after N content chunks;
-``X-Mock-Tokens: N`` completion tokens; ``X-Mock-No-Usage: 1`` never send usage in a stream;
+``X-Mock-Tokens: N`` completion tokens (capped by the request's maximum, if it sets one);
+``X-Mock-Token-Interval: S`` seconds between streamed tokens; ``X-Mock-No-Usage: 1`` never send
+usage in a stream;
 ``X-Mock-Hold: 1`` hold the stream after its first content chunk until ``POST /mock/release``.
 Received requests are kept in ``app[REQUESTS]`` (also ``GET /mock/requests``), counters in
 ``app[COUNTERS]``; ``POST /mock/health {"healthy": false}`` makes ``GET /health`` answer 503.
@@ -197,6 +199,7 @@ async def _stream(
     break_after = int(_number(request, "X-Mock-Stream-Error-After", -1))
     hold = request.headers.get("X-Mock-Hold") == "1"
     send_usage = include_usage and request.headers.get("X-Mock-No-Usage") != "1"
+    interval = _number(request, "X-Mock-Token-Interval", settings.token_interval)
 
     def chunk(text: str | None, finish_reason: str | None = None) -> bytes:
         if chat:
@@ -220,8 +223,8 @@ async def _stream(
         await response.write(chunk(WORDS[index % len(WORDS)] + " "))
         if hold and index == 0:
             await request.app[RELEASE][0].wait()
-        if settings.token_interval:
-            await asyncio.sleep(settings.token_interval)
+        if interval:
+            await asyncio.sleep(interval)
     await response.write(chunk("", finish_reason=finish))
     if send_usage:
         await response.write(_sse({**head, "choices": [], "usage": usage}))
