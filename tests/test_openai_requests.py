@@ -7,6 +7,7 @@ from typing import Any
 
 import pytest
 
+from llmroute_sidecar.api.spec import TokenAccounting
 from llmroute_sidecar.openai.requests import (
     OPENAI_PATHS,
     RequestValidationError,
@@ -16,6 +17,7 @@ from llmroute_sidecar.openai.requests import (
 )
 from llmroute_sidecar.openai.tokens import (
     DEFAULT_COMPLETION_BUDGET,
+    bound_completion,
     estimate_cost,
     estimate_prompt_tokens,
     estimate_text_tokens,
@@ -109,6 +111,42 @@ def test_estimates() -> None:
     embeddings = parse_request("/v1/embeddings", raw({"model": "m", "input": "abcdefgh"}))
     assert estimate_cost(embeddings) == 2
     assert [estimate_text_tokens(t) for t in ("", "a", "abcd", "abcde")] == [0, 1, 1, 2]
+    assert estimate_cost(parsed, 100) == estimate_prompt_tokens(parsed) + 100 * 2  # defaultReservation
+    assert estimate_cost(capped, 100) == estimate_prompt_tokens(capped) + 20
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "field"),
+    [
+        (CHAT, chat(), "max_completion_tokens"),
+        ("/v1/completions", {"model": "m", "prompt": "hi"}, "max_tokens"),
+        ("/v1/responses", {"model": "m", "input": "hi"}, "max_output_tokens"),
+    ],
+)
+def test_inject_max_tokens_bounds_requests_without_a_maximum(
+    path: str, body: dict[str, Any], field: str
+) -> None:
+    original = raw(body)
+    parsed = parse_request(path, original)
+    bounded, rewritten = bound_completion(parsed, original, TokenAccounting(inject_max_tokens=True))
+    assert json.loads(rewritten) == {**body, field: DEFAULT_COMPLETION_BUDGET}
+    assert bounded.max_output_tokens == DEFAULT_COMPLETION_BUDGET and bounded.body[field] == 1024
+    assert (
+        parse_request(path, rewritten).max_output_tokens == DEFAULT_COMPLETION_BUDGET
+    )  # what upstream reads
+    assert estimate_cost(bounded, 5) == estimate_cost(parsed, DEFAULT_COMPLETION_BUDGET)
+
+
+def test_inject_leaves_bounded_requests_embeddings_and_default_routes_alone() -> None:
+    inject = TokenAccounting(inject_max_tokens=True, default_reservation=50)
+    cases = [
+        (CHAT, raw(chat(max_tokens=7)), inject),
+        ("/v1/embeddings", raw({"model": "m", "input": "x"}), inject),
+        (CHAT, raw(chat()), TokenAccounting()),
+    ]
+    for path, body, settings in cases:
+        parsed = parse_request(path, body)
+        assert bound_completion(parsed, body, settings) == (parsed, body)
 
 
 @pytest.mark.parametrize(

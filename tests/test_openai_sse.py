@@ -173,6 +173,18 @@ def test_usage_from_json() -> None:
     assert usage_from_json(chat) == (3, 4, 7)
     assert usage_from_json({"usage": {"prompt_tokens": 5, "total_tokens": 5}}) == (5, 0, 5)
     assert usage_from_json({"usage": {"input_tokens": 2, "output_tokens": 6}}) == (2, 6, 8)
+    # LiteLLM's embeddings: total_tokens 0 beside the real prompt count is charged the prompt
+    assert usage_from_json({"usage": {"prompt_tokens": 10, "total_tokens": 0}}) == (10, 0, 10)
+    assert usage_from_json({"usage": {"prompt_tokens": 3, "completion_tokens": 4, "total_tokens": 5}}) == (
+        3,
+        4,
+        7,
+    )
+    assert usage_from_json({"usage": {"prompt_tokens": 3, "completion_tokens": 4, "total_tokens": 9}}) == (
+        3,
+        4,
+        9,
+    )
     unusable: list[dict[str, Any]] = [{}, {"usage": None}, {"usage": {}}, {"usage": {"prompt_tokens": "3"}}]
     assert [usage_from_json(document) for document in unusable] == [None] * 4
 

@@ -222,6 +222,36 @@ async def test_settle_after_the_window_changes_nothing(store: MemoryQuotaStore, 
     assert not decision.admitted and decision.retry_after == 60
 
 
+async def test_live_charge_raises_a_stream_above_its_reservation(
+    store: MemoryQuotaStore, clock: FakeClock
+) -> None:
+    check = limit(tokens_per_minute=1000)
+    stream = await admitted(store, req(check, tokens=100))
+    await store.charge(stream, 50)  # below the reservation: nothing changes
+    assert state(await store.admit(req(check, tokens=0)), "l", TPM).remaining == 900
+    await store.charge(stream, 700)  # live usage: other admissions see it at once
+    assert not (await store.admit(req(check, tokens=301))).admitted
+    await store.charge(stream, 600)  # never lowered by a stale charge
+    decision = await store.admit(req(check, tokens=300))
+    assert decision.admitted and state(decision, "l", TPM).remaining == 0
+    await store.settle(stream, 650)  # the final actual replaces the live charge
+    assert state(await store.admit(req(check, tokens=0)), "l", TPM).remaining == 50
+
+
+async def test_live_charge_after_settle_or_window_changes_nothing(
+    store: MemoryQuotaStore, clock: FakeClock
+) -> None:
+    check = limit(tokens_per_minute=1000)
+    settled = await admitted(store, req(check, tokens=100))
+    await store.settle(settled, 100)
+    await store.charge(settled, 900)
+    old = await admitted(store, req(check, tokens=100, lease=300))
+    clock.advance(60)
+    await store.charge(old, 900)  # its entry left the window
+    await store.charge(Lease("unknown", req(check), 0), 900)
+    assert state(await store.admit(req(check, tokens=0)), "l", TPM).remaining == 1000
+
+
 async def test_oversize_reservation_is_rejected(store: MemoryQuotaStore) -> None:
     decision = await store.admit(req(limit(tokens_per_minute=1000), tokens=1001))
     assert not decision.admitted

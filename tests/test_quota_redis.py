@@ -86,6 +86,45 @@ async def test_tokens_reserve_then_settle_refunds_and_charges(store: RedisQuotaS
     assert (await store.admit(request(tpm, tokens=5))).admitted
 
 
+async def test_live_charge_is_one_script_call_raising_only(
+    store: RedisQuotaStore, redis_server: RedisServer
+) -> None:
+    tpm = LimitCheck("tpm", "route", tokens_per_minute=1000)
+    rpm = LimitCheck("rpm", "route", requests_per_minute=100)
+    stream = await store.admit(request(tpm, rpm, tokens=100))
+    assert stream.lease is not None
+    client = redis.Redis(port=redis_server.port)
+    try:
+        await store.charge(stream.lease, 150)  # loads the script (NOSCRIPT, SCRIPT LOAD)
+        before = int(client.info("commandstats")["cmdstat_evalsha"]["calls"])
+        await store.charge(stream.lease, 700)
+        calls = int(client.info("commandstats")["cmdstat_evalsha"]["calls"]) - before
+    finally:
+        client.close()
+    assert calls == 1
+    assert not (await store.admit(request(tpm, tokens=301))).admitted  # live usage seen
+    await store.charge(stream.lease, 600)  # a stale charge never lowers it
+    assert not (await store.admit(request(tpm, tokens=301))).admitted
+    assert (await store.admit(request(tpm, tokens=200))).admitted  # 700 + 200
+    await store.settle(stream.lease, 650)  # the final actual replaces the live charge
+    decision = await store.admit(request(tpm, tokens=150))
+    assert decision.admitted and decision.tightest is not None and decision.tightest.remaining == 0
+
+
+async def test_live_charge_of_a_lease_without_token_limits_sends_nothing(
+    store: RedisQuotaStore, redis_server: RedisServer
+) -> None:
+    decision = await store.admit(request(LimitCheck("rpm", "route", requests_per_minute=5)))
+    assert decision.lease is not None
+    client = redis.Redis(port=redis_server.port)
+    try:
+        client.config_resetstat()
+        await store.charge(decision.lease, 500)
+        assert "cmdstat_evalsha" not in client.info("commandstats")
+    finally:
+        client.close()
+
+
 async def test_oversize_reservation_is_rejected_for_a_whole_window(store: RedisQuotaStore) -> None:
     decision = await store.admit(request(LimitCheck("tpm", "route", tokens_per_minute=10), tokens=11))
     assert not decision.admitted and decision.retry_after == 60.0
@@ -163,6 +202,7 @@ operations = st.lists(
     st.one_of(
         st.tuples(st.just("admit"), st.integers(0, 40), st.just(0)),
         st.tuples(st.just("settle"), st.integers(0, 10), st.integers(0, 60)),
+        st.tuples(st.just("charge"), st.integers(0, 10), st.integers(0, 80)),
     ),
     max_size=25,
 )
@@ -182,6 +222,8 @@ async def _replay(quota: QuotaStore, ops: list[Operation], route: str) -> list[o
             trace.append((decision.admitted, decision.rejected.dimension if decision.rejected else None))
             if decision.lease is not None:
                 leases.append(decision.lease)
+        elif leases and kind == "charge":
+            await quota.charge(leases[a % len(leases)], b)  # live usage of a lease not yet settled
         elif leases:
             lease = leases.pop(a % len(leases))
             await quota.settle(lease, b)

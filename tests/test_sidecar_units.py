@@ -93,12 +93,36 @@ def test_routes_without_key_limits_need_no_key() -> None:
     assert identify(policy, {}).key_hash is None
 
 
-def test_missing_header_value_shares_one_bucket() -> None:
-    policy = load_policy(
-        _route(limits=[{"name": "t", "key": "header:X-T", "requestsPerMinute": 1}]), Path("/x")
-    )
-    (check,) = build_checks(policy, identify(policy, {}), {})
-    assert check.subject == "-"
+def _header_policy(**limit: Any) -> Any:
+    spec = {"name": "t", "key": "header:X-T", "requestsPerMinute": 1, **limit}
+    return load_policy(_route(limits=[spec, {"name": "all", "requestsPerMinute": 5}]), Path("/x"))
+
+
+@pytest.mark.parametrize("headers", [{}, {"X-T": ""}, {"X-T": "  "}])
+def test_missing_limit_header_is_rejected_by_default(headers: dict[str, str]) -> None:
+    policy = _header_policy()
+    with pytest.raises(ProxyError) as caught:
+        build_checks(policy, identify(policy, headers), headers)
+    assert caught.value.status == 400 and caught.value.code == "missing_limit_header"
+    assert "X-T" in caught.value.message and "'t'" in caught.value.message
+
+
+def test_missing_header_value_shares_one_bucket_only_when_asked() -> None:
+    policy = _header_policy(whenMissing="shared")
+    checks = build_checks(policy, identify(policy, {}), {})
+    assert [(c.limit, c.subject) for c in checks] == [("t", "-"), ("all", "")]
+
+
+def test_missing_header_skips_the_limit_when_asked_and_for_shadow_limits() -> None:
+    for policy in (_header_policy(whenMissing="skip"), _header_policy(mode="shadow")):
+        assert [c.limit for c in build_checks(policy, identify(policy, {}), {})] == ["all"]
+
+
+def test_present_header_is_counted_per_value_whatever_when_missing_says() -> None:
+    for when in ("reject", "shared", "skip"):
+        policy = _header_policy(whenMissing=when)
+        (a, _), (b, _) = (build_checks(policy, identify(policy, {}), {"X-T": v}) for v in ("x", "y"))
+        assert a.subject != b.subject and "-" not in (a.subject, b.subject)
 
 
 def test_missing_secret_is_a_clear_error(tmp_path: Path) -> None:

@@ -5,7 +5,9 @@ completion tokens are the number of content chunks. Test-control request headers
 ``X-Mock-Status: N`` answer N with an OpenAI-style error; ``X-Mock-Fail-First: N`` with
 ``X-Mock-Key: K`` the first N requests of key K get 503; ``X-Mock-Latency: S`` extra seconds before
 the first byte; ``X-Mock-Stream-Error-After: N`` close the connection after N content chunks;
-``X-Mock-Tokens: N`` completion tokens; ``X-Mock-No-Usage: 1`` never send usage in a stream;
+``X-Mock-Tokens: N`` completion tokens (capped by the request's maximum, if it sets one);
+``X-Mock-Token-Interval: S`` seconds between streamed tokens; ``X-Mock-No-Usage: 1`` never send
+usage in a stream;
 ``X-Mock-Hold: 1`` hold the stream after its first content chunk until ``POST /mock/release``;
 ``X-Mock-Usage-Shape: S`` how a stream carries usage: ``openai`` (default: ``"usage": null`` on every
 chunk, then a ``choices: []`` usage chunk), ``litellm`` (no ``usage`` on content chunks, then a usage
@@ -202,6 +204,7 @@ async def _stream(
     send_usage = include_usage and request.headers.get("X-Mock-No-Usage") != "1"
     shape = request.headers.get("X-Mock-Usage-Shape", "openai")
     null_usage = {"usage": None} if send_usage and shape == "openai" else {}
+    interval = _number(request, "X-Mock-Token-Interval", settings.token_interval)
 
     def chunk(text: str | None, finish_reason: str | None = None) -> bytes:
         if chat:
@@ -227,8 +230,8 @@ async def _stream(
         await response.write(chunk(WORDS[index % len(WORDS)] + " "))
         if hold and index == 0:
             await request.app[RELEASE][0].wait()
-        if settings.token_interval:
-            await asyncio.sleep(settings.token_interval)
+        if interval:
+            await asyncio.sleep(interval)
     await response.write(chunk("", finish_reason=finish))
     if send_usage and shape != "final":
         empty = [{"index": 0, "delta": {}}] if shape == "litellm" else []

@@ -15,14 +15,15 @@ from functools import cached_property
 from pathlib import Path
 
 from llmroute_sidecar.api import LLMRoute
-from llmroute_sidecar.api.spec import Limit, LimitMode, TierLimits
-from llmroute_sidecar.errors import unauthorized
+from llmroute_sidecar.api.spec import Limit, LimitMode, TierLimits, WhenMissing
+from llmroute_sidecar.errors import ProxyError, bad_request, unauthorized
 from llmroute_sidecar.quota.base import LimitCheck
 
 log = logging.getLogger("llmroute.policy")
 SUBJECT_HEX = 32
 LOOKUP_HEX = 16
 NO_HEADER_SUBJECT = "-"
+"""The one subject header-less requests share under ``whenMissing: shared``."""
 
 
 def sha256_hex(text: str) -> str:
@@ -219,7 +220,12 @@ def _merged(limit: Limit, tier: TierLimits | None) -> dict[str, int | None]:
 def build_checks(
     policy: RoutePolicy, identity: ClientIdentity, headers: Mapping[str, str]
 ) -> tuple[LimitCheck, ...]:
-    """The limit checks that apply to one request."""
+    """The limit checks that apply to one request.
+
+    A header-keyed limit whose header is missing (or empty) follows its ``whenMissing``: 'reject'
+    raises a 400 ProxyError (``missing_limit_header``), 'shared' counts the request in one common
+    bucket, 'skip' leaves the limit out. Shadow limits never reject: 'reject' skips them.
+    """
     spec = policy.route.spec
     checks = []
     for limit in spec.limits:
@@ -231,7 +237,14 @@ def build_checks(
             tier = spec.tiers.get(identity.tier) if identity.tier else None
         else:
             value = headers.get(limit.header_name or "")
-            subject = sha256_hex(value)[:SUBJECT_HEX] if value else NO_HEADER_SUBJECT
+            if value and value.strip():
+                subject = sha256_hex(value)[:SUBJECT_HEX]
+            elif limit.when_missing is WhenMissing.SHARED:
+                subject = NO_HEADER_SUBJECT
+            elif limit.when_missing is WhenMissing.SKIP or limit.mode is LimitMode.SHADOW:
+                continue
+            else:
+                raise missing_limit_header(limit)
         values = _merged(limit, tier)
         if all(value is None for value in values.values()):
             continue
@@ -246,3 +259,13 @@ def build_checks(
             )
         )
     return tuple(checks)
+
+
+def missing_limit_header(limit: Limit) -> ProxyError:
+    """The 400 for a request without the header a ``whenMissing: reject`` limit is keyed by."""
+    header = limit.header_name or ""
+    return bad_request(
+        "missing_limit_header",
+        f"this route limits requests per {header} header value (limit '{limit.name}'); "
+        f"send a non-empty {header} header",
+    )

@@ -35,7 +35,7 @@ from llmroute_sidecar.openai.requests import (
     with_stream_usage,
 )
 from llmroute_sidecar.openai.sse import sse_error_event
-from llmroute_sidecar.openai.tokens import estimate_cost
+from llmroute_sidecar.openai.tokens import bound_completion, estimate_cost
 from llmroute_sidecar.policy import RoutePolicy, identify
 from llmroute_sidecar.quota.base import QuotaStore
 from llmroute_sidecar.relay import RESPONSE_KEY, Relay
@@ -243,13 +243,14 @@ class Gateway:
                 parsed = parse_request(request.path, raw)
             except RequestValidationError as error:
                 raise errors.bad_request(error.code, error.message, error.status, error.param) from None
+            parsed, raw = bound_completion(parsed, raw, spec.tokens)  # spec.tokens.injectMaxTokens
             ex.stream = parsed.stream
             injected = with_stream_usage(parsed)
             body = injected if injected is not None else raw
         else:
             body = await self._pass_through_body(request, spec.max_request_bytes)
             injected = None
-        tokens = estimate_cost(parsed) if parsed is not None else 0
+        tokens = estimate_cost(parsed, spec.tokens.default_reservation) if parsed is not None else 0
         ex.tokens_reserved = tokens
         if self.breaker.state is BreakerState.OPEN:  # fail fast, before the request consumes quota
             raise breaker_open()

@@ -15,6 +15,7 @@ from llmroute_sidecar import errors
 from llmroute_sidecar.config import Settings
 from llmroute_sidecar.exchange import Exchange
 from llmroute_sidecar.headers import end_to_end
+from llmroute_sidecar.livecharge import LiveCharge
 from llmroute_sidecar.metrics import SidecarMetrics
 from llmroute_sidecar.openai.requests import ParsedRequest
 from llmroute_sidecar.openai.sse import (
@@ -50,6 +51,7 @@ class Relay:
         strip_usage: bool,
     ) -> web.StreamResponse:
         """Send the upstream response to the client as it arrives."""
+        live: LiveCharge | None = None
         try:
             is_sse = upstream.content_type == "text/event-stream"
             ex.stream = ex.stream or is_sse
@@ -70,6 +72,7 @@ class Relay:
             parser = SSEParser() if usage is not None else None
             kept = bytearray() if (parsed is not None and not is_sse) else None
             prompt = estimate_prompt_tokens(parsed) if parsed is not None else 0
+            live = self._live_charge(policy, ex, prompt) if usage is not None else None
             timeout = policy.route.spec.upstream.timeout_seconds
             async for chunk in self._chunks(upstream, response, timeout, parser, is_sse, policy.name):
                 if ex.first_byte is None:
@@ -87,6 +90,7 @@ class Relay:
                     if strip_usage:  # exactly the usage the sidecar asked for, nothing else
                         out = b"".join(filter(None, map(without_injected_usage, events)))
                     _stream_usage_into(ex, usage, prompt)  # kept current: a cut stream settles it
+                    _charge_live(live, ex)  # the store sees a stream outgrowing its reservation
                 elif kept is not None and len(kept) + len(chunk) <= USAGE_BODY_LIMIT:
                     kept.extend(chunk)
                 if out:
@@ -109,6 +113,18 @@ class Relay:
             return response
         finally:
             upstream.release()
+            if live is not None:
+                await live.aclose()  # before settlement: it must be the lease's last write
+
+    def _live_charge(self, policy: RoutePolicy, ex: Exchange, prompt: int) -> LiveCharge | None:
+        """Live charging for a stream holding a lease (``spec.tokens``); None without a lease."""
+        if ex.lease is None or ex.lease_store is None:
+            return None
+
+        def failed(error: BaseException) -> None:
+            self.metrics.store_errors_total.labels(policy.name, "charge").inc()
+
+        return LiveCharge(ex.lease_store, ex.lease, policy.route.spec.tokens, prompt, failed)
 
     async def _chunks(
         self,
@@ -154,6 +170,11 @@ def _stream_usage_into(ex: Exchange, usage: StreamUsage, prompt: int) -> None:
     ex.tokens_actual = usage.actual_tokens(prompt)
     ex.prompt_tokens = usage.prompt_tokens if usage.saw_usage else prompt
     ex.completion_tokens = ex.tokens_actual - ex.prompt_tokens
+
+
+def _charge_live(live: LiveCharge | None, ex: Exchange) -> None:
+    if live is not None and ex.tokens_actual is not None:
+        live.observe(ex.tokens_actual, ex.completion_tokens)
 
 
 def _json_usage_into(ex: Exchange, body: bytes) -> None:

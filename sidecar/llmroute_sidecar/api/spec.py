@@ -41,6 +41,8 @@ URL_PATTERN = r"^https?://[^\s/?#]+(/[^\s]*)?$"
 PATH_PATTERN = r"^/[^\s]*$"
 
 RateValue = Annotated[int, Field(ge=0, le=1_000_000_000)]
+#: Completion tokens reserved for a request that sets no maximum (spec.tokens.defaultReservation).
+DEFAULT_RESERVATION = 1024
 
 
 class ApiModel(BaseModel):
@@ -180,6 +182,12 @@ class LimitMode(StrEnum):
     SHADOW = "shadow"
 
 
+class WhenMissing(StrEnum):
+    REJECT = "reject"
+    SHARED = "shared"
+    SKIP = "skip"
+
+
 class Limit(TierLimits):
     """One fleet-wide limit. Every limit that applies to a request must admit it (all or nothing)."""
 
@@ -193,11 +201,39 @@ class Limit(TierLimits):
     requestsPerMinute/60 per second (a token bucket). Unset: only the sliding-minute cap applies."""
     mode: LimitMode = LimitMode.ENFORCE
     """'enforce' rejects over-limit requests; 'shadow' only counts and reports would-be rejections."""
+    when_missing: WhenMissing = WhenMissing.REJECT
+    """For 'header:<Name>' keys: what a request without the header (or with an empty value) gets.
+    'reject' (default): 400 missing_limit_header naming the header, so no client escapes or silently
+    shares the limit; 'shared': all such requests count against one common bucket; 'skip': the limit
+    does not apply to them (they are unlimited by it). A shadow limit never rejects: it skips them."""
 
     @property
     def header_name(self) -> str | None:
         """The header name of a 'header:<Name>' key, else None."""
         return self.key.split(":", 1)[1] if self.key.startswith("header:") else None
+
+
+class TokenAccounting(ApiModel):
+    """How tokensPerMinute limits reserve and charge tokens of requests whose size is not known upfront."""
+
+    default_reservation: int = Field(default=DEFAULT_RESERVATION, ge=1, le=1_000_000)
+    """Completion tokens reserved (x n) for a request that sets no max_tokens / max_completion_tokens /
+    max_output_tokens. Admission reserves the prompt estimate plus this; settlement charges the actual."""
+    inject_max_tokens: bool = False
+    """Add the reservation as the request's maximum (max_completion_tokens for chat, max_tokens for
+    completions, max_output_tokens for responses) when the client set none, so the reservation is a
+    true bound on the completion and tokensPerMinute holds exactly. Changes what the upstream sees."""
+    stream_charge_interval_tokens: int = Field(default=256, ge=1, le=1_000_000)
+    """A stream that outgrows its reservation has its live usage charged to the quota store whenever it
+    has grown by this many tokens since the last charge, so other admissions see it while it streams."""
+    stream_charge_interval_ms: int = Field(default=500, ge=10, le=60_000)
+    """How often (milliseconds) such a stream is charged again while it keeps growing, even before
+    streamChargeIntervalTokens more tokens arrived. Charges run beside the stream, never per chunk."""
+    cut_over_reservation: bool = False
+    """End a stream that outgrows its reservation with a final SSE error event (code
+    token_reservation_exceeded) instead of relaying the rest: once its completion, as the sidecar
+    estimates it from the streamed text (about 4 characters per token, which runs high for plain
+    English), passes 1.5x the completion tokens it reserved. For upstreams that ignore max_tokens."""
 
 
 class StoreFailurePolicy(StrEnum):
@@ -261,6 +297,9 @@ class LLMRouteSpec(ApiModel):
     """Limit values per tier (e.g. free, premium) for apiKey-scoped limits."""
     limits: list[Limit] = Field(default_factory=list, max_length=64)
     """Fleet-wide limits; a request must pass every limit that applies to it."""
+    tokens: TokenAccounting = Field(default_factory=TokenAccounting)
+    """Token reservation and live charging of tokensPerMinute limits (requests without max_tokens,
+    streams)."""
     on_store_failure: StoreFailurePolicy = StoreFailurePolicy.ALLOW
     """When the quota store is unreachable: 'allow' falls back to a local limiter at each limit's share
     per replica; 'deny' answers 503 and reports not ready."""

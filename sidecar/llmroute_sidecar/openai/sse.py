@@ -166,7 +166,9 @@ def usage_from_json(document: dict[str, Any]) -> tuple[int, int, int] | None:
     """(prompt, completion, total) from a response's ``usage`` object, if it has a usable one.
 
     Chat/completions name them prompt/completion/total_tokens, embeddings only prompt/total,
-    ``/v1/responses`` input/output/total_tokens. A missing total is the sum of the other two.
+    ``/v1/responses`` input/output/total_tokens. The total charged is ``max(total, prompt +
+    completion)``: a missing or understated total (LiteLLM reports ``total_tokens: 0`` for
+    embeddings) never makes a request cheaper than its parts.
     """
     usage = document.get("usage")
     if not isinstance(usage, dict):
@@ -177,7 +179,7 @@ def usage_from_json(document: dict[str, Any]) -> tuple[int, int, int] | None:
     if prompt is None and completion is None and total is None:
         return None
     prompt, completion = prompt or 0, completion or 0
-    return prompt, completion, prompt + completion if total is None else total
+    return prompt, completion, max(total or 0, prompt + completion)
 
 
 #: Top-level chunk fields that describe a chunk rather than carry content.

@@ -3,7 +3,8 @@
 One ``admit`` call checks every limit that applies to a request and consumes all of them only if all
 pass (all or nothing: a rejected request consumes nothing). An admitted request holds a ``Lease``: its
 concurrency slots and its reserved tokens. ``settle`` ends the lease: it releases the slots and
-replaces the reserved token estimate with the actual usage. Stores: ``memory`` (exact within one
+replaces the reserved token estimate with the actual usage; ``charge`` raises the charge of a lease
+still streaming to its live usage, so other admissions see it. Stores: ``memory`` (exact within one
 process; the embedded default) and ``redis`` (exact across the fleet).
 """
 
@@ -145,6 +146,15 @@ class QuotaStore(Protocol):
 
     async def settle(self, lease: Lease, actual_tokens: int) -> None:
         """Release the lease's slots and charge ``actual_tokens`` in place of the reservation."""
+        ...
+
+    async def charge(self, lease: Lease, tokens_so_far: int) -> None:
+        """Raise the lease's tokensPerMinute charges to ``max(current charge, tokens_so_far)``.
+
+        Live usage of an unsettled lease (a stream outgrowing its reservation), so concurrent
+        admissions see it; never lowers a charge. Call it only before ``settle`` (the sidecar waits
+        for its last charge first): the memory store ignores settled leases, Redis cannot tell.
+        """
         ...
 
     async def wait_for_capacity(self, timeout: float) -> None:

@@ -13,7 +13,9 @@ The Redis store is property-tested against this one, so the semantics here are t
   ``retry_after`` = 60 and ``remaining`` 0. Admission charges the reservation; ``settle`` rewrites the
   entry's charge to the actual usage (refund or debt; the entry keeps its admission time; an entry
   already out of the window is left alone). Debt can push usage above N: nothing passes until it ages
-  out. A reservation of 0 still logs an entry, so settlement can charge it.
+  out. A reservation of 0 still logs an entry, so settlement can charge it. ``charge(lease, tokens)``
+  raises an unsettled lease's entries to ``max(charge, tokens)`` (live usage of a stream; it never
+  lowers a charge; settled or unknown leases and entries out of the window are left alone).
 - burst (only with requestsPerMinute) is a token bucket of capacity ``burst``, starting full, refilled
   continuously at requestsPerMinute/60 per second; each admission takes 1. It never goes below empty.
 - concurrentRequests counts the unsettled, unexpired leases holding a slot. A lease expires
@@ -231,6 +233,20 @@ class MemoryQuotaStore:
             log.total += actual - entry.charge
             entry.charge = actual
         self._signal()
+
+    async def charge(self, lease: Lease, tokens_so_far: int) -> None:
+        """Raise the unsettled lease's token charges to ``tokens_so_far``; never lower them."""
+        now = self._clock()
+        self._maintain(now)
+        hold = self._holds.get(lease.lease_id)
+        if hold is None:
+            return
+        for key, entry in hold.charges:
+            log = self._logs.get(key)
+            if log is None or entry.at <= now - TOKEN_WINDOW or tokens_so_far <= entry.charge:
+                continue
+            log.total += tokens_so_far - entry.charge
+            entry.charge = tokens_so_far
 
     async def wait_for_capacity(self, timeout: float) -> None:
         """Return when a lease is settled or expires, or after ``timeout`` seconds."""

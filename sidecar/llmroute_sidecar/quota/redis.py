@@ -58,7 +58,7 @@ from llmroute_sidecar.quota.batching import (
     StoreBusyError,
     answered,
 )
-from llmroute_sidecar.quota.scripts import ADMIT, DIMENSION_CODES, SETTLE
+from llmroute_sidecar.quota.scripts import ADMIT, CHARGE, DIMENSION_CODES, SETTLE
 
 log = logging.getLogger("llmroute.quota.redis")
 
@@ -179,7 +179,8 @@ class RedisQuotaStore:
         self.member = member or uuid.uuid4().hex[:12]
         self._admit = client.register_script(ADMIT)
         self._settle = client.register_script(SETTLE)
-        self._scripts = {self._admit.sha: self._admit, self._settle.sha: self._settle}
+        self._charge = client.register_script(CHARGE)
+        self._scripts = {script.sha: script for script in (self._admit, self._settle, self._charge)}
         self._batcher = Batcher(self._send, WORKERS, MAX_BATCH, on_expired=self._busy)
         self.state = StoreState.UP
         self._listeners: list[tuple[StateListener, Callable[[], None] | None]] = []
@@ -406,6 +407,19 @@ class RedisQuotaStore:
             keys.extend(_keys(lease.request.route, check, dimension))
             args.append(DIMENSION_CODES[dimension.value])
         await self._call(self._settle, keys, args)
+
+    # -- live charges: streams outgrowing their reservation ----------------------------------------
+
+    async def charge(self, lease: Lease, tokens_so_far: int) -> None:
+        """One EVALSHA (batched) raising the lease's tokensPerMinute entries to ``tokens_so_far``."""
+        keys = [
+            key
+            for check, dimension, _ in _items(lease.request)
+            if dimension is Dimension.TOKENS_PER_MINUTE
+            for key in _keys(lease.request.route, check, dimension)
+        ]
+        if keys:
+            await self._call(self._charge, keys, [lease.lease_id, max(0, tokens_so_far)])
 
     async def ping(self) -> bool:
         """True when Redis answers; ends the failure pause so exact limiting resumes at once."""

@@ -1,4 +1,4 @@
-"""Lua scripts of the Redis quota store: one round trip to admit, one to settle.
+"""Lua scripts of the Redis quota store: one round trip to admit, one to settle, one per live charge.
 
 Admission checks every (limit, dimension) item of a request and consumes all of them only when
 every enforced item passes. Time comes from Redis (``TIME``), never from pod clocks.
@@ -202,4 +202,22 @@ for i = 1, n do
   end
 end
 return 1
+"""
+
+#: Live usage of a stream: raise each tokensPerMinute entry of the lease to ARGV[2] (never lower it).
+#: KEYS: (log, charges) per tokensPerMinute item; ARGV: lease id, tokens so far. Returns the entries raised.
+CHARGE = r"""
+local lease_id = ARGV[1]
+local tokens = tonumber(ARGV[2])
+local raised = 0
+for i = 2, #KEYS, 2 do
+  local hkey = KEYS[i]
+  local charged = tonumber(redis.call('HGET', hkey, lease_id))
+  if charged and tokens > charged then
+    redis.call('HSET', hkey, lease_id, tokens)
+    redis.call('HINCRBY', hkey, '_total', tokens - charged)
+    raised = raised + 1
+  end
+end
+return raised
 """
