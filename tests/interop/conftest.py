@@ -13,19 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.interop.stack import (
-    CHAT_MODEL,
-    EMBED_MODEL,
-    LITELLM_ENV,
-    LITELLM_MASTER_KEY,
-    LiteLLMProxy,
-    Stack,
-    Upstream,
-    write_route,
-    write_secrets,
-)
+from tests.interop.stack import LITELLM_ENV, LiteLLMProxy, Stack, start_stack, upstream_of, write_secrets
 from tests.support.redis_procs import RedisServer
-from tests.support.sidecar_procs import MockUpstream, SidecarProcess
+from tests.support.sidecar_procs import MockUpstream
 
 # The litellm client library reads these at import time: keep it offline in this process too.
 for _name, _value in LITELLM_ENV.items():
@@ -72,24 +62,6 @@ def interop_mock() -> Iterator[MockUpstream]:
         upstream.stop()
 
 
-def upstream_of(kind: str, request: pytest.FixtureRequest) -> Upstream:
-    """The upstream named ``kind``, started on first use."""
-    if kind == "litellm":
-        proxy: LiteLLMProxy = request.getfixturevalue("litellm_proxy")
-        return Upstream("litellm", proxy.url, LITELLM_MASTER_KEY, CHAT_MODEL, EMBED_MODEL)
-    mock: MockUpstream = request.getfixturevalue("interop_mock")
-    return Upstream("mock", mock.url, "sk-anything", "mock-model", "mock-embedding")
-
-
-def start_stack(
-    upstream: Upstream, redis: RedisServer, secrets: Path, workdir: Path, **spec: object
-) -> tuple[Stack, SidecarProcess]:
-    """A Redis-backed sidecar in front of ``upstream`` (the caller stops the process)."""
-    route = write_route(workdir / "route.yaml", upstream.url, **spec)
-    sidecar = SidecarProcess(route, "--redis", redis.url, "--secrets-dir", str(secrets))
-    return Stack(upstream, sidecar), sidecar
-
-
 @pytest.fixture(scope="session", params=["litellm", "mock"])
 def stack(
     request: pytest.FixtureRequest,
@@ -117,7 +89,9 @@ def litellm_stack(
 ) -> Iterator[Stack]:
     """A sidecar in front of the LiteLLM proxy, for tests about LiteLLM's own conventions."""
     upstream = upstream_of("litellm", request)
-    built, sidecar = start_stack(upstream, interop_redis, interop_secrets, tmp_path_factory.mktemp("stack-ll"))
+    built, sidecar = start_stack(
+        upstream, interop_redis, interop_secrets, tmp_path_factory.mktemp("stack-ll")
+    )
     try:
         yield built
     finally:

@@ -22,7 +22,8 @@ from typing import Any, NoReturn
 import pytest
 import yaml
 
-from tests.support.sidecar_procs import ManagedProcess, SidecarProcess, free_port, http_get
+from tests.support.redis_procs import RedisServer
+from tests.support.sidecar_procs import ManagedProcess, MockUpstream, SidecarProcess, free_port, http_get
 
 #: The LiteLLM proxy's master key: the "vendor key" the sidecar sends upstream in the client's place.
 LITELLM_MASTER_KEY = "sk-litellm-master"
@@ -61,13 +62,25 @@ def require_module(name: str, install: str) -> None:
         unavailable(f"{name} is not installed: {install}")
 
 
+def expect_failure_for_litellm(stack: Stack, request: pytest.FixtureRequest, item: int, what: str) -> None:
+    """A defect of issue 9 seen only with the LiteLLM proxy's conventions."""
+    if stack.upstream.kind == "litellm":
+        request.applymarker(
+            pytest.mark.xfail(reason=f"issue 9 item {item}: {what}; fixed on a parallel branch", strict=True)
+        )
+
+
 def litellm_config(path: Path) -> Path:
     """A LiteLLM proxy config with a streaming-capable mock chat model and a mock embedding model."""
     config = {
         "model_list": [
             {
                 "model_name": CHAT_MODEL,
-                "litellm_params": {"model": "openai/mock-chat", "api_key": "sk-unused", "mock_response": MOCK_REPLY},
+                "litellm_params": {
+                    "model": "openai/mock-chat",
+                    "api_key": "sk-unused",
+                    "mock_response": MOCK_REPLY,
+                },
             },
             {
                 "model_name": EMBED_MODEL,
@@ -99,7 +112,9 @@ class LiteLLMProxy(ManagedProcess):
         deadline = time.monotonic() + STARTUP_SECONDS
         while http_get(f"{self.url}/health/liveliness", timeout=2)[0] != 200:
             if not self.alive or time.monotonic() > deadline:
-                state = f"exited {self.proc.returncode}" if not self.alive else f"not up in {STARTUP_SECONDS}s"
+                state = (
+                    f"exited {self.proc.returncode}" if not self.alive else f"not up in {STARTUP_SECONDS}s"
+                )
                 tail = self.output()[-3000:]
                 self.stop()
                 unavailable(f"the LiteLLM proxy did not start ({state}):\n{tail}")
@@ -137,6 +152,24 @@ class Stack:
     @property
     def sidecar_base(self) -> str:
         return f"{self.sidecar.url}/v1"
+
+
+def upstream_of(kind: str, request: pytest.FixtureRequest) -> Upstream:
+    """The upstream named ``kind``, started on first use."""
+    if kind == "litellm":
+        proxy: LiteLLMProxy = request.getfixturevalue("litellm_proxy")
+        return Upstream("litellm", proxy.url, LITELLM_MASTER_KEY, CHAT_MODEL, EMBED_MODEL)
+    mock: MockUpstream = request.getfixturevalue("interop_mock")
+    return Upstream("mock", mock.url, "sk-anything", "mock-model", "mock-embedding")
+
+
+def start_stack(
+    upstream: Upstream, redis: RedisServer, secrets: Path, workdir: Path, **spec: object
+) -> tuple[Stack, SidecarProcess]:
+    """A Redis-backed sidecar in front of ``upstream`` (the caller stops the process)."""
+    route = write_route(workdir / "route.yaml", upstream.url, **spec)
+    sidecar = SidecarProcess(route, "--redis", redis.url, "--secrets-dir", str(secrets))
+    return Stack(upstream, sidecar), sidecar
 
 
 def write_secrets(directory: Path, client_keys: tuple[str, ...] = (CLIENT_KEY,)) -> Path:
