@@ -80,7 +80,7 @@ async def test_exact_on_a_redis_cluster(
         mock.url,
         limits=[
             {"name": "fleet", "requestsPerMinute": 100},
-            {"name": "tenant", "key": "header:X-Tenant", "requestsPerMinute": 1000},
+            {"name": "tenant", "key": "header:X-Tenant", "requestsPerMinute": 1000, "whenMissing": "shared"},
         ],
     )
     url = redis_cluster.url.replace("redis://", "redis+cluster://", 1)

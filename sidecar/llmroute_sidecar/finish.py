@@ -64,6 +64,8 @@ class Finisher:
                 refund = ex.lease.reserved_tokens - actual
                 if refund > 0:
                     self.metrics.tokens_total.labels(policy_name, "refunded").inc(refund)
+                elif refund < 0:
+                    self.metrics.tokens_total.labels(policy_name, "overrun").inc(-refund)
             if ex.tokens_actual is not None:
                 self.metrics.tokens_total.labels(policy_name, "prompt").inc(ex.prompt_tokens)
                 self.metrics.tokens_total.labels(policy_name, "completion").inc(max(0, ex.completion_tokens))

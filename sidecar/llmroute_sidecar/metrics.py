@@ -33,7 +33,7 @@ OUTCOMES = (
 #: Values of the ``outcome`` label of ``llmroute_upstream_duration_seconds`` (one per attempt).
 UPSTREAM_OUTCOMES = ("ok", "http_5xx", "http_4xx", "timeout", "connect_error")
 #: ``kind`` of ``llmroute_tokens_total``; ``layer`` of ``llmroute_timeouts_total``.
-TOKEN_KINDS = ("prompt", "completion", "reserved", "refunded")
+TOKEN_KINDS = ("prompt", "completion", "reserved", "refunded", "overrun")
 TIMEOUT_LAYERS = ("queue", "attempt", "deadline", "stream")
 
 
@@ -84,7 +84,8 @@ class SidecarMetrics:
         )
         self.tokens_total = Counter(
             "llmroute_tokens_total",
-            "Tokens by kind: prompt and completion (counted), reserved and refunded.",
+            "Tokens by kind: prompt and completion (counted); reserved, refunded and overrun (charged past"
+            " the reservation): reserved - refunded + overrun is what the quota was charged.",
             ["route", "kind"],
             registry=r,
         )

@@ -62,14 +62,6 @@ def require_module(name: str, install: str) -> None:
         unavailable(f"{name} is not installed: {install}")
 
 
-def expect_failure_for_litellm(stack: Stack, request: pytest.FixtureRequest, item: int, what: str) -> None:
-    """A defect of issue 9 seen only with the LiteLLM proxy's conventions."""
-    if stack.upstream.kind == "litellm":
-        request.applymarker(
-            pytest.mark.xfail(reason=f"issue 9 item {item}: {what}; fixed on a parallel branch", strict=True)
-        )
-
-
 def litellm_config(path: Path) -> Path:
     """A LiteLLM proxy config with a streaming-capable mock chat model and a mock embedding model."""
     config = {

@@ -6,7 +6,6 @@ import asyncio
 import json
 from pathlib import Path
 
-import pytest
 from aiohttp import web
 
 from tests.interop.stack import CLIENT_KEY, Stack, Upstream, access_record, require_module, start_stack
@@ -16,8 +15,6 @@ from tests.support.sidecar_procs import SidecarProcess
 require_module("openai", "pip install -e '.[test]' (openai>=2.20,<3)")
 
 import openai  # noqa: E402
-
-DISCONNECT_DEFECT = "issue 9 item 6: completed SDK streams counted as client disconnects"
 
 PROMPT = [{"role": "user", "content": "count my tokens"}]
 STREAMS = 20
@@ -32,15 +29,13 @@ def tokens(stack: Stack, kind: str) -> float:
 
 
 def test_completed_sdk_streams_are_ok_not_client_disconnects(
-    stack: Stack, request: pytest.FixtureRequest
+    stack: Stack,
 ) -> None:
     """The SDK closes its connection right after ``data: [DONE]``; the stream was delivered: ``ok``.
 
-    Against the LiteLLM proxy this fails today in some runs only (its body ends a moment after
-    ``[DONE]``), hence no strict mark; the next test reproduces it every time.
+    Against the LiteLLM proxy its body ends a moment after ``[DONE]``; the next test makes that
+    ordering certain.
     """
-    if stack.upstream.kind == "litellm":
-        request.applymarker(pytest.mark.xfail(reason=f"{DISCONNECT_DEFECT} (racy today)", strict=False))
     sdk = client(stack)
     disconnects = stack.sidecar.metric("llmroute_client_disconnects_total")
     ids = []
@@ -92,7 +87,6 @@ class LateEndUpstream:
         await self.runner.cleanup()
 
 
-@pytest.mark.xfail(reason=f"{DISCONNECT_DEFECT}; fixed on a parallel branch", strict=True)
 async def test_stream_whose_body_ends_after_done_is_ok(
     interop_redis: RedisServer, interop_secrets: Path, tmp_path: Path, sidecars: list[SidecarProcess]
 ) -> None:
@@ -129,10 +123,6 @@ def test_streamed_usage_is_what_the_sidecar_charges(stack: Stack) -> None:
     assert record["tokens_actual"] == usage[0].total_tokens > 0
 
 
-@pytest.mark.xfail(
-    reason="issue 9 item 3: embeddings with total_tokens 0 are charged 0; fixed on a parallel branch",
-    strict=True,
-)
 def test_embeddings_are_charged_their_prompt_tokens_when_total_is_zero(litellm_stack: Stack) -> None:
     """LiteLLM reports embeddings as ``prompt_tokens: N, total_tokens: 0``: N tokens were used."""
     stack = litellm_stack
@@ -140,15 +130,15 @@ def test_embeddings_are_charged_their_prompt_tokens_when_total_is_zero(litellm_s
     upstream_usage = direct.embeddings.create(model=stack.upstream.embed_model, input="embed me").usage
     assert upstream_usage.total_tokens == 0 < upstream_usage.prompt_tokens  # LiteLLM's convention
 
-    before = {kind: tokens(stack, kind) for kind in ("reserved", "refunded", "prompt")}
+    kinds = ("reserved", "refunded", "overrun", "prompt")
+    before = {kind: tokens(stack, kind) for kind in kinds}
     raw = client(stack).embeddings.with_raw_response.create(
         model=stack.upstream.embed_model, input="embed me"
     )
     used = raw.parse().usage.prompt_tokens
     record = access_record(stack.sidecar, raw.request_id)
-    charged = (tokens(stack, "reserved") - before["reserved"]) - (
-        tokens(stack, "refunded") - before["refunded"]
-    )
-    assert tokens(stack, "prompt") - before["prompt"] == used
+    delta = {kind: tokens(stack, kind) - before[kind] for kind in kinds}
+    charged = delta["reserved"] - delta["refunded"] + delta["overrun"]
+    assert delta["prompt"] == used
     assert record["tokens_actual"] == used
     assert charged == used

@@ -15,7 +15,6 @@ from tests.interop.stack import (
     CLIENT_KEY,
     Stack,
     access_record,
-    expect_failure_for_litellm,
     require_module,
     sse_data,
 )
@@ -23,10 +22,6 @@ from tests.interop.stack import (
 require_module("openai", "pip install -e '.[test]' (openai>=2.20,<3)")
 
 import openai  # noqa: E402
-
-#: Found by this suite, not listed in issue 9: the include_usage the sidecar injects makes an
-#: OpenAI-convention upstream add ``"usage": null`` to every chunk, which the client never asked for.
-USAGE_NULL_DEFECT = "new drop-in defect: injected include_usage adds 'usage: null' to every chunk"
 
 PROMPT = [{"role": "user", "content": "Say something about drop-in proxies."}]
 
@@ -123,10 +118,7 @@ def test_stream_with_include_usage_delivers_the_upstream_usage(stack: Stack) -> 
 @pytest.mark.parametrize(
     "options", [{}, {"stream_options": {"include_usage": False}}], ids=["unset", "false"]
 )
-def test_stream_without_include_usage_gets_no_usage_chunk(
-    stack: Stack, options: dict[str, Any], request: pytest.FixtureRequest
-) -> None:
-    expect_failure_for_litellm(stack, request, 5, "LiteLLM's usage chunk with choices [{delta: {}}] leaks")
+def test_stream_without_include_usage_gets_no_usage_chunk(stack: Stack, options: dict[str, Any]) -> None:
     through = stream_view(sidecar_client(stack), stack, **options)
     direct = stream_view(direct_client(stack), stack, **options)
     assert [usage for *_, usage in direct if usage] == []
@@ -168,9 +160,6 @@ def test_unknown_client_key_is_an_authentication_error(stack: Stack) -> None:
     assert error.request_id and access_record(stack.sidecar, error.request_id)["status"] == 401
 
 
-@pytest.mark.xfail(
-    reason="issue 9 item 8: validation errors are 422; fixed on a parallel branch", strict=True
-)
 def test_invalid_body_is_a_bad_request_error_naming_the_parameter(stack: Stack) -> None:
     with pytest.raises(openai.BadRequestError) as caught:
         sidecar_client(stack).chat.completions.create(model=stack.upstream.chat_model, messages=[])
@@ -209,11 +198,8 @@ def raw_stream(base: str, key: str, model: str) -> tuple[str, list[Any]]:
     return response.headers["content-type"], documents
 
 
-def test_raw_stream_documents_are_unchanged(stack: Stack, request: pytest.FixtureRequest) -> None:
+def test_raw_stream_documents_are_unchanged(stack: Stack) -> None:
     """Below the SDK: every SSE document as the upstream sent it, no field added or removed."""
-    expect_failure_for_litellm(stack, request, 5, "LiteLLM's usage chunk with choices [{delta: {}}] leaks")
-    if stack.upstream.kind == "mock":
-        request.applymarker(pytest.mark.xfail(reason=USAGE_NULL_DEFECT, strict=True))
     through = raw_stream(stack.sidecar_base, CLIENT_KEY, stack.upstream.chat_model)
     direct = raw_stream(stack.direct_base, stack.upstream.api_key, stack.upstream.chat_model)
     assert through == direct

@@ -88,10 +88,6 @@ def test_sdk_waits_the_retry_after_and_then_succeeds(limited: Callable[..., Stac
     assert time.monotonic() - started < 15  # a short window: the test stays short too
 
 
-@pytest.mark.xfail(
-    reason="issue 9 item 2: a never-fitting request gets a retryable 429; fixed on a parallel branch",
-    strict=True,
-)
 def test_request_that_can_never_fit_is_not_retried(limited: Callable[..., Stack]) -> None:
     stack = limited([{"name": "small-tpm", "tokensPerMinute": 100}])
     with pytest.raises(openai.APIStatusError) as caught:
@@ -112,9 +108,6 @@ def test_request_that_can_never_fit_is_not_retried(limited: Callable[..., Stack]
     assert len(stack.sidecar.access_records()) == before + 1
 
 
-@pytest.mark.xfail(
-    reason="issue 9 item 7: no OpenAI x-ratelimit-* headers; fixed on a parallel branch", strict=True
-)
 def test_openai_rate_limit_headers_on_success_and_on_429(limited: Callable[..., Stack]) -> None:
     stack = limited([{"name": "rpm", "requestsPerMinute": 2}, {"name": "tpm", "tokensPerMinute": 100_000}])
     sdk = client(stack)
@@ -141,11 +134,6 @@ def test_openai_rate_limit_headers_on_success_and_on_429(limited: Callable[..., 
     assert reset is not None and abs(int(reset.group(1)) - retry_after) <= 1
 
 
-@pytest.mark.xfail(
-    reason="issue 9 item 7: RateLimit disappears when concurrency is the tightest limit; "
-    "fixed on a parallel branch",
-    strict=True,
-)
 def test_rate_limit_header_stays_when_concurrency_is_tightest(limited: Callable[..., Stack]) -> None:
     stack = limited([{"name": "conc", "concurrentRequests": 1}, {"name": "rpm", "requestsPerMinute": 1000}])
     raw = client(stack).chat.completions.with_raw_response.create(
