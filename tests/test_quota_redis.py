@@ -293,3 +293,61 @@ async def test_sentinel_url_finds_the_master(redis_server: RedisServer, tmp_path
         direct.close()
     finally:
         sentinel.stop()
+
+
+async def test_a_quiet_minute_after_a_busy_one_prunes_every_expired_charge(
+    store: RedisQuotaStore, redis_server: RedisServer
+) -> None:
+    """20,000 charges leaving the window at once (past Lua's unpack limit) are freed, exactly."""
+    check = LimitCheck("tpm", "route", tokens_per_minute=1_000_000)
+    assert (await store.admit(request(check, tokens=5))).admitted
+    client = redis.Redis.from_url(redis_server.url)
+    try:
+        (log,) = client.keys("*:tpm")
+        charges = log + b":c"
+        seconds, micros = client.time()
+        old = (seconds - 120) * 1_000_000 + micros  # two minutes ago: outside the window
+        pipe = client.pipeline(transaction=False)
+        for start in range(0, 20_000, 2_000):
+            ids = [f"old-{n}" for n in range(start, start + 2_000)]
+            pipe.zadd(log, {member: old + n for n, member in enumerate(ids)})
+            pipe.hset(charges, mapping=dict.fromkeys(ids, 3))
+        pipe.hincrby(charges, "_total", 60_000)
+        pipe.execute()
+        decision = await store.admit(request(check, tokens=7))
+        assert decision.admitted
+        assert decision.tightest is not None and decision.tightest.remaining == 1_000_000 - 12
+        assert client.zcard(log) == 2 and int(client.hget(charges, "_total") or 0) == 12
+        assert client.hlen(charges) == 3  # _total and the two live charges
+    finally:
+        client.close()
+
+
+async def test_retry_after_of_a_full_token_log_reads_it_in_chunks(
+    store: RedisQuotaStore, redis_server: RedisServer
+) -> None:
+    """A tokensPerMinute rejection waits for the oldest charges that make room, even past the first chunk."""
+    check = LimitCheck("tpm", "route", tokens_per_minute=5_000)
+    for _ in range(5_000 // 20):
+        assert (await store.admit(request(check, tokens=20))).admitted
+    rejected = await store.admit(request(check, tokens=3_000))  # needs the 150 oldest charges gone
+    assert not rejected.admitted and 55.0 < rejected.retry_after <= 60.0
+
+
+async def test_a_script_error_is_logged_not_silent(
+    store: RedisQuotaStore, redis_server: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A script that Redis refuses fails the admission as a store error and says why in the log."""
+    check = LimitCheck("rpm", "route", requests_per_minute=10)
+    assert (await store.admit(request(check))).admitted
+    client = redis.Redis.from_url(redis_server.url)
+    try:
+        (log,) = client.keys("*:rpm")
+        client.delete(log)
+        client.set(log, "not a sorted set")  # WRONGTYPE inside the admission script
+    finally:
+        client.close()
+    with caplog.at_level("ERROR", logger="llmroute.quota.redis"), pytest.raises(StoreUnavailableError):
+        await store.admit(request(check))
+    assert [r.getMessage() for r in caplog.records] == ["redis script error"]
+    assert "WRONGTYPE" in str(caplog.records[0].__dict__["fields"]["error"])

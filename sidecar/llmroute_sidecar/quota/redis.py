@@ -66,6 +66,8 @@ log = logging.getLogger("llmroute.quota.redis")
 OPERATION_TIMEOUT = 0.5
 #: How long an operation may wait in this sidecar for its round trip while Redis answers.
 QUEUE_BUDGET_SECONDS = 5.0
+#: Script errors (a bug, or a Redis refusing scripts) are logged at most this often.
+SCRIPT_ERROR_LOG_SECONDS = 10.0
 #: Concurrent round trips carrying batched operations, and the most operations in one.
 WORKERS = 4
 MAX_BATCH = 100
@@ -193,6 +195,7 @@ class RedisQuotaStore:
         self._background: set[asyncio.Task[Any]] = set()
         self._lag = LoopLag()
         self._last_answer = 0.0
+        self._script_error_logged = -SCRIPT_ERROR_LOG_SECONDS
 
     @classmethod
     def from_url(cls, url: str, member: str = "") -> RedisQuotaStore:
@@ -305,10 +308,19 @@ class RedisQuotaStore:
         for operation, result in zip(batch, results, strict=True):
             if isinstance(result, ResponseError):  # this command failed, the connection is fine
                 busy = str(result).startswith("BUSY")
+                if not busy:
+                    self._script_failed(result)
                 error_type = StoreBusyError if busy else StoreUnavailableError
                 operation.resolve(error_type(f"redis error: {result}"))
             else:
                 operation.resolve(result)
+
+    def _script_failed(self, error: ResponseError) -> None:
+        """A script error is a bug or a misconfigured Redis, never silent: logged, at most every 10 s."""
+        now = time.monotonic()
+        if now - self._script_error_logged >= SCRIPT_ERROR_LOG_SECONDS:
+            self._script_error_logged = now
+            log.error("redis script error", extra={"fields": {"error": str(error)}})
 
     async def _retried(self, work: Callable[[], Awaitable[Any]], sent: float | None = None) -> Any:
         """Run one round trip; once more on a fresh connection when the first one proves dead.

@@ -42,17 +42,41 @@ local function prune_log(key, window)
   redis.call('ZREMRANGEBYSCORE', key, '-inf', '(' .. (now - window))
 end
 
+-- Expired entries leave in chunks: Lua's unpack() takes at most ~8,000 values, and a quiet minute
+-- after a busy one can expire tens of thousands at once. Each entry is pruned once (amortised O(1)).
+local CHUNK = 1000
 local function prune_tokens(key, hkey, window)
-  local expired = redis.call('ZRANGEBYSCORE', key, '-inf', '(' .. (now - window))
-  if #expired > 0 then
+  local cut = '(' .. (now - window)
+  while true do
+    local expired = redis.call('ZRANGEBYSCORE', key, '-inf', cut, 'LIMIT', 0, CHUNK)
+    if #expired == 0 then break end
     local costs = redis.call('HMGET', hkey, unpack(expired))
     local freed = 0
     for i = 1, #costs do freed = freed + (tonumber(costs[i]) or 0) end
     redis.call('HDEL', hkey, unpack(expired))
-    redis.call('ZREMRANGEBYSCORE', key, '-inf', '(' .. (now - window))
+    redis.call('ZREMRANGEBYRANK', key, 0, #expired - 1)
     redis.call('HINCRBY', hkey, '_total', -freed)
+    if #expired < CHUNK then break end
   end
   return tonumber(redis.call('HGET', hkey, '_total') or '0')
+end
+
+-- When enough of the log's charges, oldest first, leave the window for ``tokens`` to fit (read in chunks).
+local function tokens_retry(key, hkey, total, limit)
+  local used = total
+  local start = 0
+  while true do
+    local entries = redis.call('ZRANGE', key, start, start + 127, 'WITHSCORES')
+    if #entries == 0 then return MINUTE end
+    local ids = {}
+    for j = 1, #entries, 2 do ids[#ids + 1] = entries[j] end
+    local costs = redis.call('HMGET', hkey, unpack(ids))
+    for j = 1, #ids do
+      used = used - (tonumber(costs[j]) or 0)
+      if used + tokens <= limit then return tonumber(entries[2 * j]) + MINUTE - now end
+    end
+    start = start + 128
+  end
 end
 
 for i = 1, n do
@@ -92,16 +116,7 @@ for i = 1, n do
         remaining = 0
         retry = MINUTE
       else
-        local entries = redis.call('ZRANGE', key, 0, -1, 'WITHSCORES')
-        local used = total
-        retry = MINUTE
-        for j = 1, #entries, 2 do
-          used = used - (tonumber(redis.call('HGET', hkey, entries[j])) or 0)
-          if used + tokens <= limit then
-            retry = tonumber(entries[j + 1]) + MINUTE - now
-            break
-          end
-        end
+        retry = tokens_retry(key, hkey, total, limit)
       end
     else
       remaining = limit - total - tokens
