@@ -13,9 +13,13 @@ from typing import Any
 
 import helm_python as helm
 import pytest
+import yaml
 from prometheus_client import CollectorRegistry
 
 from llmroute_operator import metrics as operator_metrics
+from llmroute_operator import render as render_operator
+from llmroute_operator.settings import OperatorSettings
+from llmroute_sidecar.api import LLMRoute
 from llmroute_sidecar.metrics import SidecarMetrics
 from tests.test_helm_chart import CHART, NAMESPACE, RELEASE, _chart, _documents, of_kind, one
 
@@ -279,3 +283,23 @@ def test_every_alert_links_its_own_runbook_section() -> None:
         assert "kubectl " in body, f"{rule['alert']}: no diagnosis command"
         linked.add(anchor)
     assert linked == {a for a in sections if a.startswith("llmroute")}, "a runbook section without an alert"
+
+
+# -- scraping the sidecars ----------------------------------------------------------------------------
+
+
+def test_the_pod_monitor_scrapes_the_port_the_operator_gives_the_sidecar() -> None:
+    assert of_kind(rendered({}), "PodMonitor") == []
+    documents = yaml.safe_load_all((ROOT / "examples" / "header-keyed.yaml").read_text())
+    route = LLMRoute.model_validate(next(d for d in documents if d["kind"] == "LLMRoute"))
+    ports = render_operator.sidecar_container(route, OperatorSettings())["ports"]
+    admin = next(p["name"] for p in ports if p["containerPort"] == render_operator.ADMIN_PORT)
+    monitor = one(
+        rendered({"metrics": {"podMonitor": {"enabled": True, "labels": {"release": "prom"}}}}), "PodMonitor"
+    )
+    assert monitor["metadata"]["labels"]["release"] == "prom"
+    assert monitor["spec"]["namespaceSelector"] == {"any": True}
+    (endpoint,) = monitor["spec"]["podMetricsEndpoints"]
+    assert endpoint["port"] == admin and endpoint["path"] == "/metrics"
+    scoped = rendered({"metrics": {"podMonitor": {"enabled": True}}, "watchNamespaces": ["team-a"]})
+    assert one(scoped, "PodMonitor")["spec"]["namespaceSelector"] == {"matchNames": ["team-a"]}

@@ -53,7 +53,10 @@ VARIANTS: dict[str, dict[str, Any]] = {
         "peering": {"name": "llmroute-b", "lifetimeSeconds": 20},
         "verbose": True,
         "extraArgs": ["--liveness", "http://0.0.0.0:8081/healthz"],
-        "metrics": {"serviceMonitor": {"enabled": True, "labels": {"release": "prom"}}},
+        "metrics": {
+            "serviceMonitor": {"enabled": True, "labels": {"release": "prom"}},
+            "podMonitor": {"enabled": True, "labels": {"release": "prom"}},
+        },
         "dashboards": {"enabled": True, "annotations": {"grafana_folder": "LLM"}},
         "prometheusRule": {"enabled": True, "labels": {"release": "prom"}, "alertLabels": {"team": "ml"}},
         "webhook": {
