@@ -53,7 +53,12 @@ VARIANTS: dict[str, dict[str, Any]] = {
         "peering": {"name": "llmroute-b", "lifetimeSeconds": 20},
         "verbose": True,
         "extraArgs": ["--liveness", "http://0.0.0.0:8081/healthz"],
-        "metrics": {"serviceMonitor": {"enabled": True, "labels": {"release": "prom"}}},
+        "metrics": {
+            "serviceMonitor": {"enabled": True, "labels": {"release": "prom"}},
+            "podMonitor": {"enabled": True, "labels": {"release": "prom"}},
+        },
+        "dashboards": {"enabled": True, "annotations": {"grafana_folder": "LLM"}},
+        "prometheusRule": {"enabled": True, "labels": {"release": "prom"}, "alertLabels": {"team": "ml"}},
         "webhook": {
             "certManager": {"enabled": True, "issuerRef": {"name": "corp-ca", "kind": "ClusterIssuer"}},
             "excludeNamespaces": ["legacy"],
@@ -411,7 +416,7 @@ def test_every_object_carries_the_recommended_labels(variant: str) -> None:
         assert labels["app.kubernetes.io/version"] == _chart().metadata["appVersion"], where
         assert labels["app.kubernetes.io/managed-by"] == "Helm", where
         assert labels["app.kubernetes.io/part-of"] == "llmroute", where
-        assert labels["app.kubernetes.io/component"] in ("operator", "webhook"), where
+        assert labels["app.kubernetes.io/component"] in ("operator", "webhook", "monitoring"), where
 
 
 def test_service_monitor_only_on_request_and_scraping_the_metrics_port() -> None:

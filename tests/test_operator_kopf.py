@@ -389,6 +389,11 @@ def test_kopf_run_on_the_handlers_module_serves_the_same_operator(cluster: Clust
                 return b'llmroute_operator_reconciles_total{outcome="ok"} 1.0' in response.read()
 
         wait_for(counted, timeout=10, what="the reconcile counted on /metrics")
+        with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5) as response:
+            exported = response.read()
+        for state in ("matched", "injected", "ready"):  # no pods yet: the route's series exist at 0
+            series = f'llmroute_operator_route_pods{{route="{namespace}/via-kopf-run",state="{state}"}}'
+            assert f"{series} 0.0".encode() in exported
         assert _answers(f"http://127.0.0.1:{webhook_port}")
     finally:
         stop_process(process)

@@ -64,3 +64,30 @@ def test_hints_are_read_from_the_declared_admin_port() -> None:
     }
     assert render.admin_port(declared) == 9191
     assert render.admin_port({"spec": {"containers": [{"name": "app"}]}}) == render.ADMIN_PORT
+
+
+def test_route_status_is_exported_and_forgotten() -> None:
+    route = "team-a/metrics-test"
+    status = {"pods": {"matched": 3, "injected": 2, "ready": 1}, "recommendedReplicas": 4}
+    metrics.record_route_status(route, status)
+    pods = {s: sample("llmroute_operator_route_pods", route=route, state=s) for s in metrics.POD_STATES}
+    assert pods == {"matched": 3, "injected": 2, "ready": 1}
+    assert sample("llmroute_operator_recommended_replicas", route=route) == 4
+    metrics.record_route_status(route, {"pods": {"matched": 2, "injected": 2, "ready": 2}})
+    assert sample("llmroute_operator_route_pods", route=route, state="injected") == 2
+    assert (
+        metrics.REGISTRY.get_sample_value("llmroute_operator_recommended_replicas", {"route": route}) is None
+    )
+    metrics.record_route_status(route, status)
+    metrics.forget_route(route)
+    metrics.forget_route(route)  # twice is fine
+    for state in metrics.POD_STATES:
+        assert (
+            metrics.REGISTRY.get_sample_value(
+                "llmroute_operator_route_pods", {"route": route, "state": state}
+            )
+            is None
+        )
+    assert (
+        metrics.REGISTRY.get_sample_value("llmroute_operator_recommended_replicas", {"route": route}) is None
+    )

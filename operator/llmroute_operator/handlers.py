@@ -199,6 +199,7 @@ def desired_status(body: Any, previous: Mapping[str, Any], index: Any, *, hints:
                 autoscaling_problem=_ensure_hpa(client, body, route, matched),
             )
             new_status = state.route_status(route, observation, previous, now())
+            metrics.record_route_status(route.key, new_status)
         for kind, reason, message in state.transition_events(previous, new_status):
             kopf.event(body, type=kind, reason=reason, message=message)
         return new_status
@@ -285,6 +286,7 @@ def cleanup(*, namespace: str | None, name: str, body: kopf.Body, **kwargs: Any)
     """Finalizer: delete what the route owns; pods lose the sidecar on their next rollout."""
     _wake_neighbours(body, kwargs[INDEX])
     client, namespace = api(), namespace or "default"
+    metrics.forget_route(f"{namespace}/{name}")
     client.delete_configmap(namespace, render.configmap_name_for(name))
     autoscaler = client.get_hpa(namespace, hpa.hpa_name_for(name))
     if autoscaler is not None and hpa.owned_by(autoscaler, name):

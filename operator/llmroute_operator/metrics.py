@@ -8,11 +8,19 @@ probe must not kill a replica for waiting its turn.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager, suppress
+from typing import Any
 
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
 
 from llmroute_sidecar.config import HostPort
 
@@ -54,6 +62,44 @@ ROLLOUTS = Counter(
     ["kind"],
     registry=REGISTRY,
 )
+ROUTE_PODS = Gauge(
+    "llmroute_operator_route_pods",
+    "Pods of a route (namespace/name) by state: matched (selected), injected (running the current"
+    " sidecar), ready; from the last reconcile of this replica.",
+    ["route", "state"],
+    registry=REGISTRY,
+)
+RECOMMENDED_REPLICAS = Gauge(
+    "llmroute_operator_recommended_replicas",
+    "status.recommendedReplicas of a route (namespace/name); absent while the status has none.",
+    ["route"],
+    registry=REGISTRY,
+)
+POD_STATES = ("matched", "injected", "ready")
+
+
+def record_route_status(route: str, status: Mapping[str, Any]) -> None:
+    """Export a valid route's status: its pod counts and recommended replicas."""
+    pods = status.get("pods") or {}
+    for state in POD_STATES:
+        ROUTE_PODS.labels(route, state).set(pods.get(state) or 0)
+    recommended = status.get("recommendedReplicas")
+    if recommended is None:  # no spec.autoscaling (any more), or no hints yet
+        _remove(RECOMMENDED_REPLICAS, route)
+    else:
+        RECOMMENDED_REPLICAS.labels(route).set(recommended)
+
+
+def forget_route(route: str) -> None:
+    """Drop a deleted route's series."""
+    for state in POD_STATES:
+        _remove(ROUTE_PODS, route, state)
+    _remove(RECOMMENDED_REPLICAS, route)
+
+
+def _remove(metric: Gauge, *labels: str) -> None:
+    with suppress(KeyError):
+        metric.remove(*labels)
 
 
 @contextmanager

@@ -25,6 +25,7 @@ from llmroute_sidecar.quota.base import (
     StoreUnavailableError,
 )
 from llmroute_sidecar.quota.memory import MemoryQuotaStore
+from llmroute_sidecar.utilization import QuotaUtilization
 
 
 class Admission:
@@ -39,6 +40,7 @@ class Admission:
         self.settings = settings
         self.metrics = metrics
         self.health = health
+        self.utilization = QuotaUtilization(metrics)
 
     async def admit(
         self,
@@ -76,6 +78,7 @@ class Admission:
                 break
             await self.store.wait_for_capacity(min(remaining, 0.25))
         ex.queue_wait = time.monotonic() - started
+        self.utilization.record(policy.name, decision)
         self.metrics.queue_wait_seconds.labels(policy.name).observe(ex.queue_wait)
         if decision.admitted:
             ex.lease = decision.lease

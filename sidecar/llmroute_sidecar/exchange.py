@@ -37,4 +37,9 @@ class Exchange:
     delivered: bool = False
     """The terminal event (``[DONE]``, ``response.completed``) or the whole body reached the client."""
     first_byte: float | None = None
+    model: str | None = None
+    """The OpenAI request's ``model`` (None for pass-through paths)."""
+    first_token: float | None = None
+    last_token: float | None = None
+    """When the first and the latest SSE event carrying completion text were relayed."""
     headers: dict[str, str] = field(default_factory=dict)

@@ -17,6 +17,7 @@ from llmroute_sidecar.health import HealthState
 from llmroute_sidecar.metrics import SidecarMetrics
 from llmroute_sidecar.quota.base import QuotaStore, StoreUnavailableError
 from llmroute_sidecar.settlement import Settler
+from llmroute_sidecar.token_timing import TokenTiming
 
 log = logging.getLogger("llmroute.proxy")
 
@@ -32,6 +33,7 @@ class Finisher:
         self.health = health
         self.access_log = access_log
         self.settler = Settler(metrics)
+        self.token_timing = TokenTiming(metrics)
         self.idle = asyncio.Event()
         self.idle.set()
 
@@ -69,6 +71,7 @@ class Finisher:
             if ex.tokens_actual is not None:
                 self.metrics.tokens_total.labels(policy_name, "prompt").inc(ex.prompt_tokens)
                 self.metrics.tokens_total.labels(policy_name, "completion").inc(max(0, ex.completion_tokens))
+            self.token_timing.observe(ex)
             if ex.client_disconnected and not ex.delivered:  # only real mid-response disconnects
                 ex.outcome = "client_disconnected"
                 self.metrics.client_disconnects_total.labels(policy_name).inc()

@@ -14,6 +14,10 @@ from prometheus_client import (
 #: Latency buckets for LLM calls: from cache-hit fast to multi-minute generations.
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300)
 WAIT_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+#: Time to first token: a warm small model answers in tens of ms, a long prompt on a busy vendor in tens of s.
+TTFT_BUCKETS = (0.025, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1, 1.5, 2, 3, 5, 7.5, 10, 20, 30, 60)
+#: Time per output token: ~1 ms (small models, speculative decoding) to a crawl of 1 s per token.
+TPOT_BUCKETS = (0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1)
 
 #: Values of the ``outcome`` label of ``llmroute_requests_total`` and ``llmroute_request_duration_seconds``.
 OUTCOMES = (
@@ -68,6 +72,28 @@ class SidecarMetrics:
             "Time from request arrival to the first response body byte.",
             ["route"],
             buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.time_to_first_token_seconds = Histogram(
+            "llmroute_time_to_first_token_seconds",
+            "Time from request arrival to the first completion content relayed (streams: the first SSE"
+            " event with text; JSON: the first body byte); model: the request's, at most 50 per route.",
+            ["route", "model"],
+            buckets=TTFT_BUCKETS,
+            registry=r,
+        )
+        self.time_per_output_token_seconds = Histogram(
+            "llmroute_time_per_output_token_seconds",
+            "Completed streams: (last content event - first content event) / (completion tokens - 1).",
+            ["route", "model"],
+            buckets=TPOT_BUCKETS,
+            registry=r,
+        )
+        self.quota_utilization = Gauge(
+            "llmroute_quota_utilization",
+            "Share (0-1) of a route-scoped limit (key: route) in use after the last admission decision"
+            " this sidecar saw; fleet-wide with the Redis store.",
+            ["route", "limit", "dimension"],
             registry=r,
         )
         self.quota_rejections_total = Counter(

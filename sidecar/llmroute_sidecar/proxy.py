@@ -244,7 +244,7 @@ class Gateway:
             except RequestValidationError as error:
                 raise errors.bad_request(error.code, error.message, error.status, error.param) from None
             parsed, raw = bound_completion(parsed, raw, spec.tokens)  # spec.tokens.injectMaxTokens
-            ex.stream = parsed.stream
+            ex.stream, ex.model = parsed.stream, parsed.model
             injected = with_stream_usage(parsed)
             body = injected if injected is not None else raw
         else:

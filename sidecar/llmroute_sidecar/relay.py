@@ -74,6 +74,7 @@ class Relay:
             prompt = estimate_prompt_tokens(parsed) if parsed is not None else 0
             live = self._live_charge(policy, ex, prompt) if usage is not None else None
             timeout = policy.route.spec.upstream.timeout_seconds
+            chars = 0
             async for chunk in self._chunks(upstream, response, timeout, parser, is_sse, policy.name):
                 if ex.first_byte is None:
                     ex.first_byte = time.monotonic()
@@ -87,6 +88,11 @@ class Relay:
                     for event in events:
                         usage.consume(event)
                     terminal = any(is_terminal_event(e) for e in events)
+                    if usage.streamed_chars != chars:  # completion text: first/last token times
+                        chars = usage.streamed_chars
+                        ex.last_token = time.monotonic()
+                        if ex.first_token is None:
+                            ex.first_token = ex.last_token
                     if strip_usage:  # exactly the usage the sidecar asked for, nothing else
                         out = b"".join(filter(None, map(without_injected_usage, events)))
                     _stream_usage_into(ex, usage, prompt)  # kept current: a cut stream settles it

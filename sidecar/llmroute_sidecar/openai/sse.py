@@ -125,6 +125,11 @@ class StreamUsage:
             self.saw_usage = True
         self._chars += _streamed_chars(document)
 
+    @property
+    def streamed_chars(self) -> int:
+        """Characters of completion text streamed so far: grows with every content event."""
+        return self._chars
+
     def completion_tokens_estimate(self) -> int:
         """Estimated completion tokens of the text streamed so far."""
         return tokens_for_chars(self._chars)
