@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from llmroute_sidecar.genai import RequestTelemetry
 from llmroute_sidecar.quota.base import Lease, QuotaStore
 
 
@@ -38,3 +39,5 @@ class Exchange:
     """The terminal event (``[DONE]``, ``response.completed``) or the whole body reached the client."""
     first_byte: float | None = None
     headers: dict[str, str] = field(default_factory=dict)
+    telemetry: RequestTelemetry | None = None
+    """What the span and GenAI metrics need; only while telemetry is on (``telemetry.py``)."""
