@@ -16,10 +16,10 @@ from opentelemetry import trace
 from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter
 from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 from opentelemetry.sdk.metrics import MeterProvider
-from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader
+from opentelemetry.sdk.metrics.export import MetricReader, PeriodicExportingMetricReader
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import BatchSpanProcessor
+from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter
 from opentelemetry.sdk.trace.id_generator import IdGenerator
 from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
 from opentelemetry.trace import NonRecordingSpan, SpanContext, SpanKind, Status, StatusCode, TraceFlags
@@ -56,7 +56,13 @@ class PresetIds(IdGenerator):
 class OtelExport:
     """Tracer and meter providers exporting over OTLP/HTTP (protobuf)."""
 
-    def __init__(self, config: TelemetryConfig) -> None:
+    def __init__(
+        self,
+        config: TelemetryConfig,
+        span_exporter: SpanExporter | None = None,
+        metric_reader: MetricReader | None = None,
+    ) -> None:
+        """OTLP/HTTP exporters per ``config``; ``span_exporter``/``metric_reader`` replace them (tests)."""
         attributes = {"service.name": config.service_name, **config.resource}
         resource = Resource.create(attributes)
         headers = dict(config.headers) or None
@@ -71,13 +77,14 @@ class OtelExport:
                 sampler=ParentBased(TraceIdRatioBased(config.sampling_ratio)),
                 id_generator=self._ids,
             )
-            self._tracer_provider.add_span_processor(
-                BatchSpanProcessor(OTLPSpanExporter(endpoint=endpoint, headers=headers))
-            )
+            exporter = span_exporter or OTLPSpanExporter(endpoint=endpoint, headers=headers)
+            self._tracer_provider.add_span_processor(BatchSpanProcessor(exporter))
             self._tracer = self._tracer_provider.get_tracer(SCOPE)
         if config.metrics:
             endpoint = f"{config.endpoint}/v1/metrics" if config.endpoint else None
-            reader = PeriodicExportingMetricReader(OTLPMetricExporter(endpoint=endpoint, headers=headers))
+            reader = metric_reader or PeriodicExportingMetricReader(
+                OTLPMetricExporter(endpoint=endpoint, headers=headers)
+            )
             self._meter_provider = MeterProvider(resource=resource, metric_readers=[reader])
             meter = self._meter_provider.get_meter(SCOPE)
             self._token_usage = meter.create_histogram(
