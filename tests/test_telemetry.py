@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
+import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -253,3 +255,36 @@ def test_configured_without_the_packages_is_a_configuration_error(
     with urllib.request.urlopen(request, timeout=10) as response:
         assert response.status == 200
         assert json.loads(response.read())["usage"]["completion_tokens"] > 0
+
+
+async def test_a_route_edit_turns_telemetry_on_without_a_restart(
+    tmp_path: Path, mock: MockUpstream, receiver: OtlpReceiver, sidecars: list[SidecarProcess]
+) -> None:
+    route = write_route(tmp_path / "r.yaml", mock.url)
+    sidecar = start(sidecars, route, env=FAST_EXPORT)
+    async with aiohttp.ClientSession() as session:
+        before = {"X-Request-ID": "before"}
+        async with session.post(sidecar.url + CHAT, json=chat_body(), headers=before) as r:
+            assert r.status == 200
+        write_route(route, mock.url, telemetry={"endpoint": receiver.url})
+        await sidecar.record(lambda r: r.get("msg") == "configuration reloaded")
+        async with session.post(sidecar.url + CHAT, json=chat_body(), headers={"X-Request-ID": "after"}) as r:
+            assert r.status == 200
+    assert receiver.span("after")["attributes"]["gen_ai.operation.name"] == "chat"
+    assert receiver.spans(**{"llmroute.request_id": "before"}) == []
+
+
+def test_an_unreachable_collector_never_fails_requests_and_delays_exit_by_seconds_at_most(
+    tmp_path: Path, mock: MockUpstream, sidecars: list[SidecarProcess]
+) -> None:
+    dead = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    sidecar = start(sidecars, write_route(tmp_path / "r.yaml", mock.url, telemetry={"endpoint": dead}))
+    for _ in range(3):
+        request = urllib.request.Request(sidecar.url + CHAT, json.dumps(chat_body()).encode(), method="POST")
+        with urllib.request.urlopen(request, timeout=10) as response:
+            assert response.status == 200
+    started = time.monotonic()
+    sidecar.signal(signal.SIGTERM)
+    assert sidecar.wait_exit(30) == 0
+    assert time.monotonic() - started < 3.0 + 3.0  # the telemetry flush bound, plus slack for 2 cores
+    assert any(r.get("msg", "").startswith("telemetry not flushed") for r in sidecar.records())

@@ -203,8 +203,8 @@ class Sidecar:
             )
         await settler.close()
         await self.store.close()
-        if self.telemetry is not None:  # the last spans and metric points, bounded
-            await asyncio.to_thread(self.telemetry.shutdown)
+        if self.telemetry is not None and not await asyncio.to_thread(self.telemetry.shutdown):
+            log.warning("telemetry not flushed at shutdown: the collector did not answer in time")
         self.stopped.set()
 
     # -- admin endpoints -------------------------------------------------------------------------

@@ -27,6 +27,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("llmroute.telemetry")
 
 DEFAULT_SERVICE_NAME = "llmroute-sidecar"
+#: At shutdown, buffered spans and metric points get this long to reach the collector.
+SHUTDOWN_SECONDS = 3.0
 ENDPOINT_VARIABLES = (
     "OTEL_EXPORTER_OTLP_ENDPOINT",
     "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
@@ -124,9 +126,15 @@ class Telemetry:
         except Exception:
             log.exception("recording telemetry failed", extra={"fields": {"request_id": ex.request_id}})
 
-    def shutdown(self, timeout: float = 5.0) -> None:
-        """Flush what is buffered and stop the exporters (blocking, bounded by ``timeout``)."""
-        self._export.shutdown(timeout)
+    def shutdown(self, timeout: float = SHUTDOWN_SECONDS) -> bool:
+        """Flush what is buffered and stop the exporters, waiting at most ``timeout`` seconds (an
+        unreachable collector is retried by the exporters for longer); True when it finished."""
+        worker = threading.Thread(
+            target=self._export.shutdown, args=(timeout,), name="telemetry-shutdown", daemon=True
+        )
+        worker.start()
+        worker.join(timeout)
+        return not worker.is_alive()
 
     def retire(self) -> None:
         """Shut down from a thread of its own (a reload replaced it): the event loop never waits."""

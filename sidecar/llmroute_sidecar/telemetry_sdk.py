@@ -76,6 +76,7 @@ class OtelExport:
                 resource=resource,
                 sampler=ParentBased(TraceIdRatioBased(config.sampling_ratio)),
                 id_generator=self._ids,
+                shutdown_on_exit=False,  # Telemetry.shutdown does it, bounded
             )
             exporter = span_exporter or OTLPSpanExporter(endpoint=endpoint, headers=headers)
             self._tracer_provider.add_span_processor(BatchSpanProcessor(exporter))
@@ -85,7 +86,9 @@ class OtelExport:
             reader = metric_reader or PeriodicExportingMetricReader(
                 OTLPMetricExporter(endpoint=endpoint, headers=headers)
             )
-            self._meter_provider = MeterProvider(resource=resource, metric_readers=[reader])
+            self._meter_provider = MeterProvider(
+                resource=resource, metric_readers=[reader], shutdown_on_exit=False
+            )
             meter = self._meter_provider.get_meter(SCOPE)
             self._token_usage = meter.create_histogram(
                 "gen_ai.client.token.usage",
