@@ -129,6 +129,8 @@ async def test_spans_and_genai_metrics_for_json_stream_and_limited_requests(
         (stream_usage,) = [c["usage"] for c in chunks if c.get("usage")]
         async with session.post(sidecar.url + CHAT, json=chat_body(), headers={"X-Request-ID": "lim-1"}) as r:
             assert r.status == 429
+        async with session.post(sidecar.url + CHAT, data=b"{", headers={"X-Request-ID": "bad-1"}) as r:
+            assert r.status == 400
 
     # A caller's trace continues: same trace id, the caller's span as parent, and the span id the
     # upstream received as its parent is this span's own, so upstream spans nest under it.
@@ -174,6 +176,12 @@ async def test_spans_and_genai_metrics_for_json_stream_and_limited_requests(
     assert limited["llmroute.attempts"] == 0
     assert "gen_ai.usage.input_tokens" not in limited
 
+    # A body that fails validation is still a chat operation, ended in an error before admission.
+    bad = receiver.span("bad-1")
+    assert bad["name"] == "chat"
+    assert bad["attributes"]["error.type"] == "validation_error"
+    assert bad["attributes"]["llmroute.quota.decision"] == "none"
+
     # The spec's headers reach the collector with every export.
     exports = receiver.received()["headers"]
     assert exports and all(h.get("x-scope") == "team-a" for h in exports)
@@ -194,7 +202,8 @@ async def test_spans_and_genai_metrics_for_json_stream_and_limited_requests(
         points = receiver.latest_points("gen_ai.server.request.duration")
         return {p["attributes"].get("error.type", "ok"): p["count"] for p in points}
 
-    wait_for(lambda: durations() == {"ok": 2, "quota_rejected": 1}, 10, what=f"durations {durations()}")
+    expected = {"ok": 2, "quota_rejected": 1, "validation_error": 1}
+    wait_for(lambda: durations() == expected, 10, what="request duration points")
     (ttft,) = receiver.latest_points("gen_ai.server.time_to_first_token")
     assert ttft["count"] == 1 and ttft["unit"] == "s" and 0 < ttft["sum"] < 10
     (tpot,) = receiver.latest_points("gen_ai.server.time_per_output_token")

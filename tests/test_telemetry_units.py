@@ -35,6 +35,9 @@ def test_off_unless_the_spec_or_an_otlp_endpoint_variable_turns_it_on() -> None:
     from_env = resolve_config(None, {"OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": "http://c:4318/v1/traces"})
     assert from_env is not None and from_env.source == "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"
     assert from_env.endpoint is None and from_env.service_name == DEFAULT_SERVICE_NAME
+    assert (from_env.traces, from_env.metrics) == (True, False)  # only the signal that has a collector
+    both = resolve_config(None, {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://c:4318"})
+    assert both is not None and (both.traces, both.metrics) == (True, True)
     assert resolve_config(TelemetrySpec(), {"OTEL_SDK_DISABLED": "true"}) is None
     both_off = {"OTEL_TRACES_EXPORTER": "none", "OTEL_METRICS_EXPORTER": "none"}
     assert resolve_config(TelemetrySpec(), both_off) is None

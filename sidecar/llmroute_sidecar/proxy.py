@@ -163,7 +163,7 @@ class Gateway:
         if request.headers.get("tracestate"):
             ex.headers["tracestate"] = request.headers["tracestate"]
         if telemetry is not None:
-            ex.telemetry = telemetry.begin(trace, ex.headers.get("tracestate"), policy.upstream_url)
+            ex.telemetry = telemetry.begin(trace, ex, policy.upstream_url)
         self.finisher.enter(policy.name)
         task = asyncio.current_task()
         if task is not None:

@@ -17,7 +17,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from llmroute_sidecar.api.spec import Telemetry as TelemetrySpec
-from llmroute_sidecar.genai import RequestTelemetry
+from llmroute_sidecar.genai import OPERATIONS, RequestTelemetry
+from llmroute_sidecar.openai.requests import kind_for_path
 from llmroute_sidecar.tracing import TraceContext
 
 if TYPE_CHECKING:
@@ -69,10 +70,15 @@ def resolve_config(
     if spec is not None:
         source = "spec.telemetry"
     else:
-        source = next((name for name in ENDPOINT_VARIABLES if env.get(name, "").strip()), "")
-        if not source:
+        named = [name for name in ENDPOINT_VARIABLES if env.get(name, "").strip()]
+        if not named:
             return None
-        spec = TelemetrySpec()
+        source, everything = named[0], ENDPOINT_VARIABLES[0] in named
+        # From the environment alone, a signal is on when an endpoint variable names its collector.
+        spec = TelemetrySpec(
+            traces=everything or ENDPOINT_VARIABLES[1] in named,
+            metrics=everything or ENDPOINT_VARIABLES[2] in named,
+        )
     traces = spec.traces and env.get("OTEL_TRACES_EXPORTER", "").strip().lower() != "none"
     metrics = spec.metrics and env.get("OTEL_METRICS_EXPORTER", "").strip().lower() != "none"
     if not traces and not metrics:
@@ -105,16 +111,18 @@ class Telemetry:
 
     def __init__(self, config: TelemetryConfig) -> None:
         self.config = config
-        self.sampling_ratio = config.sampling_ratio
+        self.sampling_ratio = config.sampling_ratio if config.traces else 1.0
+        """Sampling of new traces; 1 without traces (the flag sent upstream stays as it always was)."""
         try:
             from llmroute_sidecar.telemetry_sdk import OtelExport
         except ImportError as error:
             raise TelemetryError(MISSING_PACKAGES.format(source=config.source, error=error)) from None
         self._export: OtelExport = OtelExport(config)
 
-    def begin(self, trace: TraceContext, tracestate: str | None, upstream: str) -> RequestTelemetry:
-        """The record a request fills in (``Exchange.telemetry``)."""
-        return RequestTelemetry(self, trace, tracestate, upstream)
+    def begin(self, trace: TraceContext, ex: Exchange, upstream: str) -> RequestTelemetry:
+        """The record a request fills in (``Exchange.telemetry``); the operation known from the path."""
+        operation = OPERATIONS.get(kind_for_path(ex.path) or "")
+        return RequestTelemetry(self, trace, ex.headers.get("tracestate"), upstream, operation)
 
     def record(self, ex: Exchange, duration: float) -> None:
         """The finished request's span and metric points; never raises into the request path."""

@@ -139,14 +139,16 @@ class OtelExport:
         # Single-threaded: nothing else starts a span between presetting the ids and using them.
         self._ids.trace_id = int(trace_context.trace_id, 16)
         self._ids.span_id = int(trace_context.parent_id, 16)
-        span = self._tracer.start_span(
-            span_name(ex, rt),
-            context,
-            SpanKind.SERVER,
-            span_attributes(ex, rt),
-            start_time=end - int(duration * 1e9),
-        )
-        self._ids.trace_id = self._ids.span_id = 0
+        try:
+            span = self._tracer.start_span(
+                span_name(ex, rt),
+                context,
+                SpanKind.SERVER,
+                span_attributes(ex, rt),
+                start_time=end - int(duration * 1e9),
+            )
+        finally:
+            self._ids.trace_id = self._ids.span_id = 0
         if ex.status >= 500:
             span.set_status(Status(StatusCode.ERROR, ex.error or ex.outcome))
         span.end(end_time=end)
