@@ -65,7 +65,7 @@ class Gateway:
     ) -> None:
         self.policy = policy
         self.telemetry = telemetry
-        """OpenTelemetry export; None (the usual case) costs each request one attribute check."""
+        """OpenTelemetry export; None (the default) costs a request a few ``is None`` checks."""
         self.store = store
         self.settings = settings
         self.metrics = metrics
