@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import hashlib
 import logging
+import os
 import signal
 import socket
 import time
@@ -31,6 +32,7 @@ from llmroute_sidecar.policy import RoutePolicy, load_policy, secret_files
 from llmroute_sidecar.proxy import Gateway
 from llmroute_sidecar.quota.base import QuotaStore
 from llmroute_sidecar.quota.memory import MemoryQuotaStore
+from llmroute_sidecar.telemetry import Telemetry, start_telemetry
 
 log = logging.getLogger("llmroute.sidecar")
 
@@ -70,8 +72,11 @@ class Sidecar:
             settings.upstream_override,
             load_secret_documents(settings.route_file),
         )
+        self.telemetry = start_telemetry(route.spec.telemetry, os.environ, self._resource(route))
         self.store = store if store is not None else make_store(settings, route)
-        self.gateway = Gateway(policy, self.store, settings, self.metrics, self.health, AccessLog())
+        self.gateway = Gateway(
+            policy, self.store, settings, self.metrics, self.health, AccessLog(), self.telemetry
+        )
         self._runners: list[web.AppRunner] = []
         self._servers: list[asyncio.AbstractServer] = []
         self._tasks: list[asyncio.Task[None]] = []
@@ -84,6 +89,15 @@ class Sidecar:
     @property
     def policy(self) -> RoutePolicy:
         return self.gateway.policy
+
+    def _resource(self, route: LLMRoute) -> dict[str, str]:
+        """Resource attributes of exported telemetry: the route and, in a pod, the pod."""
+        resource = {"llmroute.route": route.key}
+        if self.settings.pod_name:
+            resource["k8s.pod.name"] = self.settings.pod_name
+        if self.settings.pod_namespace:
+            resource["k8s.namespace.name"] = self.settings.pod_namespace
+        return resource
 
     # -- servers ---------------------------------------------------------------------------------
 
@@ -189,6 +203,8 @@ class Sidecar:
             )
         await settler.close()
         await self.store.close()
+        if self.telemetry is not None and not await asyncio.to_thread(self.telemetry.shutdown):
+            log.warning("telemetry not flushed at shutdown: the collector did not answer in time")
         self.stopped.set()
 
     # -- admin endpoints -------------------------------------------------------------------------
@@ -277,17 +293,28 @@ class Sidecar:
             policy = load_policy(
                 route, self.settings.secrets_dir, self.settings.upstream_override, file_secrets
             )
-        except (ManifestError, ValueError) as error:
+            telemetry = self._reloaded_telemetry(route)
+        except (ManifestError, ValueError) as error:  # TelemetryError included
             self.metrics.config_reloads_total.labels(self.policy.name, "error").inc()
             log.error(
                 "route file rejected; keeping the running configuration",
                 extra={"fields": {"error": str(error)}},
             )
             return False
+        if telemetry is not self.telemetry:
+            if self.telemetry is not None:
+                self.telemetry.retire()
+            self.telemetry = self.gateway.telemetry = telemetry
         self.gateway.update_policy(policy)
         self.metrics.config_reloads_total.labels(policy.name, "ok").inc()
         log.info("configuration reloaded", extra={"fields": {"config_hash": policy.config_hash}})
         return True
+
+    def _reloaded_telemetry(self, route: LLMRoute) -> Telemetry | None:
+        """The running telemetry when ``spec.telemetry`` is unchanged, else a new one (or None)."""
+        if route.spec.telemetry == self.policy.route.spec.telemetry:
+            return self.telemetry
+        return start_telemetry(route.spec.telemetry, os.environ, self._resource(route))
 
     async def _probe_upstream(self) -> None:
         """Probe readiness.upstreamHealthPath every health interval."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from llmroute_sidecar.genai import RequestTelemetry
 from llmroute_sidecar.quota.base import Lease, QuotaStore
 
 
@@ -43,3 +44,5 @@ class Exchange:
     last_token: float | None = None
     """When the first and the latest SSE event carrying completion text were relayed."""
     headers: dict[str, str] = field(default_factory=dict)
+    telemetry: RequestTelemetry | None = None
+    """What the span and GenAI metrics need; only while telemetry is on (``telemetry.py``)."""

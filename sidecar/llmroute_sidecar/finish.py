@@ -80,6 +80,8 @@ class Finisher:
             self.metrics.requests_total.labels(policy_name, ex.method, ex.outcome, code).inc()
             self.metrics.request_duration_seconds.labels(policy_name, ex.outcome).observe(duration)
             self.access_log.write(_record(ex, duration))
+            if ex.telemetry is not None:
+                ex.telemetry.recorder.record(ex, duration)  # span and GenAI metrics; never raises
         finally:
             self.health.inflight -= 1
             self.metrics.inflight_requests.labels(policy_name).set(self.health.inflight)

@@ -40,6 +40,7 @@ from llmroute_sidecar.policy import RoutePolicy, identify
 from llmroute_sidecar.quota.base import QuotaStore
 from llmroute_sidecar.relay import RESPONSE_KEY, Relay
 from llmroute_sidecar.request_body import BodyReader, too_large
+from llmroute_sidecar.telemetry import Telemetry
 from llmroute_sidecar.tracing import child_trace, request_id
 from llmroute_sidecar.upstream import Body, Upstream, breaker_open
 
@@ -60,8 +61,11 @@ class Gateway:
         metrics: SidecarMetrics,
         health: HealthState,
         access_log: AccessLog,
+        telemetry: Telemetry | None = None,
     ) -> None:
         self.policy = policy
+        self.telemetry = telemetry
+        """OpenTelemetry export; None (the default) costs a request a few ``is None`` checks."""
         self.store = store
         self.settings = settings
         self.metrics = metrics
@@ -144,7 +148,9 @@ class Gateway:
     async def handle(self, request: web.Request) -> web.StreamResponse:
         """Serve one request of the traffic port."""
         policy = self.policy
-        trace = child_trace(request.headers.get("traceparent"))
+        telemetry = self.telemetry
+        ratio = telemetry.sampling_ratio if telemetry is not None else 1.0
+        trace = child_trace(request.headers.get("traceparent"), ratio)
         ex = Exchange(
             request_id=request_id(request.headers.get("X-Request-ID")),
             trace_id=trace.trace_id,
@@ -156,6 +162,8 @@ class Gateway:
         ex.headers = {"traceparent": trace.traceparent}
         if request.headers.get("tracestate"):
             ex.headers["tracestate"] = request.headers["tracestate"]
+        if telemetry is not None:
+            ex.telemetry = telemetry.begin(trace, ex, policy.upstream_url)
         self.finisher.enter(policy.name)
         task = asyncio.current_task()
         if task is not None:
@@ -244,6 +252,8 @@ class Gateway:
             except RequestValidationError as error:
                 raise errors.bad_request(error.code, error.message, error.status, error.param) from None
             parsed, raw = bound_completion(parsed, raw, spec.tokens)  # spec.tokens.injectMaxTokens
+            if ex.telemetry is not None:
+                ex.telemetry.request(parsed)
             ex.stream, ex.model = parsed.stream, parsed.model
             injected = with_stream_usage(parsed)
             body = injected if injected is not None else raw

@@ -68,7 +68,8 @@ class Relay:
                 ex.outcome = "client_error"
             await response.prepare(request)
             ex.response_started = True
-            usage = StreamUsage() if (parsed is not None and is_sse) else None
+            observe = ex.telemetry.observe if ex.telemetry is not None else None
+            usage = StreamUsage(on_document=observe) if (parsed is not None and is_sse) else None
             parser = SSEParser() if usage is not None else None
             kept = bytearray() if (parsed is not None and not is_sse) else None
             prompt = estimate_prompt_tokens(parsed) if parsed is not None else 0
@@ -189,5 +190,7 @@ def _json_usage_into(ex: Exchange, body: bytes) -> None:
     except ValueError:
         return
     found = usage_from_json(document) if isinstance(document, dict) else None
+    if ex.telemetry is not None and isinstance(document, dict):
+        ex.telemetry.observe(document)
     if found is not None:
         ex.prompt_tokens, ex.completion_tokens, ex.tokens_actual = found

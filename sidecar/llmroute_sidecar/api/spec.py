@@ -271,6 +271,29 @@ class Autoscaling(ApiModel):
         return self
 
 
+class Telemetry(ApiModel):
+    """OpenTelemetry export: a span per request and GenAI metrics over OTLP/HTTP (protobuf). Needs the
+    OpenTelemetry packages in the sidecar image (the 'otel' extra); the sidecar refuses to start without
+    them. Unset fields fall back to the standard OTEL_* environment variables."""
+
+    endpoint: str | None = Field(default=None, max_length=2048, pattern=URL_PATTERN)
+    """OTLP/HTTP base URL of a collector (e.g. http://otel-collector.observability:4318); /v1/traces
+    and /v1/metrics are appended. Unset: OTEL_EXPORTER_OTLP_ENDPOINT, else http://localhost:4318."""
+    headers: dict[Annotated[str, Field(max_length=256, pattern=HEADER_NAME_PATTERN)], str] = Field(
+        default_factory=dict, max_length=32
+    )
+    """HTTP headers sent with every export (e.g. a tenant id); empty: OTEL_EXPORTER_OTLP_HEADERS."""
+    sampling_ratio: float | None = Field(default=None, ge=0, le=1)
+    """Share of new traces whose spans are exported (0..1); a caller's traceparent decides for its own
+    trace. Unset: OTEL_TRACES_SAMPLER_ARG with a ratio sampler, else 1."""
+    service_name: str | None = Field(default=None, min_length=1, max_length=253)
+    """service.name of the exported resource. Unset: OTEL_SERVICE_NAME, else llmroute-sidecar."""
+    traces: bool = True
+    """Export a span per request."""
+    metrics: bool = True
+    """Export the GenAI metrics (gen_ai.client.token.usage, gen_ai.server.*)."""
+
+
 class RolloutPolicy(StrEnum):
     AUTO = "auto"
     MANUAL = "manual"
@@ -307,6 +330,9 @@ class LLMRouteSpec(ApiModel):
     """Readiness rules of the sidecar."""
     autoscaling: Autoscaling | None = None
     """Replica recommendation (status.recommendedReplicas) and optional HPA."""
+    telemetry: Telemetry | None = None
+    """OpenTelemetry traces and GenAI metrics over OTLP; off when unset (unless the OTEL_* environment
+    names an endpoint)."""
     rollout: RolloutPolicy = RolloutPolicy.AUTO
     """'auto' restarts workloads whose pods need a (re)injected sidecar; 'manual' lists them in status."""
 

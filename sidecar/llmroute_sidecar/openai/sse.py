@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -100,6 +101,8 @@ class StreamUsage:
     total_tokens: int = 0
     saw_usage: bool = False
     done: bool = False
+    on_document: Callable[[dict[str, Any]], None] | None = field(default=None, repr=False)
+    """Also given every JSON chunk parsed here (telemetry reads the model and finish reasons)."""
     _chars: int = field(default=0, init=False, repr=False)
 
     def consume(self, event: SSEEvent) -> None:
@@ -116,6 +119,8 @@ class StreamUsage:
             return
         if not isinstance(document, dict):
             return
+        if self.on_document is not None:
+            self.on_document(document)
         response = document.get("response")
         found = usage_from_json(document)
         if found is None and isinstance(response, dict):
