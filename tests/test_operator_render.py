@@ -323,7 +323,8 @@ def test_validation_messages_name_the_field_in_user_words() -> None:
     assert message.startswith("spec.selector: selector is empty")
     bad_key = route_body(limits=[{"name": "a", "key": "client-ip", "requestsPerMinute": 1}])
     assert status.validate_route(bad_key) == [
-        "spec.limits[0].key: 'client-ip' must be 'route', 'apiKey' or 'header:<Header-Name>'"
+        "spec.limits[0].key: 'client-ip' must be 'route', 'apiKey', 'header:<Header-Name>' "
+        "or 'claim:<claim-name>'"
     ]
 
 
