@@ -134,7 +134,7 @@ def verify_token(token: str, keys: KeySet, config: JwtIdentity) -> dict[str, Any
     """
     header = unverified_header(token)
     algorithm = header.get("alg")
-    allowed = [a.value for a in config.algorithms]
+    allowed = [str(a) for a in config.algorithms]
     if not isinstance(algorithm, str) or algorithm not in allowed:
         raise TokenError(
             "unsupported_token_algorithm",

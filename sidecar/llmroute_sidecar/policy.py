@@ -130,9 +130,7 @@ def load_policy(
         try:
             jwks = parse_jwks(document)
         except ValueError as error:
-            raise ValueError(
-                f"identity.jwt.jwksSecretRef: Secret {ref.name} key {ref.key}: {error}"
-            ) from None
+            raise ValueError(f"identity.jwt.jwksSecretRef: Secret {ref.name}/{ref.key}: {error}") from None
     url = (upstream_override or spec.upstream.url).rstrip("/")
     return RoutePolicy(route, url, vendor_key, keys, config_hash(route), jwks)
 
