@@ -6,6 +6,10 @@ claim, a claim-keyed limit exact across two sidecars, and no raw token or claim 
 from __future__ import annotations
 
 import asyncio
+import json
+import re
+import subprocess
+import sys
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -19,6 +23,7 @@ from tests.support.jwks_server import JwksServer
 from tests.support.jwt_keys import AUDIENCE, ISSUER, SigningKey, jwks
 from tests.support.redis_procs import RedisServer, command
 from tests.support.sidecar_procs import MockUpstream, SidecarProcess, start
+from tests.test_docs_commands import ROOT, Command, Session, shell_blocks
 from tests.test_sidecar_proxy import CHAT, chat_body, write_route
 
 pytestmark = pytest.mark.slow
@@ -173,3 +178,34 @@ async def test_a_claim_keyed_limit_is_exact_across_two_sidecars_and_nothing_raw_
     logs = "\n".join(sidecar.output() for sidecar in fleet)
     for raw in ("acme-org", "acme-user-1", acme[0].split(".")[1], acme[0]):
         assert raw not in keys and raw not in logs
+
+
+def test_the_worked_example_in_the_docs_runs_as_written(tmp_path: Path, mock: MockUpstream) -> None:
+    """docs/sidecar.md's JWT worked example: its Python mints a key and token, its commands use them."""
+    doc = (ROOT / "docs" / "sidecar.md").read_text(encoding="utf-8")
+    section = doc[doc.index("### Worked example: a JWT route by hand") :]
+    mint = re.search(r"^```python\n(.*?)^```", section, re.S | re.M)
+    assert mint is not None
+    done = subprocess.run(
+        [sys.executable, "-c", mint.group(1)], cwd=tmp_path, capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    token = (tmp_path / "jwt-demo" / "token").read_text()
+    (commands,) = [cs for _, cs in shell_blocks() if any("jwt-demo" in c.text for c in cs)]
+    session = Session()
+    session.ports["8000"] = mock.url.rsplit(":", 1)[1]
+    try:
+        sidecar, curl = commands
+        session.run(Command(sidecar.source, sidecar.text.replace("jwt-demo", str(tmp_path / "jwt-demo"))))
+        answers = {
+            credential: json.loads(
+                session.run(Command(curl.source, curl.text.replace("$(cat jwt-demo/token)", credential)))
+                or "{}"
+            )
+            for credential in (token, "demo-batch-key", SigningKey("demo-1", "ES256").token())
+        }
+    finally:
+        session.stop()
+    assert answers[token]["choices"] and answers["demo-batch-key"]["choices"]
+    forged = list(answers.values())[2]
+    assert forged["error"]["code"] == "invalid_signature"  # another key reusing the kid
