@@ -94,10 +94,10 @@ class Authenticator:
         if url is None:
             return None
         cache = self._caches.get(url)
-        if cache is None:
-            self._caches = {url: JwksCache(url, self.session, 0, 0)}  # a new URL replaces the old one
-            cache = self._caches[url]
-        cache.refresh_seconds = config.jwks_refresh_seconds
+        if cache is None:  # a new URL replaces the old one (a sidecar serves one route)
+            cache = JwksCache(url, self.session, config.jwks_refresh_seconds, config.jwks_min_refresh_seconds)
+            self._caches = {url: cache}
+        cache.refresh_seconds = config.jwks_refresh_seconds  # a reload may change them
         cache.min_refresh_seconds = config.jwks_min_refresh_seconds
         return cache
 
@@ -106,7 +106,10 @@ class Authenticator:
             config = policy().route.spec.identity.jwt
             cache = self.cache(config) if config is not None else None
             if cache is not None and cache.due():
-                await cache.refresh("interval" if cache.keys is not None else "start")
+                try:
+                    await cache.refresh("interval" if cache.keys is not None else "start")
+                except Exception:  # never let one bad fetch end the loop (fetch errors are logged)
+                    log.exception("jwks refresh failed")
             await asyncio.sleep(REFRESH_TICK_SECONDS)
 
     async def identify(self, policy: RoutePolicy, headers: Mapping[str, str]) -> ClientIdentity:
