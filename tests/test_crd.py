@@ -127,13 +127,14 @@ def _zero_timeout(route: dict[str, Any]) -> None:
 
 
 # (mutation, field path the errors must name, words of the pydantic message)
+KEY_HINT = "must be 'route', 'apiKey', 'header:<Header-Name>' or 'claim:<claim-name>'"
 INVALID = [
     (_negative_limit, "limits", "greater than or equal to 0"),
-    (_unknown_key_kind, "limits", "must be 'route', 'apiKey' or 'header:<Header-Name>'"),
+    (_unknown_key_kind, "limits", KEY_HINT),
     (_missing_url, "upstream", "url: Field required"),
     (_duplicate_names, "limits", "limit names must be unique; repeated: vendor-tpm"),
     (_unknown_field, "requestsPerSecond", "Extra inputs are not permitted"),
-    (_bad_header, "limits", "must be 'route', 'apiKey' or 'header:<Header-Name>'"),
+    (_bad_header, "limits", KEY_HINT),
     (_zero_timeout, "timeoutSeconds", "greater than 0"),
 ]
 

@@ -8,6 +8,7 @@ Commands run as a reader would paste them, with the documented ports swapped for
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -30,12 +31,14 @@ SHELL_LANGUAGES = {"sh", "bash", "shell", "console"}
 BIN = Path(sys.executable).parent
 
 #: Commands this test runs, by how: "session" (a block run in order: servers in the background,
-#: then the curls against them) or "no-credentials" (the local operator without any kubeconfig).
+#: then the curls against them), "no-credentials" (the local operator without any kubeconfig) or
+#: "cli" (a command that prints and exits).
 RUN_HERE = {
     r"^(\.venv/bin/)?python -m llmroute_sidecar\.mockupstream ": "session",
-    r"^(\.venv/bin/)?llmroute-sidecar --route ": "session",
-    r"^curl ": "session",
+    r"^(\.venv/bin/)?llmroute-sidecar --route (?!.*jwt-demo)": "session",
+    r"^curl (?!.*jwt-demo)": "session",
     r"^(\.venv/bin/)?llmroute-operator --standalone ": "no-credentials",
+    r"^(\.venv/bin/)?llmroute-sidecar keys ": "cli",
 }
 #: Commands that cannot run here, and why.
 NOT_HERE = {
@@ -45,6 +48,8 @@ NOT_HERE = {
     r"^kubectl ": "needs a Kubernetes cluster (e2e/ runs these against kind)",
     r"^docker ": "needs Docker and a registry (tests/test_dockerfile.py checks the Dockerfile)",
     r"^kopf run ": "needs a Kubernetes cluster; kopf itself retries forever without one",
+    r"jwt-demo": "the JWT worked example needs the token its Python block mints: "
+    "tests/test_jwt_sidecar.py runs that block, then these commands",
 }
 
 
@@ -91,7 +96,7 @@ def classify(command: Command) -> str:
 
 def test_the_docs_show_commands_of_each_kind() -> None:
     kinds = {classify(command) for command in all_commands()}
-    assert kinds == {"session", "no-credentials", "not-here"}
+    assert kinds == {"session", "no-credentials", "not-here", "cli"}
 
 
 def test_every_documented_command_is_classified() -> None:
@@ -227,6 +232,18 @@ def test_the_local_operator_command_explains_missing_credentials(tmp_path: Path)
     done = subprocess.run(argv, capture_output=True, text=True, timeout=60, env=env, cwd=ROOT)
     assert done.returncode == 2, done.stdout + done.stderr
     assert done.stderr.startswith("llmroute-operator: no Kubernetes credentials") and not done.stdout
+
+
+def test_the_keys_commands_print_digests_never_keys() -> None:
+    commands = [c for c in all_commands() if classify(c) == "cli"]
+    assert len(commands) >= 3
+    for command in commands:
+        argv = Session().argv(command.text)
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=30, cwd=ROOT)
+        assert done.returncode == 0 and done.stdout, f"{command}: {done.stderr}"
+        keys = [word for word in argv if word.endswith("-key")]  # the documented example keys
+        assert keys and not any(key in done.stdout for key in keys), command
+        assert all(hashlib.sha256(key.encode()).hexdigest() in done.stdout for key in keys), command
 
 
 def test_a_new_command_fails_until_classified() -> None:

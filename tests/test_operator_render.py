@@ -182,6 +182,18 @@ def test_keys_and_vendor_secrets_are_each_mounted_once() -> None:
     assert [v["name"] for v in render.sidecar_volumes(both)] == ["llmroute-config", "llmroute-secret-keys"]
 
 
+def test_a_jwks_secret_is_mounted_beside_the_key_secret() -> None:
+    jwt = {
+        "issuer": "https://idp",
+        "audience": ["a"],
+        "jwksSecretRef": {"name": "idp-jwks", "key": "jwks.json"},
+    }
+    both = route(identity={"keysSecretRef": {"name": "keys"}, "jwt": jwt})
+    assert render.secret_names(both) == ["idp-jwks", "keys"]
+    by_url = route(identity={"jwt": {**jwt, "jwksSecretRef": None, "jwksUrl": "https://idp/jwks.json"}})
+    assert render.secret_names(by_url) == []
+
+
 # -- pod patch ---------------------------------------------------------------------------------
 
 
@@ -323,7 +335,8 @@ def test_validation_messages_name_the_field_in_user_words() -> None:
     assert message.startswith("spec.selector: selector is empty")
     bad_key = route_body(limits=[{"name": "a", "key": "client-ip", "requestsPerMinute": 1}])
     assert status.validate_route(bad_key) == [
-        "spec.limits[0].key: 'client-ip' must be 'route', 'apiKey' or 'header:<Header-Name>'"
+        "spec.limits[0].key: 'client-ip' must be 'route', 'apiKey', 'header:<Header-Name>' "
+        "or 'claim:<claim-name>'"
     ]
 
 

@@ -22,6 +22,7 @@ CODE_ARGUMENT = {
     "unauthorized": 0,
     "overloaded": 0,
     "raw_error": 2,
+    "TokenError": 0,
 }
 
 

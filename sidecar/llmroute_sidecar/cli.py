@@ -1,4 +1,8 @@
-"""``llmroute-sidecar``: run one sidecar for the LLMRoute manifest in a file."""
+"""``llmroute-sidecar``: run one sidecar for the LLMRoute manifest in a file.
+
+``llmroute-sidecar keys ...`` is the key-hashing helper (``keys_cli``); every other command line runs
+a sidecar.
+"""
 
 from __future__ import annotations
 
@@ -14,8 +18,13 @@ from llmroute_sidecar.config import SettingsError, load_settings
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse flags, read the route, serve until SIGTERM; exit 2 on bad configuration."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args[:1] == ["keys"]:
+        from llmroute_sidecar.keys_cli import main as keys_main
+
+        return keys_main(args[1:])
     try:
-        settings = load_settings(argv)
+        settings = load_settings(args)
         route = load_route(settings.route_file)
     except (SettingsError, ManifestError) as error:
         print(f"llmroute-sidecar: {error}", file=sys.stderr)

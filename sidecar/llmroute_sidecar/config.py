@@ -100,6 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="llmroute-sidecar",
         usage=USAGE,
         description="Reverse proxy for OpenAI-compatible traffic enforcing an LLMRoute's fleet-wide limits.",
+        epilog="Hashing client keys for identity.keysSecretRef: llmroute-sidecar keys {hash,secret} --help",
     )
     parser.add_argument(
         "--route",

@@ -10,20 +10,21 @@ import hmac
 import json
 import logging
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 
 from llmroute_sidecar.api import LLMRoute
 from llmroute_sidecar.api.spec import Limit, LimitMode, TierLimits, WhenMissing
 from llmroute_sidecar.errors import ProxyError, bad_request, unauthorized
+from llmroute_sidecar.jwt_identity import KeySet, parse_jwks
 from llmroute_sidecar.quota.base import LimitCheck
 
 log = logging.getLogger("llmroute.policy")
 SUBJECT_HEX = 32
 LOOKUP_HEX = 16
 NO_HEADER_SUBJECT = "-"
-"""The one subject header-less requests share under ``whenMissing: shared``."""
+"""The one subject header-less (or claim-less) requests share under ``whenMissing: shared``."""
 
 
 def sha256_hex(text: str) -> str:
@@ -35,7 +36,10 @@ class ClientIdentity:
     """Who sent a request, as far as limits care: never the raw key."""
 
     key_hash: str | None = None
+    """sha256-hex of the API key, or of the JWT subject (prefixed, see ``authn``)."""
     tier: str | None = None
+    claims: Mapping[str, str] = field(default_factory=dict)
+    """Values of the JWT claims that ``claim:<name>`` limits count by (never logged, hashed in checks)."""
 
     @property
     def label(self) -> str | None:
@@ -55,6 +59,8 @@ class RoutePolicy:
     keys: Mapping[str, str] | None
     """sha256-hex(key) -> tier from identity.keysSecretRef; None when not configured."""
     config_hash: str
+    jwks: KeySet | None = None
+    """identity.jwt's key set when it comes from jwksSecretRef (a jwksUrl is fetched by ``authn``)."""
 
     @cached_property
     def key_index(self) -> dict[str, tuple[str, str]]:
@@ -68,6 +74,11 @@ class RoutePolicy:
     @property
     def uses_api_keys(self) -> bool:
         return self.keys is not None or any(limit.key == "apiKey" for limit in self.route.spec.limits)
+
+    @cached_property
+    def limit_claims(self) -> tuple[str, ...]:
+        """The claims ``claim:<name>`` limits count by."""
+        return tuple(sorted({limit.claim_name for limit in self.route.spec.limits if limit.claim_name}))
 
 
 def config_hash(route: LLMRoute) -> str:
@@ -106,8 +117,22 @@ def load_policy(
             keys = _key_entries(inline[name].items())
         else:
             keys = read_key_directory(directory, secrets_dir)
+    jwks = None
+    jwt = spec.identity.jwt
+    if jwt is not None and jwt.jwks_secret_ref is not None:
+        ref = jwt.jwks_secret_ref
+        path = secrets_dir / ref.name / ref.key
+        if not path.exists() and ref.key in inline.get(ref.name, {}):
+            log.info("JWKS from the route file's Secret", extra={"fields": {"secret": ref.name}})
+            document = inline[ref.name][ref.key]
+        else:
+            document = _read_secret_file(path, "identity.jwt.jwksSecretRef", secrets_dir)
+        try:
+            jwks = parse_jwks(document)
+        except ValueError as error:
+            raise ValueError(f"identity.jwt.jwksSecretRef: Secret {ref.name}/{ref.key}: {error}") from None
     url = (upstream_override or spec.upstream.url).rstrip("/")
-    return RoutePolicy(route, url, vendor_key, keys, config_hash(route))
+    return RoutePolicy(route, url, vendor_key, keys, config_hash(route), jwks)
 
 
 def _inline_value(value: str, name: str, key: str) -> str:
@@ -125,11 +150,14 @@ def _where_to_put(secrets_dir: Path, name: str) -> str:
 
 
 def secret_files(route: LLMRoute, secrets_dir: Path) -> list[Path]:
-    """The mounted Secret files a route reads (vendor key, client key entries)."""
+    """The mounted Secret files a route reads (vendor key, client key entries, JWKS)."""
     spec = route.spec
     files = []
     if spec.upstream.api_key_secret_ref is not None:
         ref = spec.upstream.api_key_secret_ref
+        files.append(secrets_dir / ref.name / ref.key)
+    if spec.identity.jwt is not None and spec.identity.jwt.jwks_secret_ref is not None:
+        ref = spec.identity.jwt.jwks_secret_ref
         files.append(secrets_dir / ref.name / ref.key)
     if spec.identity.keys_secret_ref is not None:
         directory = secrets_dir / spec.identity.keys_secret_ref.name
@@ -224,7 +252,8 @@ def build_checks(
 
     A header-keyed limit whose header is missing (or empty) follows its ``whenMissing``: 'reject'
     raises a 400 ProxyError (``missing_limit_header``), 'shared' counts the request in one common
-    bucket, 'skip' leaves the limit out. Shadow limits never reject: 'reject' skips them.
+    bucket, 'skip' leaves the limit out. Shadow limits never reject: 'reject' skips them. A
+    claim-keyed limit does the same for a client without that claim (403 ``missing_limit_claim``).
     """
     spec = policy.route.spec
     checks = []
@@ -236,7 +265,8 @@ def build_checks(
             subject = (identity.key_hash or NO_HEADER_SUBJECT)[:SUBJECT_HEX]
             tier = spec.tiers.get(identity.tier) if identity.tier else None
         else:
-            value = headers.get(limit.header_name or "")
+            claim = limit.claim_name
+            value = identity.claims.get(claim) if claim is not None else headers.get(limit.header_name or "")
             if value and value.strip():
                 subject = sha256_hex(value)[:SUBJECT_HEX]
             elif limit.when_missing is WhenMissing.SHARED:
@@ -244,7 +274,7 @@ def build_checks(
             elif limit.when_missing is WhenMissing.SKIP or limit.mode is LimitMode.SHADOW:
                 continue
             else:
-                raise missing_limit_header(limit)
+                raise missing_limit_claim(limit) if claim is not None else missing_limit_header(limit)
         values = _merged(limit, tier)
         if all(value is None for value in values.values()):
             continue
@@ -268,4 +298,17 @@ def missing_limit_header(limit: Limit) -> ProxyError:
         "missing_limit_header",
         f"this route limits requests per {header} header value (limit '{limit.name}'); "
         f"send a non-empty {header} header",
+    )
+
+
+def missing_limit_claim(limit: Limit) -> ProxyError:
+    """The 403 for a client whose token lacks the claim a ``whenMissing: reject`` limit is keyed by."""
+    claim = limit.claim_name or ""
+    return ProxyError(
+        403,
+        "missing_limit_claim",
+        f"this route limits requests per value of the token claim {claim!r} (limit '{limit.name}'); "
+        f"the client's credential carries no such claim (a string or integer)",
+        "permission_error",
+        "client_error",
     )

@@ -20,6 +20,7 @@ from aiohttp import web
 from llmroute_sidecar import errors
 from llmroute_sidecar.accesslog import AccessLog
 from llmroute_sidecar.admission import Admission
+from llmroute_sidecar.authn import Authenticator
 from llmroute_sidecar.breaker import BreakerState, CircuitBreaker
 from llmroute_sidecar.config import Settings
 from llmroute_sidecar.errors import ProxyError
@@ -36,7 +37,7 @@ from llmroute_sidecar.openai.requests import (
 )
 from llmroute_sidecar.openai.sse import sse_error_event
 from llmroute_sidecar.openai.tokens import bound_completion, estimate_cost
-from llmroute_sidecar.policy import RoutePolicy, identify
+from llmroute_sidecar.policy import RoutePolicy
 from llmroute_sidecar.quota.base import QuotaStore
 from llmroute_sidecar.relay import RESPONSE_KEY, Relay
 from llmroute_sidecar.request_body import BodyReader, too_large
@@ -75,6 +76,7 @@ class Gateway:
             cb.consecutive_failures, cb.open_seconds, on_change=self._breaker_changed
         )
         self.admission = Admission(store, settings, metrics, health)
+        self.authenticator = Authenticator()
         self.upstream = Upstream(self.breaker, metrics, health)
         self.relay = Relay(settings, metrics)
         self.finisher = Finisher(store, metrics, health, access_log)
@@ -85,9 +87,11 @@ class Gateway:
 
     async def start(self) -> None:
         await self.upstream.start()
+        await self.authenticator.start(lambda: self.policy)
         self._breaker_changed(self.breaker.state)
 
     async def close(self) -> None:
+        await self.authenticator.close()
         await self.upstream.close()
 
     @property
@@ -241,7 +245,7 @@ class Gateway:
         kind = kind_for_path(request.path)
         if kind is not None and request.method != "POST":
             raise _method_not_allowed(request.method, request.path)
-        identity = identify(policy, request.headers)  # authenticate before reading the body
+        identity = await self.authenticator.identify(policy, request.headers)  # before reading the body
         ex.client = identity.label
         parsed: ParsedRequest | None = None
         body: Body

@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from llmroute_sidecar.api.spec import (
     API_GROUP,
     API_VERSION,
+    CLAIM_NAME_PATTERN,
     DNS_LABEL_PATTERN,
     DNS_SUBDOMAIN_PATTERN,
     HEADER_NAME_PATTERN,
@@ -32,7 +33,8 @@ API_GROUP_VERSION = f"{API_GROUP}/{API_VERSION}"
 
 #: What each pattern means, in words a user understands.
 PATTERN_HINTS = {
-    LIMIT_KEY_PATTERN: "must be 'route', 'apiKey' or 'header:<Header-Name>'",
+    LIMIT_KEY_PATTERN: "must be 'route', 'apiKey', 'header:<Header-Name>' or 'claim:<claim-name>'",
+    CLAIM_NAME_PATTERN: "must be a JWT claim name (letters, digits, '_', '-', '.', ':', '/')",
     DNS_LABEL_PATTERN: "must be a lower-case DNS label (a-z, 0-9, '-'; starting and ending alphanumeric)",
     DNS_SUBDOMAIN_PATTERN: "must be a Kubernetes object name (lower-case DNS subdomain)",
     HEADER_NAME_PATTERN: "must be a valid HTTP header name",

@@ -23,8 +23,10 @@ SHORT_NAMES = ("llmr",)
 
 #: RFC 7230 token characters: what an HTTP header name may contain.
 HEADER_NAME_PATTERN = r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$"
-#: ``route``, ``apiKey`` or ``header:<Name>``.
-LIMIT_KEY_PATTERN = r"^(route|apiKey|header:[!#$%&'*+.^_`|~0-9A-Za-z-]+)$"
+#: A JWT claim name (top level; dots and colons are part of the name, as in URI-named claims).
+CLAIM_NAME_PATTERN = r"^[A-Za-z0-9_][-A-Za-z0-9_.:/]*$"
+#: ``route``, ``apiKey``, ``header:<Name>`` or ``claim:<name>``.
+LIMIT_KEY_PATTERN = r"^(route|apiKey|header:[!#$%&'*+.^_`|~0-9A-Za-z-]+|claim:[A-Za-z0-9_][-A-Za-z0-9_.:/]*)$"
 #: A lower-case DNS label: limit and tier names appear in metrics and Redis keys.
 DNS_LABEL_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
 #: Kubernetes object names (Secrets) are DNS subdomains.
@@ -152,14 +154,60 @@ class Upstream(ApiModel):
     """Circuit breaker for this upstream."""
 
 
+class JwtAlgorithm(StrEnum):
+    RS256 = "RS256"
+    ES256 = "ES256"
+    EDDSA = "EdDSA"
+
+
+class JwtIdentity(ApiModel):
+    """Clients authenticated by JSON Web Tokens (Bearer) signed by an identity provider."""
+
+    issuer: str = Field(min_length=1, max_length=2048)
+    """The 'iss' every token must carry, exactly (e.g. https://login.example.com/)."""
+    audience: list[Annotated[str, Field(min_length=1, max_length=2048)]] = Field(min_length=1, max_length=16)
+    """Accepted 'aud' values; a token must name at least one of them."""
+    jwks_url: str | None = Field(default=None, max_length=2048, pattern=URL_PATTERN)
+    """URL of the provider's JSON Web Key Set (e.g. https://login.example.com/.well-known/jwks.json),
+    fetched at start, every jwksRefreshSeconds and when a token names an unknown 'kid'. Set this or
+    jwksSecretRef."""
+    jwks_secret_ref: SecretKeyRef | None = None
+    """A Secret key holding the JSON Web Key Set (JSON), mounted and watched like the other Secrets.
+    Set this or jwksUrl."""
+    algorithms: list[JwtAlgorithm] = Field(
+        default_factory=lambda: [JwtAlgorithm.RS256, JwtAlgorithm.ES256, JwtAlgorithm.EDDSA],
+        min_length=1,
+        max_length=3,
+    )
+    """Signature algorithms accepted (RS256, ES256, EdDSA). 'none' and the HMAC algorithms (HS*) are
+    never accepted; a key is only used with its own algorithm."""
+    clock_skew_seconds: int = Field(default=30, ge=0, le=600)
+    """Leeway for 'exp', 'nbf' and 'iat' against this pod's clock."""
+    jwks_refresh_seconds: int = Field(default=300, ge=1, le=86_400)
+    """How often a jwksUrl is fetched again (rotated keys are picked up without a restart)."""
+    jwks_min_refresh_seconds: int = Field(default=30, ge=1, le=3600)
+    """At most one extra fetch of jwksUrl per this many seconds, triggered by tokens whose 'kid' is
+    unknown (so unknown kids cannot flood the provider)."""
+    subject_claim: str = Field(default="sub", max_length=256, pattern=CLAIM_NAME_PATTERN)
+    """Claim identifying the client for 'apiKey'-keyed limits (every token must carry it); hashed like
+    API keys before it reaches Redis, logs or metrics."""
+    tier_claim: str | None = Field(default=None, max_length=256, pattern=CLAIM_NAME_PATTERN)
+    """Claim whose value names the client's tier (a key of tiers). A token without it, or naming no
+    defined tier, gets identity.defaultTier."""
+
+
 class Identity(ApiModel):
     """How a client is identified for apiKey-scoped limits."""
 
     header: str = Field(default="Authorization", min_length=1, max_length=256, pattern=HEADER_NAME_PATTERN)
-    """Request header holding the client key; a leading 'Bearer ' is stripped."""
+    """Request header holding the client key or token; a leading 'Bearer ' is stripped."""
     keys_secret_ref: SecretRef | None = None
     """Optional Secret whose data maps sha256-hex(key) to a tier name. When set, a missing or unknown
     key is answered 401."""
+    jwt: JwtIdentity | None = None
+    """Verify JSON Web Tokens presented in the header. With jwt set every request must authenticate;
+    a credential shaped like a JWT (three dot-separated base64url parts) is verified as a token, any
+    other one is looked up in keysSecretRef (401 when that is not set)."""
     default_tier: str | None = Field(default=None, max_length=63, pattern=DNS_LABEL_PATTERN)
     """Tier for keys without one (every key when keysSecretRef is not set). Must be defined in tiers."""
 
@@ -194,23 +242,31 @@ class Limit(TierLimits):
     name: str = Field(min_length=1, max_length=63, pattern=DNS_LABEL_PATTERN)
     """Name, unique within the route; used in metrics, errors and 429 headers."""
     key: str = Field(default="route", max_length=300, pattern=LIMIT_KEY_PATTERN)
-    """What the limit counts per: 'route' (one shared budget), 'apiKey' (each client key, see identity)
-    or 'header:<Name>' (each value of that request header)."""
+    """What the limit counts per: 'route' (one shared budget), 'apiKey' (each client key or token
+    subject, see identity), 'header:<Name>' (each value of that request header) or 'claim:<name>'
+    (each value of that claim of the client's JWT; needs identity.jwt)."""
     burst: RateValue | None = Field(default=None, ge=1, le=1_000_000_000)
     """Pacing on top of requestsPerMinute: at most this many requests back to back, refilled at
     requestsPerMinute/60 per second (a token bucket). Unset: only the sliding-minute cap applies."""
     mode: LimitMode = LimitMode.ENFORCE
     """'enforce' rejects over-limit requests; 'shadow' only counts and reports would-be rejections."""
     when_missing: WhenMissing = WhenMissing.REJECT
-    """For 'header:<Name>' keys: what a request without the header (or with an empty value) gets.
-    'reject' (default): 400 missing_limit_header naming the header, so no client escapes or silently
-    shares the limit; 'shared': all such requests count against one common bucket; 'skip': the limit
-    does not apply to them (they are unlimited by it). A shadow limit never rejects: it skips them."""
+    """For 'header:<Name>' and 'claim:<name>' keys: what a request without the header or claim (or
+    with an empty value; for claims also a value that is not a string or integer, and requests
+    authenticated by a static key) gets. 'reject' (default): 400 missing_limit_header naming the
+    header, or 403 missing_limit_claim naming the claim, so no client escapes or silently shares the
+    limit; 'shared': all such requests count against one common bucket; 'skip': the limit does not
+    apply to them (they are unlimited by it). A shadow limit never rejects: it skips them."""
 
     @property
     def header_name(self) -> str | None:
         """The header name of a 'header:<Name>' key, else None."""
         return self.key.split(":", 1)[1] if self.key.startswith("header:") else None
+
+    @property
+    def claim_name(self) -> str | None:
+        """The claim name of a 'claim:<name>' key, else None."""
+        return self.key.split(":", 1)[1] if self.key.startswith("claim:") else None
 
 
 class TokenAccounting(ApiModel):
@@ -346,7 +402,12 @@ class LLMRouteSpec(ApiModel):
         if tier is not None and tier not in self.tiers:
             defined = ", ".join(sorted(self.tiers)) or "none"
             raise ValueError(f"identity.defaultTier {tier!r} is not defined in tiers (defined: {defined})")
+        jwt = self.identity.jwt
+        if jwt is not None and (jwt.jwks_url is None) == (jwt.jwks_secret_ref is None):
+            raise ValueError("identity.jwt needs exactly one of jwksUrl and jwksSecretRef")
         for limit in self.limits:
+            if limit.claim_name is not None and jwt is None:
+                raise ValueError(f"limit {limit.name!r} is keyed by {limit.key!r}, which needs identity.jwt")
             has_value = any(
                 value is not None
                 for value in (
