@@ -1,6 +1,6 @@
 # syntax=docker/dockerfile:1
 # Two images from one build context:
-#   docker build --target sidecar  -t llmroute-sidecar:dev  .   # the data plane: `pip install .`
+#   docker build --target sidecar  -t llmroute-sidecar:dev  .   # the data plane: `pip install .[otel]`
 #   docker build --target operator -t llmroute-operator:dev .   # the control plane: `pip install .[operator]`
 # Both run as the numeric non-root user 65532 and write nothing outside /tmp, so they work with
 # readOnlyRootFilesystem (bytecode is compiled at build time).
@@ -28,7 +28,8 @@ COPY operator/ operator/
 
 # pip compiles the installed modules, so nothing needs to write bytecode at run time.
 FROM source AS build-sidecar
-RUN python -m venv /opt/llmroute && /opt/llmroute/bin/pip install .
+# The otel extra ships so spec.telemetry works in an injected sidecar; it is imported only when on.
+RUN python -m venv /opt/llmroute && /opt/llmroute/bin/pip install ".[otel]"
 
 FROM source AS build-operator
 RUN python -m venv /opt/llmroute && /opt/llmroute/bin/pip install ".[operator]"

@@ -156,12 +156,15 @@ def _install_command(dockerfile: dict[str, Stage], target: str) -> str:
     return install.strip().strip("'\"")
 
 
-def test_sidecar_installs_only_the_runtime_and_the_operator_its_extra(dockerfile: dict[str, Stage]) -> None:
-    assert _install_command(dockerfile, "sidecar") == "."
+def test_sidecar_installs_the_runtime_and_telemetry_and_the_operator_its_extra(
+    dockerfile: dict[str, Stage],
+) -> None:
+    assert _install_command(dockerfile, "sidecar") == ".[otel]"  # spec.telemetry works when injected
     assert _install_command(dockerfile, "operator") == ".[operator]"
-    assert "operator" in PYPROJECT["project"]["optional-dependencies"]
-    runtime = " ".join(PYPROJECT["project"]["dependencies"])
-    assert "kopf" not in runtime and "kubernetes" not in runtime
+    extras = PYPROJECT["project"]["optional-dependencies"]
+    assert "operator" in extras
+    data_plane = " ".join(PYPROJECT["project"]["dependencies"] + extras["otel"])
+    assert "kopf" not in data_plane and "kubernetes" not in data_plane
 
 
 @pytest.mark.parametrize("target", list(TARGETS))
