@@ -51,9 +51,6 @@ def _limit_lines(limit: LimitView) -> list[str]:
             ]
             if limit.top:
                 lines += table(rows, "    ")
-    for label, counts in (("429s", limit.rejections), ("shadow would-be 429s", limit.shadow_rejections)):
-        if counts:
-            lines.append(f"    {label}: " + ", ".join(f"{d} {n}" for d, n in sorted(counts.items())))
     return lines
 
 
@@ -103,8 +100,13 @@ def render_text(view: RouteView) -> str:
     if view.pods:
         lines += table(_pod_rows(view.pods))
     lines.append(f"Rejections (429s): {view.rejections_source}")
-    counted = [(limit.name, d, n) for limit in view.limits for d, n in sorted(limit.rejections.items())]
-    lines += table([[name, dimension, str(count)] for name, dimension, count in counted]) or ["  none"]
+    rows = [
+        [limit.name, dimension, str(count), note]
+        for limit in view.limits
+        for counts, note in ((limit.rejections, ""), (limit.shadow_rejections, "(shadow: would have been)"))
+        for dimension, count in sorted(counts.items())
+    ]
+    lines += table(rows) or ["  none"]
     return "\n".join(lines) + "\n"
 
 
