@@ -18,7 +18,7 @@ from llmroute_operator.quota_usage import (
 )
 from llmroute_sidecar.quota.base import AdmissionRequest, Dimension, LimitCheck
 from llmroute_sidecar.quota.redis import RedisQuotaStore, _keys
-from tests.support.redis_procs import RedisServer
+from tests.support.redis_procs import RedisCluster, RedisServer
 
 ROUTE = "ns/chat"
 
@@ -144,3 +144,20 @@ async def test_read_usage_reports_what_the_store_counted_without_writing(redis_s
 async def test_an_empty_route_reads_as_no_subjects(redis_server: RedisServer) -> None:
     usage = await read_usage(redis_server.url, ROUTE, [LimitQuery("all", (Dimension.REQUESTS_PER_MINUTE,))])
     assert usage == {"all": []}
+
+
+async def test_read_usage_from_a_redis_cluster(redis_cluster: RedisCluster) -> None:
+    url = redis_cluster.url
+    store = RedisQuotaStore.from_url(url)
+    check = LimitCheck("per-key", "apiKey", subject="aaaa", requests_per_minute=10, tokens_per_minute=1000)
+    try:
+        for _ in range(3):
+            assert (await store.admit(AdmissionRequest(ROUTE, (check,), tokens=7, lease_seconds=30))).admitted
+    finally:
+        await store.close()
+
+    usage = await read_usage(
+        url, ROUTE, [LimitQuery("per-key", (Dimension.REQUESTS_PER_MINUTE, Dimension.TOKENS_PER_MINUTE))]
+    )
+
+    assert usage == {"per-key": [SubjectUsage("aaaa", {"requestsPerMinute": 3, "tokensPerMinute": 21})]}
