@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import redis
 
+from llmroute_operator import quota_usage
 from llmroute_operator.quota_usage import (
     LimitQuery,
     SubjectUsage,
@@ -66,7 +67,10 @@ def test_top_subjects_ranks_by_the_fullest_dimension_and_counts_only_active_ones
     assert [s.subject for s in top_subjects(subjects, {}, 5)[1]] == ["b", "a", "c"]
 
 
-async def test_read_usage_reports_what_the_store_counted_without_writing(redis_server: RedisServer) -> None:
+async def test_read_usage_reports_what_the_store_counted_without_writing(
+    redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(quota_usage, "CHARGES_PER_READ", 3)  # the 4 token charges read in two parts
     store = RedisQuotaStore.from_url(redis_server.url)
     route_limit = LimitCheck(
         "all",

@@ -24,6 +24,8 @@ WINDOW_US = {
     Dimension.TOKENS_PER_MINUTE: MINUTE_US,
 }
 SUFFIX_DIMENSION = {suffix: dimension for dimension, suffix in DIMENSION_SUFFIX.items()}
+CHARGES_PER_READ = 1000
+"""Token charges read per HMGET (a busy minute holds one per request)."""
 MAX_KEYS_SCANNED = 200_000
 """A bound on the keys one limit's scan visits (a huge per-key limit is summarised from these)."""
 
@@ -138,11 +140,10 @@ async def _read_limit(client: Any, route: str, query: LimitQuery, now_us: int) -
     token_reads: list[str] = []
     for (subject, dimension), answer in zip(reads, answers, strict=True):
         if dimension is Dimension.TOKENS_PER_MINUTE:
-            if answer:
-                charges.hmget(charges_key(route, query.name, subject), list(answer))
+            ids = list(answer)
+            for start in range(0, len(ids), CHARGES_PER_READ):
+                charges.hmget(charges_key(route, query.name, subject), ids[start : start + CHARGES_PER_READ])
                 token_reads.append(subject)
-            else:
-                used[subject][dimension.value] = 0
         elif dimension is Dimension.BURST:
             tokens, stamp = (_text(value) for value in answer)
             used[subject][dimension.value] = burst_used(
@@ -152,7 +153,7 @@ async def _read_limit(client: Any, route: str, query: LimitQuery, now_us: int) -
             used[subject][dimension.value] = int(answer)
     if token_reads:
         for subject, costs in zip(token_reads, await charges.execute(), strict=True):
-            used[subject][Dimension.TOKENS_PER_MINUTE.value] = sum(int(_text(c) or 0) for c in costs)
+            used[subject][Dimension.TOKENS_PER_MINUTE.value] += sum(int(_text(c) or 0) for c in costs)
     return [SubjectUsage(subject, values) for subject, values in sorted(used.items())]
 
 

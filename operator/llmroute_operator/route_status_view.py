@@ -288,7 +288,7 @@ def _limit_view(route: LLMRoute, limit: Limit, gathered: Gathered) -> LimitView:
         subjects = list(gathered.usage.get(limit.name, ()))
         if limit.key == "route":
             used = next((s.used for s in subjects if s.subject == "_"), {})
-            full = {name: int(used.get(name, 0)) for name in configured} | dict(used)
+            full = {name: 0 for name in configured} | dict(used)
             active = int(any(full.values()))
             top = (SubjectUsage("_", full),)
         else:
