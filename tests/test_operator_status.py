@@ -25,7 +25,7 @@ from llmroute_sidecar.api import parse_route
 from llmroute_sidecar.policy import sha256_hex
 from tests.support.kube_emulator import EmulatorThread, write_kubeconfig
 from tests.support.redis_procs import RedisServer
-from tests.support.sidecar_procs import MockUpstream, SidecarProcess, free_port, start, wait_for
+from tests.support.sidecar_procs import MockUpstream, SidecarProcess, free_port, http_get, start, wait_for
 
 NAMESPACE = "tests"
 ROUTE = "chat"
@@ -179,6 +179,11 @@ def test_status_shows_what_the_sidecar_admitted_held_and_rejected(
     env = status_env(write_kubeconfig(tmp_path / "kubeconfig", emulator.url, NAMESPACE), tmp_path)
     route = parse_route(document)
 
+    def leases_and_inflight() -> tuple[int, int]:
+        usage = asyncio.run(read_usage(redis_server.url, route.key, limit_queries(route)))
+        _, hints = http_get(f"{sidecar.admin}/hints")
+        return usage["global"][0].used["concurrentRequests"], json.loads(hints)["inflight"]
+
     async def scenario() -> tuple[dict[str, Any], str, dict[str, Any]]:
         async with aiohttp.ClientSession() as session:
             held = await held_stream(session, sidecar.url, "acme")
@@ -187,6 +192,10 @@ def test_status_shows_what_the_sidecar_admitted_held_and_rejected(
                 codes += [await chat(session, sidecar.url, "beta") for _ in range(2)]
                 codes.append(await chat(session, sidecar.url, "acme"))  # acme's 6th this minute: over 5
                 assert codes == [200] * 6 + [429]
+                # The plain requests settle in the background: wait until only the held stream remains.
+                await asyncio.to_thread(
+                    wait_for, lambda: leases_and_inflight() == (1, 1), 10, 0.05, "plain requests settled"
+                )
                 # No --redis and no LLMROUTE_REDIS_URL: the URL comes from the injected sidecar's env.
                 as_json = await asyncio.to_thread(run_status, env, ROUTE, "--output", "json")
                 as_text = await asyncio.to_thread(run_status, env, ROUTE, "-n", NAMESPACE)
@@ -196,11 +205,9 @@ def test_status_shows_what_the_sidecar_admitted_held_and_rejected(
                 held.close()
         assert as_json.returncode == 0 and as_text.returncode == 0, as_json.stderr + as_text.stderr
 
-        def settled() -> bool:
-            usage = asyncio.run(read_usage(redis_server.url, route.key, limit_queries(route)))
-            return usage["global"][0].used["concurrentRequests"] == 0
-
-        await asyncio.to_thread(wait_for, settled, 10, 0.05, "the stream's settlement")
+        await asyncio.to_thread(
+            wait_for, lambda: leases_and_inflight() == (0, 0), 10, 0.05, "the stream's settlement"
+        )
         done = await asyncio.to_thread(
             run_status, env, ROUTE, "--output", "json", "--redis", redis_server.url
         )
@@ -261,13 +268,19 @@ def test_status_shows_what_the_sidecar_admitted_held_and_rejected(
 
     # Settled: no lease, and the tokens in the window are what the sidecar charged the quota.
     (route_usage,) = by_name(after, "limits", "global")["top"]
-    charged = sum(
-        sign * sidecar.metric("llmroute_tokens_total", kind=kind)
-        for kind, sign in (("reserved", 1), ("refunded", -1), ("overrun", 1))
-    )
+
+    def charged() -> float:  # what the sidecar charged the quota, by its own counters
+        return sum(
+            sign * sidecar.metric("llmroute_tokens_total", kind=kind)
+            for kind, sign in (("reserved", 1), ("refunded", -1), ("overrun", 1))
+        )
+
     assert route_usage["used"]["concurrentRequests"] == 0
     assert route_usage["used"]["requestsPerMinute"] == 7
-    assert route_usage["used"]["tokensPerMinute"] == charged > 0
+    assert route_usage["used"]["tokensPerMinute"] > 0
+    wait_for(
+        lambda: charged() == route_usage["used"]["tokensPerMinute"], 5, what="the sidecar's token counters"
+    )
     assert after["usage_source"] == f"{redis_server.url} (--redis)"
     assert by_name(after, "pods", "chat-a")["inflight"] == 0
 
