@@ -50,6 +50,8 @@ NOT_HERE = {
     r"^kopf run ": "needs a Kubernetes cluster; kopf itself retries forever without one",
     r"jwt-demo": "the JWT worked example needs the token its Python block mints: "
     "tests/test_jwt_sidecar.py runs that block, then these commands",
+    r"^(\.venv/bin/)?llmroute-operator status ": "needs a cluster (tests/test_operator_status.py runs it "
+    "against the Kubernetes emulator)",
 }
 
 

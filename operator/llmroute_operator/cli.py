@@ -20,6 +20,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="llmroute-operator",
         description="Reconciles LLMRoutes and injects the llmroute sidecar (webhooks /inject, /validate).",
+        epilog="`llmroute-operator status ROUTE [-n NS] [--redis URL] [--output text|json]` shows one "
+        "route: status, limits with live usage, pods and 429s (see `llmroute-operator status --help`).",
     )
     parser.add_argument("--standalone", action="store_true", help="no peering with other operator replicas")
     parser.add_argument("--peering", metavar="NAME", help="kopf peering object name (HA: one active replica)")
@@ -151,8 +153,13 @@ def start_time_priority(now: float | None = None) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Parse flags, configure the handlers module, run kopf until stopped."""
-    args = build_parser().parse_args(argv)
+    """Parse flags, configure the handlers module, run kopf until stopped; or run ``status``."""
+    arguments = list(sys.argv[1:] if argv is None else argv)
+    if arguments[:1] == ["status"]:
+        from llmroute_operator import status_command
+
+        return status_command.main(arguments[1:])
+    args = build_parser().parse_args(arguments)
     env = dict(os.environ)
     if args.webhook_failure_policy:
         # Read by the @kopf.on.mutate decorator at import time (failurePolicy of managed webhooks).

@@ -99,6 +99,10 @@ class Kube:
 
     # -- routes ---------------------------------------------------------------------------------
 
+    def get_route(self, namespace: str, name: str) -> dict[str, Any] | None:
+        """One LLMRoute, None when it does not exist."""
+        return self.request("GET", f"/apis/{API_GROUP}/{API_VERSION}/namespaces/{namespace}/{PLURAL}/{name}")
+
     def list_routes(self, namespace: str) -> list[dict[str, Any]]:
         """The namespace's LLMRoutes, straight from the API server."""
         path = f"/apis/{API_GROUP}/{API_VERSION}/namespaces/{namespace}/{PLURAL}"
