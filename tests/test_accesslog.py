@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import logging
@@ -192,3 +193,80 @@ def test_access_log_with_custom_logger() -> None:
     (record,) = records
     assert record.getMessage() == "access"
     assert record.fields["route"] == "team-a/chat"  # type: ignore[attr-defined]
+
+
+class CountingStream(io.StringIO):
+    """A stream that counts its writes (stdout is unbuffered in the images: one write, one syscall)."""
+
+    writes = 0
+
+    def write(self, text: str) -> int:
+        self.writes += 1
+        return super().write(text)
+
+
+@pytest.fixture
+def shipped() -> Iterator[CountingStream]:
+    """Logging as the sidecar configures it: one JSON handler on the root logger. Tests call
+    ``only_ours()`` in their body: pytest adds its capturing handlers for the test's call phase."""
+    root = logging.getLogger()
+    saved_handlers, saved_level = root.handlers[:], root.level
+    out = CountingStream()
+    configure_logging("INFO", stream=out)
+    yield out
+    root.handlers[:] = saved_handlers
+    root.setLevel(saved_level)
+
+
+def only_ours() -> None:
+    root = logging.getLogger()
+    root.handlers[:] = [h for h in root.handlers if type(h).__name__ == "_JsonHandler"]
+
+
+def test_shipped_path_writes_what_the_formatter_would(shipped: CountingStream) -> None:
+    """The direct line and the one through ``logging`` differ only in their timestamp."""
+    stream = shipped
+    only_ours()
+    record = _record(path="/v1/chat/completions?k=1", error='upstream said "no" \u00e9')
+    AccessLog().write(record)
+    assert stream.writes == 1  # outside an event loop the direct path writes at once
+    logging.getLogger().addFilter(lambda _: True)  # any filter: the record goes through logging
+    try:
+        AccessLog().write(record)
+    finally:
+        logging.getLogger().filters.clear()
+    direct, via_logging = _lines(stream)
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", direct["ts"])
+    assert list(direct) == list(via_logging)
+    del direct["ts"], via_logging["ts"]
+    assert direct == via_logging
+
+
+async def test_lines_of_one_loop_turn_are_written_at_once(shipped: CountingStream) -> None:
+    out = shipped
+    only_ours()
+    log = AccessLog()
+    for n in range(5):
+        log.write(_record(request_id=f"r{n}"))
+    assert out.writes == 0  # pending until the loop turns
+    await asyncio.sleep(0)
+    assert out.writes == 1
+    assert [json.loads(line)["request_id"] for line in out.getvalue().splitlines()] == [
+        f"r{n}" for n in range(5)
+    ]
+    log.write(_record(request_id="last"))
+    log.flush()  # what the sidecar does when it stops
+    assert out.writes == 2 and "last" in out.getvalue()
+
+
+def test_other_listeners_get_the_record_through_logging(
+    shipped: CountingStream, caplog: pytest.LogCaptureFixture
+) -> None:
+    only_ours()
+    logging.getLogger().addHandler(caplog.handler)
+    try:
+        AccessLog().write(_record())
+    finally:
+        logging.getLogger().removeHandler(caplog.handler)
+    assert [r.getMessage() for r in caplog.records] == ["access"]  # the other handler saw it
+    assert json.loads(shipped.getvalue())["msg"] == "access"  # and the JSON handler still wrote it

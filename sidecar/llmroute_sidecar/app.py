@@ -74,8 +74,9 @@ class Sidecar:
         )
         self.telemetry = start_telemetry(route.spec.telemetry, os.environ, self._resource(route))
         self.store = store if store is not None else make_store(settings, route)
+        self.access_log = AccessLog()
         self.gateway = Gateway(
-            policy, self.store, settings, self.metrics, self.health, AccessLog(), self.telemetry
+            policy, self.store, settings, self.metrics, self.health, self.access_log, self.telemetry
         )
         self._runners: list[web.AppRunner] = []
         self._servers: list[asyncio.AbstractServer] = []
@@ -196,6 +197,7 @@ class Sidecar:
         for runner in reversed(self._runners):
             await runner.cleanup()
         await self.gateway.close()
+        self.access_log.flush()  # lines of the last requests, before anything else is logged
         settler = self.gateway.finisher.settler
         if not await settler.drain(SETTLE_DRAIN_SECONDS):
             log.warning(

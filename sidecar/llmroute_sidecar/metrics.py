@@ -2,14 +2,10 @@
 
 from __future__ import annotations
 
-from prometheus_client import (
-    CONTENT_TYPE_LATEST,
-    CollectorRegistry,
-    Counter,
-    Gauge,
-    Histogram,
-    generate_latest,
-)
+from typing import Any, TypeVar
+
+import prometheus_client
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 #: Latency buckets for LLM calls: from cache-hit fast to multi-minute generations.
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300)
@@ -39,6 +35,53 @@ UPSTREAM_OUTCOMES = ("ok", "http_5xx", "http_4xx", "timeout", "connect_error")
 #: ``kind`` of ``llmroute_tokens_total``; ``layer`` of ``llmroute_timeouts_total``.
 TOKEN_KINDS = ("prompt", "completion", "reserved", "refunded", "overrun")
 TIMEOUT_LAYERS = ("queue", "attempt", "deadline", "stream")
+
+
+_M = TypeVar("_M")
+
+
+class _BoundChildren:
+    """``labels()`` through a plain dict of the children already made.
+
+    prometheus_client validates, converts and locks on every ``labels()`` call; the request path calls
+    it a dozen times per request with the same few label sets, so the child is looked up once and kept.
+    ``remove``/``clear`` forget the kept children too.
+    """
+
+    _bound: dict[tuple[Any, ...], Any]
+
+    def labels(self: _M, *values: Any, **named: Any) -> _M:
+        if named:
+            return super().labels(*values, **named)  # type: ignore[misc,no-any-return]
+        try:
+            return self._bound[values]  # type: ignore[attr-defined,no-any-return]
+        except AttributeError:
+            self._bound = {}  # type: ignore[attr-defined]
+        except KeyError:
+            pass
+        child: _M = super().labels(*values)  # type: ignore[misc]
+        self._bound[values] = child  # type: ignore[attr-defined]
+        return child
+
+    def remove(self, *values: Any) -> None:
+        self._bound = {}
+        super().remove(*values)  # type: ignore[misc]
+
+    def clear(self) -> None:
+        self._bound = {}
+        super().clear()  # type: ignore[misc]
+
+
+class Counter(_BoundChildren, prometheus_client.Counter):
+    """A Counter whose labelled children are bound once."""
+
+
+class Gauge(_BoundChildren, prometheus_client.Gauge):
+    """A Gauge whose labelled children are bound once."""
+
+
+class Histogram(_BoundChildren, prometheus_client.Histogram):
+    """A Histogram whose labelled children are bound once."""
 
 
 class SidecarMetrics:
