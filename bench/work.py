@@ -2,10 +2,11 @@
 
 Wall-clock numbers move with the machine; these counts do not (or barely), so CI can guard them:
 
-- **Python calls per request**: one sidecar runs in this process (memory or Redis store) in front of
-  the mock upstream (a separate process); N sequential keep-alive requests are sent over a plain
-  asyncio stream while ``cProfile`` counts every function call in the process (the sidecar's, the
-  event loop's and this tiny client's), divided by N.
+- **Python calls per request**: one sidecar runs in this process (memory or Redis store, access log
+  on at INFO as shipped, written to /dev/null) in front of the mock upstream (a separate process);
+  N sequential keep-alive requests are sent over a plain asyncio stream while ``cProfile`` counts
+  every function call in the process (the sidecar's, the event loop's and this tiny client's),
+  divided by N.
 - **Redis commands per request**: ``INFO commandstats`` of a private redis-server before and after N
   requests through a sidecar using it (admission, settlement and anything else the request path
   sends; background pings and heartbeats are reported apart).
@@ -19,6 +20,7 @@ import argparse
 import asyncio
 import cProfile
 import json
+import os
 import pstats
 import sys
 import tempfile
@@ -29,6 +31,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from llmroute_sidecar.accesslog import configure_logging  # noqa: E402
 from llmroute_sidecar.api.manifest import load_route  # noqa: E402
 from llmroute_sidecar.app import Sidecar  # noqa: E402
 from llmroute_sidecar.config import HostPort, Settings  # noqa: E402
@@ -119,6 +122,8 @@ async def count_calls(
             health_interval=3600,
             heartbeat_seconds=3600,
         )
+        devnull = open(os.devnull, "w")  # noqa: SIM115, ASYNC230 - closed below; /dev/null never blocks
+        configure_logging("INFO", devnull)  # access lines on, as shipped
         sidecar = Sidecar(settings, load_route(route_file))
         await sidecar.start()
         try:
@@ -144,6 +149,7 @@ async def count_calls(
             writer.close()
         finally:
             await sidecar.stop()
+            devnull.close()
     stats = pstats.Stats(profile)
     entries: dict[Any, Any] = stats.stats  # type: ignore[attr-defined]
     total = sum(calls for (_, calls, *_rest) in entries.values())

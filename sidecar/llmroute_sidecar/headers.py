@@ -27,19 +27,29 @@ HOP_BY_HOP = frozenset(
 )
 
 
+#: Lower-cased names a ``drop`` list excludes besides the hop-by-hop ones (few distinct lists).
+_excluded_by_drop: dict[tuple[str, ...], frozenset[str]] = {}
+
+
 def end_to_end(
     headers: CIMultiDictProxy[str] | CIMultiDict[str], drop: Iterable[str] = ()
 ) -> CIMultiDict[str]:
     """Copy ``headers`` without hop-by-hop ones (including those named in Connection) and ``drop``."""
-    named = {
-        token.strip().lower() for value in headers.getall("Connection", []) for token in value.split(",")
-    }
-    excluded = HOP_BY_HOP | named | {name.lower() for name in drop}
-    return CIMultiDict((name, value) for name, value in headers.items() if name.lower() not in excluded)
+    key = tuple(drop)
+    excluded = _excluded_by_drop.get(key)
+    if excluded is None:
+        if len(_excluded_by_drop) >= 64:
+            _excluded_by_drop.clear()
+        excluded = _excluded_by_drop[key] = HOP_BY_HOP | {name.lower() for name in key}
+    if "Connection" in headers:
+        values = headers.getall("Connection")
+        excluded = excluded | {token.strip().lower() for value in values for token in value.split(",")}
+    return CIMultiDict([(name, value) for name, value in headers.items() if name.lower() not in excluded])
 
 
 #: Dimensions counting requests (OpenAI's ``*-requests`` headers); tokensPerMinute counts tokens.
 REQUEST_DIMENSIONS = frozenset({Dimension.REQUESTS_PER_MINUTE, Dimension.REQUESTS_PER_HOUR, Dimension.BURST})
+TOKEN_DIMENSIONS = frozenset({Dimension.TOKENS_PER_MINUTE})
 
 
 def never_fits(state: LimitState, tokens: int) -> bool:
@@ -87,38 +97,73 @@ class RateLimitView:
     decision's ``retry_after``, so ``Retry-After``, ``X-RateLimit-Reset``, ``RateLimit t=`` and
     ``x-ratelimit-reset-*`` agree. Other rate states reset when their window frees what they count;
     a concurrency slot has no schedule (no reset) unless it is what rejected.
+
+    Built once per response on the request path: each state's reset and nearness are computed once.
     """
 
+    __slots__ = ("_nearness", "rejected", "resets", "states")
+
     def __init__(self, decision: Decision, shadow: Collection[str] = (), tokens: int | None = None) -> None:
-        self.decision = decision
         self.states = tuple(
             s
             for s in decision.states
             if s.limit not in shadow and not (tokens is not None and never_fits(s, tokens))
         )
         rejected = decision.rejected
-        self.rejected = rejected if rejected in self.states else None
+        self.rejected = rejected if rejected is not None and rejected in self.states else None
+        resets: list[int | None] = []
+        nearness: list[tuple[bool, float, int, int]] = []
+        for state in self.states:
+            if self.rejected is not None and state == self.rejected:
+                reset: int | None = max(1, _milliseconds(decision.retry_after))
+            elif state.dimension is Dimension.CONCURRENT_REQUESTS:
+                reset = None
+            else:
+                reset = _milliseconds(state.reset_seconds)
+            resets.append(reset)
+            share = state.remaining / state.limit_value if state.limit_value > 0 else 0.0
+            last = state.dimension is Dimension.CONCURRENT_REQUESTS
+            nearness.append((last, share, state.remaining, -(reset or 0)))
+        self.resets = resets
+        self._nearness = nearness
 
     def reset_ms(self, state: LimitState) -> int | None:
-        """Milliseconds until ``state`` resets; None for a concurrency slot that did not reject."""
-        if state == self.rejected:
-            return max(1, _milliseconds(self.decision.retry_after))
-        if state.dimension is Dimension.CONCURRENT_REQUESTS:
-            return None
-        return _milliseconds(state.reset_seconds)
+        """Milliseconds until ``state`` (one of ``states``) resets; None for a concurrency slot that did
+        not reject."""
+        for index, candidate in enumerate(self.states):
+            if candidate is state:
+                return self.resets[index]
+        return self.resets[self.states.index(state)]
 
     def binding(self, among: Collection[Dimension] | None = None) -> LimitState | None:
         """The rejecting state, else the rate limit with the smallest share left (concurrency last)."""
-        candidates = [s for s in self.states if among is None or s.dimension in among]
-        if self.rejected is not None and self.rejected in candidates:
-            return self.rejected
+        rejected = self.rejected
+        if rejected is not None and (among is None or rejected.dimension in among):
+            return rejected
+        best: LimitState | None = None
+        best_key: tuple[bool, float, int, int] | None = None
+        for state, key in zip(self.states, self._nearness, strict=True):
+            if among is not None and state.dimension not in among:
+                continue
+            if best_key is None or key < best_key:
+                best, best_key = state, key
+        return best
 
-        def nearness(s: LimitState) -> tuple[bool, float, int, int]:
-            share = s.remaining / s.limit_value if s.limit_value > 0 else 0.0
-            last = s.dimension is Dimension.CONCURRENT_REQUESTS
-            return (last, share, s.remaining, -(self.reset_ms(s) or 0))
 
-        return min(candidates, key=nearness, default=None)
+#: ``RateLimit-Policy`` values by the visible states' (limit, dimension, value): they change only when
+#: the limits do. Bounded: cleared when it grows past ``_POLICY_CACHE_SIZE`` entries.
+_policy_cache: dict[tuple[tuple[str, Dimension, int], ...], str] = {}
+_POLICY_CACHE_SIZE = 1024
+
+
+def _policy_header(states: tuple[LimitState, ...]) -> str:
+    key = tuple((s.limit, s.dimension, s.limit_value) for s in states)
+    value = _policy_cache.get(key)
+    if value is None:
+        if len(_policy_cache) >= _POLICY_CACHE_SIZE:
+            _policy_cache.clear()
+        value = _policy_cache[key] = ", ".join(_policy(s) for s in states)
+    return value
 
 
 def rate_limit_headers(
@@ -133,6 +178,8 @@ def rate_limit_headers(
     - IETF ``RateLimit-Policy`` (every visible limit) and ``RateLimit`` (binding first, then the rest).
     ``shadow`` names limits in shadow mode (never shown); ``tokens`` is the request's reservation.
     """
+    if not decision.states:
+        return {}
     view = RateLimitView(decision, shadow, tokens)
     binding = view.binding()
     if binding is None:
@@ -145,16 +192,17 @@ def rate_limit_headers(
     if reset is not None:
         headers["X-RateLimit-Reset"] = str(_whole_seconds(reset))
     headers["X-RateLimit-Scope"] = f"{binding.limit}/{binding.dimension.value}"
-    for suffix, among in (("requests", REQUEST_DIMENSIONS), ("tokens", {Dimension.TOKENS_PER_MINUTE})):
+    for suffix, among in (("requests", REQUEST_DIMENSIONS), ("tokens", TOKEN_DIMENSIONS)):
         state = view.binding(among)
         if state is None:
             continue
         headers[f"x-ratelimit-limit-{suffix}"] = str(state.limit_value)
         headers[f"x-ratelimit-remaining-{suffix}"] = str(max(0, state.remaining))
         headers[f"x-ratelimit-reset-{suffix}"] = duration(view.reset_ms(state) or 0)
-    headers["RateLimit-Policy"] = ", ".join(_policy(s) for s in view.states)
-    ordered = [binding, *(s for s in view.states if s != binding)]
-    headers["RateLimit"] = ", ".join(_item(s, view.reset_ms(s)) for s in ordered)
+    headers["RateLimit-Policy"] = _policy_header(view.states)
+    items = [_item(binding, reset)]
+    items.extend(_item(s, r) for s, r in zip(view.states, view.resets, strict=True) if s is not binding)
+    headers["RateLimit"] = ", ".join(items)
     return headers
 
 
