@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
@@ -351,3 +352,31 @@ async def test_a_script_error_is_logged_not_silent(
         await store.admit(request(check))
     assert [r.getMessage() for r in caplog.records] == ["redis script error"]
     assert "WRONGTYPE" in str(caplog.records[0].__dict__["fields"]["error"])
+
+
+async def test_many_settlements_share_one_round_trip(
+    store: RedisQuotaStore, redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    check = LimitCheck("conc", "route", concurrent_requests=100, tokens_per_minute=100_000)
+    leases = []
+    for _ in range(40):
+        decision = await store.admit(request(check, tokens=50))
+        assert decision.lease is not None
+        leases.append(decision.lease)
+    trips: list[int] = []
+    pipeline = store._pipeline
+
+    async def counted(batch: Any) -> Any:
+        trips.append(len(batch))
+        return await pipeline(batch)
+
+    monkeypatch.setattr(store, "_pipeline", counted)
+    outcomes = await store.settle_many([(lease, 10) for lease in leases])
+    assert outcomes == [None] * 40 and trips == [40]
+    client = redis.Redis.from_url(redis_server.url)
+    try:
+        assert client.keys("*:conc") == []  # every slot released (an empty set is no key)
+        (charges,) = client.keys("*:tpm:c")
+        assert int(client.hget(charges, "_total") or 0) == 400
+    finally:
+        client.close()

@@ -492,3 +492,40 @@ async def test_stop_flushes_settlements_queued_while_redis_was_paused(
     assert await asyncio.to_thread(sidecar.wait_exit, 15) == 0
     assert concurrency_slots(redis_client) == 0  # released at shutdown, not at lease expiry
     assert "settlements lost" not in sidecar.output()
+
+
+class ManyStore(MemoryQuotaStore):
+    """A store that settles a round's leases together, recording each round's size."""
+
+    def __init__(self, failing: int = 0) -> None:
+        super().__init__()
+        self.rounds: list[int] = []
+        self.failing = failing
+
+    async def settle_many(self, settlements: Any) -> list[Exception | None]:
+        self.rounds.append(len(settlements))
+        outcomes: list[Exception | None] = []
+        for lease, tokens in settlements:
+            if self.failing:
+                self.failing -= 1
+                outcomes.append(StoreUnavailableError("down for this one"))
+                continue
+            await self.settle(lease, tokens)
+            outcomes.append(None)
+        return outcomes
+
+
+async def test_the_settler_coalesces_a_burst_into_one_round() -> None:
+    metrics = SidecarMetrics()
+    settler = Settler(metrics)
+    store = ManyStore(failing=1)
+    check = LimitCheck("conc", "route", concurrent_requests=100)
+    leases = [(await store.admit(request(check))).lease for _ in range(30)]
+    for lease in leases:  # requests ending in the same few milliseconds
+        assert lease is not None
+        settler.submit(store, lease, 0)
+    assert await settler.drain(10)
+    assert store.rounds == [30, 1]  # one round for the burst; the failed one retried alone
+    assert (await store.admit(request(LimitCheck("conc", "route", concurrent_requests=1)))).admitted
+    assert metrics.store_errors_total.labels("ns/r", "settle")._value.get() == 1
+    await settler.close()

@@ -1,8 +1,11 @@
 """Settlement off the response path: leases are settled in the background, retried, drained on stop.
 
 ``Finisher`` hands each lease of a store that ``settles_in_background`` to the ``Settler``; the
-next request on the same keep-alive connection never waits for Redis. Every round of the settler
-settles everything queued concurrently, so the store batches them into pipelined round trips. A
+next request on the same keep-alive connection never waits for Redis. A round starts
+``COALESCE_SECONDS`` after the first settlement that finds the settler idle and settles everything
+queued by then together (``settle_many``: one pipelined round trip per batch of leases, not one per
+request; a lease's slot and charge are corrected at most that much later, which only errs on the
+side of admitting less). A
 failed settlement is retried with backoff until ``GIVE_UP_SECONDS`` (its lease expires by then
 anyway), counted once in ``llmroute_store_errors_total{operation="settle"}``, and a settlement
 given up on (or still pending at shutdown) in ``llmroute_settlements_lost_total``.
@@ -15,7 +18,9 @@ import contextlib
 import logging
 import time
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
 
 from llmroute_sidecar.metrics import SidecarMetrics
 from llmroute_sidecar.quota.base import Lease, QuotaStore
@@ -25,6 +30,8 @@ log = logging.getLogger("llmroute.settlement")
 GIVE_UP_SECONDS = 60.0
 MIN_RETRY, MAX_RETRY = 0.05, 1.0
 MAX_ROUND = 2000
+#: How long a round waits for more settlements to share its round trips.
+COALESCE_SECONDS = 0.005
 
 
 @dataclass
@@ -39,12 +46,25 @@ class Pending:
     due: float = 0.0
 
 
+@runtime_checkable
+class SettlesMany(Protocol):
+    """A store that settles a round's leases together (``RedisQuotaStore``)."""
+
+    async def settle_many(self, settlements: Sequence[tuple[Lease, int]]) -> list[Exception | None]: ...
+
+
 class Settler:
     """A queue and one task that settles leases in concurrent rounds."""
 
-    def __init__(self, metrics: SidecarMetrics, give_up_seconds: float = GIVE_UP_SECONDS) -> None:
+    def __init__(
+        self,
+        metrics: SidecarMetrics,
+        give_up_seconds: float = GIVE_UP_SECONDS,
+        coalesce_seconds: float = COALESCE_SECONDS,
+    ) -> None:
         self.metrics = metrics
         self.give_up_seconds = give_up_seconds
+        self.coalesce_seconds = coalesce_seconds
         self._fresh: deque[Pending] = deque()
         self._retry: list[Pending] = []
         self._inflight: list[Pending] = []
@@ -76,6 +96,8 @@ class Settler:
                 self._wake.clear()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), timeout)
+                if self._fresh and self.coalesce_seconds > 0 and len(self._fresh) < MAX_ROUND:
+                    await asyncio.sleep(self.coalesce_seconds)  # let more share the round trips
             now = time.monotonic()
             batch = [self._fresh.popleft() for _ in range(min(MAX_ROUND, len(self._fresh)))]
             ready = [item for item in self._retry if item.due <= now][: MAX_ROUND - len(batch)]
@@ -85,11 +107,44 @@ class Settler:
                 batch.extend(ready)
             if batch:
                 self._inflight = batch
-                outcomes = await asyncio.gather(*(self._attempt(item) for item in batch))
+                outcomes = await self._round(batch)
                 self._inflight = []
                 for item, ok in zip(batch, outcomes, strict=True):
                     if not ok:
                         self._failed(item)
+
+    async def _round(self, batch: list[Pending]) -> list[bool]:
+        """One attempt for each item: stores that settle many at once get their items together."""
+        by_store: dict[int, list[int]] = {}
+        for index, item in enumerate(batch):
+            by_store.setdefault(id(item.store), []).append(index)
+        outcomes = [False] * len(batch)
+        jobs = []
+        for indexes in by_store.values():
+            store = batch[indexes[0]].store
+            if isinstance(store, SettlesMany):
+                jobs.append(self._many(store, [batch[i] for i in indexes], indexes, outcomes))
+            else:
+                jobs.extend(self._one(batch[i], i, outcomes) for i in indexes)
+        await asyncio.gather(*jobs)
+        return outcomes
+
+    async def _many(
+        self, store: SettlesMany, items: list[Pending], indexes: list[int], outcomes: list[bool]
+    ) -> None:
+        errors: list[Exception | None]
+        try:
+            errors = await store.settle_many([(item.lease, item.actual_tokens) for item in items])
+        except Exception as escaped:  # a store that let something escape: every item failed
+            errors = [escaped] * len(items)
+        for index, item, failure in zip(indexes, items, errors, strict=True):
+            outcomes[index] = failure is None
+            if failure is not None and item.attempts == 0:
+                fields = {"error": repr(failure)}
+                log.debug("settlement failed; retrying in the background", extra={"fields": fields})
+
+    async def _one(self, item: Pending, index: int, outcomes: list[bool]) -> None:
+        outcomes[index] = await self._attempt(item)
 
     async def _attempt(self, item: Pending) -> bool:
         try:

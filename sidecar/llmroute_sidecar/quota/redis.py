@@ -406,19 +406,51 @@ class RedisQuotaStore:
 
     async def settle(self, lease: Lease, actual_tokens: int) -> None:
         """One attempt (batched with others); the caller retries (``settlement.Settler``)."""
+        (outcome,) = await self.settle_many([(lease, actual_tokens)])
+        if outcome is not None:
+            raise outcome
+
+    async def settle_many(self, settlements: Sequence[tuple[Lease, int]]) -> list[Exception | None]:
+        """Settle many leases in the same batches (one attempt each): per lease None or its error.
+
+        Queued at once and awaited as plain futures, so a round of the settler costs one pipelined
+        round trip per ``MAX_BATCH`` leases and no task per lease.
+        """
+        outcomes: list[Exception | None] = [None] * len(settlements)
+        waiting: list[tuple[int, asyncio.Future[Any]]] = []
+        try:
+            await self._check_paused()
+        except StoreUnavailableError as error:
+            return [error] * len(settlements)
+        deadline = time.monotonic() + QUEUE_BUDGET_SECONDS
+        for index, (lease, actual_tokens) in enumerate(settlements):
+            operation = self._settle_operation(lease, actual_tokens, deadline)
+            if operation is not None:
+                self._batcher.submit(operation)
+                waiting.append((index, operation.future))
+        results = await asyncio.gather(*(future for _, future in waiting), return_exceptions=True)
+        for (index, _), result in zip(waiting, results, strict=True):
+            if isinstance(result, Exception):
+                outcomes[index] = result
+            elif isinstance(result, BaseException):
+                raise result
+        return outcomes
+
+    def _settle_operation(self, lease: Lease, actual_tokens: int, deadline: float) -> Operation | None:
         items = [
             (check, dimension)
             for check, dimension, _ in _items(lease.request)
             if dimension in (Dimension.TOKENS_PER_MINUTE, Dimension.CONCURRENT_REQUESTS)
         ]
         if not items:
-            return
+            return None
         keys: list[str] = []
         args: list[Any] = [lease.lease_id, max(0, actual_tokens), len(items)]
         for check, dimension in items:
             keys.extend(_keys(lease.request.route, check, dimension))
             args.append(DIMENSION_CODES[dimension.value])
-        await self._call(self._settle, keys, args)
+        script: Any = self._settle
+        return Operation(script.sha, script.script, keys, args, deadline)
 
     # -- live charges: streams outgrowing their reservation ----------------------------------------
 
