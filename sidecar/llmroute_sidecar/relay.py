@@ -34,6 +34,17 @@ USAGE_BODY_LIMIT = 8 * 1024 * 1024
 RESPONSE_KEY = "llmroute.response"
 
 
+class HeadersWithBody(web.StreamResponse):
+    """A relayed response whose headers leave with its first body bytes (one write, not two).
+
+    SSE responses keep aiohttp's default (headers at once: clients see the stream open); for the rest
+    the first chunk follows the headers within microseconds anyway. aiohttp's ``web.Response`` buffers
+    its headers the same way.
+    """
+
+    _send_headers_immediately = False
+
+
 class Relay:
     """Streams upstream responses to clients, counting what they used."""
 
@@ -59,7 +70,8 @@ class Relay:
             headers = end_to_end(upstream.headers, drop)
             headers.update(ex.headers)
             headers["X-Request-ID"] = ex.request_id
-            response = web.StreamResponse(status=upstream.status, headers=headers)
+            response_type = web.StreamResponse if is_sse else HeadersWithBody
+            response = response_type(status=upstream.status, headers=headers)
             request[RESPONSE_KEY] = response
             ex.status = upstream.status
             if upstream.status >= 500:

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import time
@@ -113,6 +114,22 @@ def _items(request: AdmissionRequest) -> list[tuple[LimitCheck, Dimension, int]]
             if dimension in values:
                 items.append((check, dimension, values[dimension]))
     return items
+
+
+@functools.lru_cache(maxsize=4096)
+def _encoded_item(
+    route: str, check: LimitCheck, dimension: Dimension, value: int
+) -> tuple[tuple[bytes, bytes], tuple[bytes, bytes, bytes, bytes]]:
+    """An admission item's KEYS and ARGV as bytes, made once per (route, limit, subject, dimension).
+
+    redis-py encodes every argument of every command (several type checks and a conversion each);
+    bytes pass straight through, and an item's keys and values only change with its configuration.
+    """
+    key, hkey = _keys(route, check, dimension)
+    extra = (check.requests_per_minute or 0) if dimension is Dimension.BURST else 0
+    code = DIMENSION_CODES[dimension.value]
+    args = (b"%d" % code, b"%d" % value, b"%d" % int(check.shadow), b"%d" % extra)
+    return (key.encode(), hkey.encode()), args
 
 
 def _keys(route: str, check: LimitCheck, dimension: Dimension) -> tuple[str, str]:
@@ -390,12 +407,12 @@ class RedisQuotaStore:
         if not items:
             return Decision(admitted=True)
         lease_id = uuid.uuid4().hex
-        keys: list[str] = []
+        keys: list[Any] = []
         args: list[Any] = [lease_id, request.tokens, int(request.lease_seconds * 1_000_000), len(items)]
         for check, dimension, value in items:
-            keys.extend(_keys(request.route, check, dimension))
-            extra = (check.requests_per_minute or 0) if dimension is Dimension.BURST else 0
-            args.extend([DIMENSION_CODES[dimension.value], value, int(check.shadow), extra])
+            item_keys, item_args = _encoded_item(request.route, check, dimension, value)
+            keys.extend(item_keys)
+            args.extend(item_args)
 
         def orphaned(raw: Any) -> None:  # admitted for a caller that went away: release at once
             if raw and int(raw[0]) == 1:
