@@ -20,6 +20,7 @@ import argparse
 import asyncio
 import cProfile
 import json
+import logging
 import os
 import pstats
 import sys
@@ -123,6 +124,9 @@ async def count_calls(
             heartbeat_seconds=3600,
         )
         devnull = open(os.devnull, "w")  # noqa: SIM115, ASYNC230 - closed below; /dev/null never blocks
+        root = logging.getLogger()
+        saved = root.handlers[:], root.level
+        root.handlers[:] = []  # logging exactly as the sidecar sets it up (no test runner's handlers)
         configure_logging("INFO", devnull)  # access lines on, as shipped
         sidecar = Sidecar(settings, load_route(route_file))
         await sidecar.start()
@@ -149,6 +153,8 @@ async def count_calls(
             writer.close()
         finally:
             await sidecar.stop()
+            root.handlers[:], level = saved
+            root.setLevel(level)
             devnull.close()
     stats = pstats.Stats(profile)
     entries: dict[Any, Any] = stats.stats  # type: ignore[attr-defined]

@@ -31,7 +31,7 @@ from llmroute_sidecar.policy import RoutePolicy
 
 #: JSON responses up to this size are kept to read their usage.
 USAGE_BODY_LIMIT = 8 * 1024 * 1024
-RESPONSE_KEY = "llmroute.response"
+RESPONSE_KEY = web.RequestKey("llmroute.response", web.StreamResponse)
 
 
 class HeadersWithBody(web.StreamResponse):

@@ -1,0 +1,110 @@
+"""Regression guard of the hot path's cost, counted rather than timed (so it cannot flake).
+
+- Redis commands per request: exactly one admission EVALSHA and one settlement EVALSHA, nothing
+  else that grows with the traffic (read from ``INFO commandstats`` of a private redis-server).
+- Python function calls per request (``bench/work.py``: cProfile over an in-process sidecar with the
+  access log on). The budgets are today's counts plus a margin; a change that adds per-request work
+  (a model built per request, a label lookup per chunk, a log record through the logging machinery)
+  crosses them. Counts move a little with library versions: when a budget is crossed, run
+  ``python bench/work.py --by-time`` to see where the calls went before raising it.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import aiohttp
+import pytest
+from redis import Redis
+
+from llmroute_sidecar.quota import scripts
+from tests.support.redis_procs import RedisServer
+from tests.support.sidecar_procs import MockUpstream, SidecarProcess, wait_for
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "bench"))
+
+import work  # noqa: E402  (bench/work.py)
+
+#: Python calls per request, measured + ~15%: memory store JSON ~1,420, SSE (17 events) ~3,290;
+#: Redis store JSON ~3,410.
+BUDGET = {("memory", False): 1_650, ("memory", True): 3_800, ("redis", False): 3_900}
+#: Commands our scripts run inside Redis (``INFO commandstats`` counts them too).
+SCRIPT_COMMANDS = {
+    name.lower()
+    for name in re.findall(r"redis\.call\('(\w+)'", scripts.ADMIT + scripts.SETTLE + scripts.CHARGE)
+}
+REQUESTS = 100
+
+
+@pytest.fixture(scope="module")
+def zero_latency_mock() -> Iterator[MockUpstream]:
+    mock = MockUpstream("--first-token-latency", "0", "--token-interval", "0", "--json-latency", "0")
+    try:
+        yield mock
+    finally:
+        mock.stop()
+
+
+def commandstats(url: str) -> dict[str, int]:
+    client = Redis.from_url(url)
+    try:
+        stats = client.info("commandstats")
+    finally:
+        client.close()
+    return {name.removeprefix("cmdstat_"): int(fields["calls"]) for name, fields in stats.items()}
+
+
+async def test_one_admission_and_one_settlement_evalsha_per_request(
+    tmp_path: Path,
+    zero_latency_mock: MockUpstream,
+    redis_server: RedisServer,
+    sidecars: list[SidecarProcess],
+) -> None:
+    route = work.write_route(tmp_path / "route.json", zero_latency_mock.url)
+    sidecar = SidecarProcess(route, "--redis", redis_server.url)
+    sidecars.append(sidecar)
+    body = {**work.BODY, "stream": False}
+    async with aiohttp.ClientSession() as session:
+        for _ in range(5):  # warm-up: script loading, pool, heartbeat
+            async with session.post(f"{sidecar.url}/v1/chat/completions", json=body) as response:
+                assert response.status == 200
+        before = commandstats(redis_server.url)
+        for index in range(REQUESTS):
+            payload = {**body, "stream": index % 2 == 1}
+            async with session.post(f"{sidecar.url}/v1/chat/completions", json=payload) as response:
+                assert response.status == 200
+                await response.read()
+
+    # Settlement is asynchronous and coalesced: poll until every one has reached Redis.
+    def settled() -> dict[str, int] | None:
+        after = commandstats(redis_server.url)
+        return after if after.get("evalsha", 0) - before.get("evalsha", 0) >= 2 * REQUESTS else None
+
+    after = wait_for(settled, timeout=10, what="every settlement in Redis")
+    grown = {name: n - before.get(name, 0) for name, n in after.items() if n > before.get(name, 0)}
+    assert grown.pop("evalsha") == 2 * REQUESTS, grown
+    # Everything else sent is background (health pings, the fleet heartbeat): nothing per request.
+    sent = {name: n for name, n in grown.items() if name not in SCRIPT_COMMANDS}
+    assert sum(sent.values()) < REQUESTS // 4, sent
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "sse"])
+async def test_python_calls_per_request_memory_store(zero_latency_mock: MockUpstream, stream: bool) -> None:
+    counted = await work.count_calls(zero_latency_mock.url, REQUESTS, stream, None, top=15)
+    assert counted.calls_per_request <= BUDGET["memory", stream], _report(counted)
+
+
+async def test_python_calls_per_request_redis_store(
+    zero_latency_mock: MockUpstream, redis_server: RedisServer
+) -> None:
+    counted = await work.count_calls(zero_latency_mock.url, REQUESTS, False, redis_server.url, top=15)
+    assert counted.calls_per_request <= BUDGET["redis", False], _report(counted)
+
+
+def _report(counted: work.Counted) -> str:
+    top = "\n".join(f"{calls:8.1f}  {name}" for name, calls, _ in counted.top)
+    return f"{counted.calls_per_request:.0f} Python calls per request; most called:\n{top}"
