@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from collections.abc import Callable
@@ -44,6 +45,21 @@ class SSEEvent:
             if name == b"data":
                 data.append(value.removeprefix(b" ").decode("utf-8", "replace"))
         return cls(raw, "\n".join(data) if data else None, is_comment=comments > 0 and fields == 0)
+
+    @functools.cached_property
+    def document(self) -> dict[str, Any] | None:
+        """The data as a JSON object (None when it is not one), parsed once however many readers ask.
+
+        Shared: readers that change it work on a copy.
+        """
+        data = self.data
+        if data is None or not data.lstrip().startswith("{"):
+            return None
+        try:
+            document = json.loads(data)
+        except ValueError:
+            return None
+        return document if isinstance(document, dict) else None
 
 
 class SSEParser:
@@ -113,11 +129,8 @@ class StreamUsage:
         if data.strip() == "[DONE]":
             self.done = True
             return
-        try:
-            document = json.loads(data)
-        except ValueError:
-            return
-        if not isinstance(document, dict):
+        document = event.document
+        if document is None:
             return
         if self.on_document is not None:
             self.on_document(document)
@@ -214,12 +227,10 @@ def without_injected_usage(event: SSEEvent) -> bytes | None:
     data = event.data
     if data is None or '"usage"' not in data:
         return event.raw
-    try:
-        document = json.loads(data)
-    except ValueError:
+    parsed = event.document
+    if parsed is None or "usage" not in parsed:
         return event.raw
-    if not isinstance(document, dict) or "usage" not in document:
-        return event.raw
+    document = dict(parsed)  # shared with the usage reader: change a copy
     usage = document.pop("usage")
     if usage is None:
         cut = _cut_null_usage(event.raw)
@@ -257,11 +268,8 @@ def is_terminal_event(event: SSEEvent) -> bool:
         return True
     if not any(name in data for name in _TERMINAL_TYPES):
         return False
-    try:
-        document = json.loads(data)
-    except ValueError:
-        return False
-    return isinstance(document, dict) and document.get("type") in _TERMINAL_TYPES
+    document = event.document
+    return document is not None and document.get("type") in _TERMINAL_TYPES
 
 
 def is_injected_usage_event(event: SSEEvent) -> bool:
