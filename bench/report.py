@@ -322,8 +322,9 @@ def render(
         "the cost of being a Python proxy at all. With one connection, latency is the story (one "
         "request at a time); with 32, throughput is. The LLM-like scenario is what a client of a real "
         "model server sees: a few added milliseconds against answers that take tens to hundreds. On a "
-        "shared machine, numbers move by several percent from run to run; repeat the command before "
-        "reading much into one difference.",
+        "shared machine one cell can move by 10-40 % from run to run (other work on the cores lands on "
+        "whichever target is being measured); read ratios within one run, and repeat the command "
+        "before reading much into one difference.",
         "",
     ]
     if profile_slot:
