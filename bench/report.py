@@ -44,6 +44,9 @@ class Scenario:
     mock_args: tuple[str, ...]
     cells: tuple[Cell, ...]
     seconds: int
+    rounds: int = 1
+    """Each (cell, target) is measured this many times, targets in alternating order; the round with
+    the most req/s is kept (noise on a shared machine only ever slows a run down)."""
 
 
 @dataclass
@@ -53,10 +56,19 @@ class ScenarioResult:
     skipped: dict[str, str] = field(default_factory=dict)
     """target -> why it was not measured."""
     access_lines: dict[str, int] = field(default_factory=dict)
-    """sidecar target -> access-log records it wrote (warm-ups included)."""
+    """sidecar target -> access-log records it wrote (warm-ups and every round included)."""
+    errors_seen: dict[tuple[Cell, str], int] = field(default_factory=dict)
+    """(cell, target) -> errors over every round, the ones not kept included."""
 
-    def add(self, cell: Cell, target: str, result: WrkResult) -> None:
-        self.results.setdefault(cell, {})[target] = result
+    def add(self, cell: Cell, target: str, result: WrkResult) -> bool:
+        """Record one round; it is kept when it is the first or the fastest so far (True then)."""
+        key = (cell, target)
+        self.errors_seen[key] = self.errors_seen.get(key, 0) + result.errors
+        kept = self.results.setdefault(cell, {})
+        if target in kept and kept[target].rps >= result.rps:
+            return False
+        kept[target] = result
+        return True
 
 
 @dataclass(frozen=True)
@@ -110,12 +122,12 @@ def fmt_ratio(value: float | None) -> str:
     return "—" if value is None else f"{value:.2f}"
 
 
-def fmt_errors(result: WrkResult) -> str:
-    if result.errors == 0:
-        return "0"
+def fmt_errors(result: WrkResult, seen: int = 0) -> str:
+    """The kept round's errors, by kind; plus the total over all rounds when that is more."""
     parts = [f"status {result.status_errors}"] if result.status_errors else []
     parts += [f"{name} {count}" for name, count in result.socket_errors.items() if count]
-    return f"{result.errors} ({', '.join(parts)})"
+    text = f"{result.errors} ({', '.join(parts)})" if parts else "0"
+    return f"{text}; {seen} in all rounds" if seen > result.errors else text
 
 
 def table(rows: list[list[str]], header: list[str], align: str) -> list[str]:
@@ -126,7 +138,8 @@ def table(rows: list[list[str]], header: list[str], align: str) -> list[str]:
     return lines
 
 
-def cell_table(results: dict[str, WrkResult]) -> list[str]:
+def cell_table(results: dict[str, WrkResult], errors_seen: dict[str, int] | None = None) -> list[str]:
+    """``errors_seen``: target -> errors over every round (shown when more than the kept round's)."""
     header = [
         "target",
         "req/s",
@@ -151,7 +164,7 @@ def cell_table(results: dict[str, WrkResult]) -> list[str]:
                 fmt_ms(row.result.latency_ms["p99"]),
                 "—" if direct else fmt_ms(row.added_p50, signed=True),
                 "—" if direct else fmt_ms(row.added_p99, signed=True),
-                fmt_errors(row.result),
+                fmt_errors(row.result, (errors_seen or {}).get(row.target, 0)),
             ]
         )
     return table(rows, header, "lrrrrrrrr")
@@ -183,20 +196,31 @@ def glance_table(outcome: ScenarioResult) -> list[str]:
 def scenario_section(outcome: ScenarioResult, images: dict[str, str]) -> list[str]:
     """``images``: plot kind ("throughput", "latency") -> link relative to the report."""
     scenario = outcome.scenario
-    lines = [f"## {scenario.title}", "", scenario.description, ""]
+    rounds = (
+        f", the best of {scenario.rounds} rounds (targets in alternating order, fresh processes each round)"
+        if scenario.rounds > 1
+        else ", one round"
+    )
+    lines = [
+        f"## {scenario.title}",
+        "",
+        f"{scenario.description} Each run lasts {scenario.seconds} s{rounds}.",
+        "",
+    ]
     for kind, link in images.items():
         lines += [f"![{scenario.title}: {kind}]({link})", ""]
     for cell in scenario.cells:
         results = outcome.results.get(cell)
         if not results:
             continue
-        lines += [f"### {cell.label}", "", *cell_table(results), ""]
+        seen = {target: n for (c, target), n in outcome.errors_seen.items() if c == cell}
+        lines += [f"### {cell.label}", "", *cell_table(results, seen), ""]
     if outcome.skipped:
         skipped = "; ".join(f"`{name}`: {why}" for name, why in outcome.skipped.items())
         lines += [f"Skipped — {skipped}.", ""]
     if outcome.access_lines:
         counts = ", ".join(f"`{name}` {count}" for name, count in outcome.access_lines.items())
-        lines += [f"Access-log lines the sidecars wrote in this scenario (warm-ups included): {counts}.", ""]
+        lines += [f"Access-log lines the sidecars wrote (warm-ups and all rounds included): {counts}.", ""]
     return lines
 
 
@@ -321,10 +345,11 @@ def render(
         f"the sidecar's cost over the least a Python/aiohttp/Redis proxy can do; `{X} direct` includes "
         "the cost of being a Python proxy at all. With one connection, latency is the story (one "
         "request at a time); with 32, throughput is. The LLM-like scenario is what a client of a real "
-        "model server sees: a few added milliseconds against answers that take tens to hundreds. On a "
-        "shared machine one cell can move by 10-40 % from run to run (other work on the cores lands on "
-        "whichever target is being measured); read ratios within one run, and repeat the command "
-        "before reading much into one difference.",
+        "model server sees: a few added milliseconds against answers that take tens to hundreds. Other "
+        "work on shared cores slows whichever target is being measured at that moment: that is why the "
+        "zero-latency numbers are the best of several rounds, and why a cell still moves by 10-30 % "
+        "between runs. Read ratios within one run, and repeat the command before reading much into "
+        "one difference.",
         "",
     ]
     if profile_slot:

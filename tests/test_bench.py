@@ -20,6 +20,7 @@ from bench.report import (
     Scenario,
     ScenarioResult,
     X,
+    cell_table,
     compare,
     kept_sections,
     merge_kept,
@@ -140,6 +141,18 @@ def test_without_a_baseline_the_ratios_are_absent() -> None:
     assert rows[0].vs_direct is None
     assert rows[0].vs_floor is None
     assert rows[0].added_p50 is None
+
+
+def test_the_fastest_round_is_kept_and_every_rounds_errors_counted() -> None:
+    cell = Cell(32, False)
+    done = ScenarioResult(Scenario("zero", "Zero", "", (), (cell,), 3, rounds=3))
+    assert done.add(cell, "floor", result(400, 2.0, 5.0, status_errors=1))
+    assert done.add(cell, "floor", result(500, 1.5, 4.0))
+    assert not done.add(cell, "floor", result(450, 1.8, 4.5, status_errors=2))
+    assert done.results[cell]["floor"].rps == pytest.approx(500)
+    assert done.errors_seen[(cell, "floor")] == 3
+    table_text = "\n".join(cell_table(done.results[cell], {"floor": 3}))
+    assert "| 0; 3 in all rounds |" in table_text
 
 
 # -- the Markdown report ------------------------------------------------------------------------------
@@ -274,7 +287,8 @@ def test_the_harness_measures_direct_and_floor_with_wrk(tmp_path: Path) -> None:
         sys.executable,
         str(ROOT / "bench" / "run.py"),
         *("--targets", "direct,floor", "--scenarios", "zero", "--connections", "32"),
-        *("--duration", "1", "--warmup", "0", "--work-requests", "0", "--output", str(report)),
+        *("--duration", "1", "--warmup", "0", "--rounds", "1", "--work-requests", "0"),
+        *("--output", str(report)),
     ]
     done = subprocess.run(argv, capture_output=True, text=True, timeout=80, cwd=ROOT)
     assert done.returncode == 0, done.stderr[-3000:]
