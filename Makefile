@@ -44,12 +44,20 @@ crds: $(STAMP)
 crds-check: $(STAMP)
 	$(PY) -m llmroute_operator.crd --check crds helm/llmroute/crds
 
-## Benchmarks: results to bench/results/ (untracked); `make bench UPDATE_DOCS=1` rewrites docs/benchmarks.md,
-## BENCH_ARGS passes more flags (e.g. BENCH_ARGS="--requests 500").
+## Benchmarks (wrk against direct, nginx, the floor and the sidecars; about 4 minutes on 2 cores): report
+## and PNGs to bench/results/ (untracked); `make bench UPDATE_DOCS=1` rewrites docs/benchmarks.md and
+## docs/benchmarks/*.png; BENCH_ARGS passes more flags (e.g. BENCH_ARGS="--duration 10", see --help).
+## Installs wrk (apt-get) and matplotlib (the venv's `bench` extra) when missing.
 UPDATE_DOCS ?=
 BENCH_ARGS ?=
-bench: $(STAMP)
+BENCH_STAMP := $(VENV)/.bench-installed
+bench: $(STAMP) $(BENCH_STAMP)
+	@bench/ensure-wrk.sh
 	$(PY) bench/run.py $(if $(UPDATE_DOCS),--update-docs) $(BENCH_ARGS)
+
+$(BENCH_STAMP): $(STAMP)
+	$(PY) -m pip install -q -e '.[bench]'
+	@touch $(BENCH_STAMP)
 
 ## The kind-based end-to-end suite (needs Docker and kind; skips with a reason otherwise).
 e2e: $(STAMP)

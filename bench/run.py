@@ -1,298 +1,372 @@
-"""``make bench``: the sidecar's overhead, as ratios against baselines measured in the same run.
+"""``make bench``: the sidecar's cost, as ratios against baselines measured in the same run.
 
-Targets, all on loopback, each behind the same mock upstream (no artificial latency):
-- direct: the client talks to the mock upstream itself (the baseline);
-- nginx: a plain nginx reverse proxy in front of it (when nginx is installed);
-- sidecar-memory: llmroute-sidecar with the in-process quota store;
-- sidecar-redis: llmroute-sidecar with a real redis-server (when installed), one admission and one
-  settlement round trip per request.
+Load comes from wrk (C, one thread), so the client barely takes CPU from the proxies. Targets, each in
+front of a fresh mock upstream on loopback:
 
-Each target gets the same bounded load (REQUESTS chat completions, CONCURRENCY in flight, half
-streamed). Progress goes to stderr as it runs; the report goes to stdout and to
-bench/results/benchmarks.md (untracked), or to docs/benchmarks.md with ``--update-docs``
-(``make bench UPDATE_DOCS=1``), with the command that produced it.
+- direct: wrk talks to the mock upstream itself (the baseline);
+- nginx: a plain nginx reverse proxy (when nginx is installed);
+- floor: bench/floor.py, a bare aiohttp pass-through with one EVALSHA per request (real redis-server);
+- sidecar-memory / sidecar-redis: llmroute-sidecar as shipped (access logs on at INFO), in-process
+  store or a real redis-server.
+
+Matrix: 1 and 32 connections x JSON and SSE against a zero-latency mock (the proxies' own cost), then
+a smaller LLM-like table (the mock's default latencies); plus the Python calls per request counted by
+bench/work.py. Progress goes to stderr; the report (Markdown and PNG plots) to bench/results/, or to
+docs/benchmarks.md and docs/benchmarks/ with ``--update-docs`` (``make bench UPDATE_DOCS=1``), which
+keeps the hand-written sections marked in docs/benchmarks.md.
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import os
 import platform
+import re
+import shlex
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path
 
-import aiohttp
-
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
 
-from tests.support.redis_procs import RedisServer  # noqa: E402
-from tests.support.sidecar_procs import MockUpstream, SidecarProcess, free_port, wait_for  # noqa: E402
-from tests.test_sidecar_proxy import write_route  # noqa: E402
-
-NGINX_CONF = """
-worker_processes 1;
-daemon off;
-pid {dir}/nginx.pid;
-error_log {dir}/error.log warn;
-events {{ worker_connections 1024; }}
-http {{
-  access_log off;
-  client_body_temp_path {dir}/body;
-  proxy_temp_path {dir}/proxy;
-  fastcgi_temp_path {dir}/fastcgi;
-  uwsgi_temp_path {dir}/uwsgi;
-  scgi_temp_path {dir}/scgi;
-  upstream backend {{ server 127.0.0.1:{upstream}; keepalive 64; }}
-  server {{
-    listen 127.0.0.1:{port};
-    location / {{
-      proxy_pass http://backend;
-      proxy_http_version 1.1;
-      proxy_set_header Connection "";
-      proxy_buffering off;
-    }}
-  }}
-}}
-"""
-
-
-@dataclass
-class Result:
-    name: str
-    requests: int
-    seconds: float
-    latencies: list[float]
-    errors: int
-
-    @property
-    def rps(self) -> float:
-        return self.requests / self.seconds
-
-    def percentile(self, share: float) -> float:
-        ordered = sorted(self.latencies)
-        return ordered[min(len(ordered) - 1, int(share * len(ordered)))] * 1000
-
+from bench import targets  # noqa: E402
+from bench.report import (  # noqa: E402
+    TARGETS,
+    Cell,
+    Context,
+    Scenario,
+    ScenarioResult,
+    merge_kept,
+    render,
+)
+from bench.wrk import WrkResult, lua_script, run_wrk, wrk_binary  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results" / "benchmarks.md"
 DOCS = ROOT / "docs" / "benchmarks.md"
+DOCS_IMAGES = ROOT / "docs" / "benchmarks"
+BODY = {"model": "m", "messages": [{"role": "user", "content": "hello there"}], "max_tokens": 16}
+CALLS_LINE = re.compile(r"^(\d+(?:\.\d+)?) Python calls per request", re.M)
 
 
 def progress(text: str) -> None:
-    """A progress line on stderr (the report itself goes to stdout)."""
+    """A progress line on stderr (the report itself goes to stdout and to its file)."""
     print(text, file=sys.stderr, flush=True)
 
 
-async def drive(
-    base: str, requests: int, concurrency: int, label: str = ""
-) -> tuple[float, list[float], int]:
-    body = {"model": "m", "messages": [{"role": "user", "content": "benchmark"}], "max_tokens": 16}
-    latencies: list[float] = []
-    errors = 0
-    queue: asyncio.Queue[int] = asyncio.Queue()
-    for index in range(requests):
-        queue.put_nowait(index)
-    connector = aiohttp.TCPConnector(limit=concurrency)
-    async with aiohttp.ClientSession(connector=connector) as session:
-
-        async def worker() -> None:
-            nonlocal errors
-            while not queue.empty():
-                index = queue.get_nowait()
-                started = time.perf_counter()
-                payload = {**body, "stream": index % 2 == 1}
-                async with session.post(f"{base}/v1/chat/completions", json=payload) as response:
-                    await response.read()
-                    if response.status != 200:
-                        errors += 1
-                latencies.append(time.perf_counter() - started)
-                done = len(latencies)
-                if label and done % step == 0 and done < requests:
-                    progress(f"    {label}: {done}/{requests} requests")
-
-        step = max(1, requests // 4)
-        started = time.perf_counter()
-        await asyncio.gather(*(worker() for _ in range(concurrency)))
-        return time.perf_counter() - started, latencies, errors
-
-
-def measure(name: str, base: str, requests: int, concurrency: int) -> Result:
-    progress(f"  {name}: warm-up, then {requests} requests ({concurrency} in flight)")
-    asyncio.run(drive(base, min(200, requests), concurrency))  # warm-up: connections, scripts, caches
-    seconds, latencies, errors = asyncio.run(drive(base, requests, concurrency, name))
-    result = Result(name, requests, seconds, latencies, errors)
-    progress(f"  {name}: {result.rps:.0f} req/s, p50 {result.percentile(0.5):.1f} ms, {errors} errors")
-    return result
-
-
-def start_nginx(workdir: Path, upstream_port: int) -> tuple[subprocess.Popen[bytes], str] | None:
-    nginx = shutil.which("nginx") or ("/usr/sbin/nginx" if Path("/usr/sbin/nginx").exists() else None)
-    if nginx is None:
-        return None
-    port = free_port()
-    conf = workdir / "nginx.conf"
-    conf.write_text(NGINX_CONF.format(dir=workdir, upstream=upstream_port, port=port))
-    process = subprocess.Popen([nginx, "-c", str(conf), "-p", str(workdir)], stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    from tests.support.sidecar_procs import http_get
-
-    wait_for(lambda: http_get(f"{url}/health")[0] == 200, timeout=10, what="nginx")
-    return process, url
-
-
-SCENARIOS = {
-    "zero-latency upstream (proxy cost dominates)": ("0", "0", "0"),
-    "LLM-like upstream (50 ms to first token, 16 tokens 10 ms apart; JSON after 150 ms)": (
-        "0.05",
-        "0.01",
-        "0.15",
-    ),
-}
-LIMITS = [
-    {
-        "name": "bench",
-        "requestsPerMinute": 10_000_000,
-        "tokensPerMinute": 1_000_000_000,
-        "concurrentRequests": 10_000,
+def scenarios(args: argparse.Namespace) -> list[Scenario]:
+    connections = sorted({int(c) for c in args.connections.split(",") if c.strip()})
+    matrix = tuple(Cell(c, stream) for c in connections for stream in (False, True))
+    known = {
+        "zero": Scenario(
+            "zero",
+            "Zero-latency upstream",
+            "The mock answers at once (`--first-token-latency 0 --token-interval 0 --json-latency 0`): "
+            "each request's time is the proxies' own work. The worst case for a proxy, and the one "
+            "the sidecar's cost is judged on.",
+            targets.ZERO_LATENCY,
+            matrix,
+            args.duration,
+            args.rounds,
+        ),
+        "llm": Scenario(
+            "llm",
+            "LLM-like upstream",
+            "The mock with its default latencies: JSON answers after 50 ms; streams send their first "
+            "token after 50 ms, then 16 tokens 10 ms apart. What a client of a model server sees.",
+            (),
+            tuple(Cell(c, stream) for c in connections if c == max(connections) for stream in (False, True)),
+            args.llm_duration,
+        ),
     }
-]
+    chosen = [s.strip() for s in args.scenarios.split(",") if s.strip()]
+    unknown = [s for s in chosen if s not in known]
+    if unknown:
+        raise SystemExit(f"bench/run.py: unknown scenario(s) {', '.join(unknown)}; known: zero, llm")
+    return [known[s] for s in chosen]
 
 
-def run_scenario(
-    timings: tuple[str, str, str], requests: int, concurrency: int, workdir: Path
-) -> list[Result]:
-    """Every target behind one mock upstream with the given (first token, token interval, JSON) latencies."""
-    first, interval, json_latency = timings
-    results: list[Result] = []
-    cleanups = []
-    mock = MockUpstream(
-        "--first-token-latency", first, "--token-interval", interval, "--json-latency", json_latency
-    )
-    cleanups.append(mock.stop)
+class Bench:
+    """One benchmark run: its work directory, wrk, the shared redis-server, and the scripts."""
+
+    def __init__(self, args: argparse.Namespace, workdir: Path, wrk: str, redis_url: str | None) -> None:
+        self.args = args
+        self.workdir = workdir
+        self.wrk = wrk
+        self.redis_url = redis_url
+        self.scripts = {
+            stream: self._script(f"{'sse' if stream else 'json'}.lua", {**BODY, "stream": stream})
+            for stream in (False, True)
+        }
+        self.failed = False
+
+    def _script(self, name: str, body: dict[str, object]) -> Path:
+        path = self.workdir / name
+        path.write_text(lua_script(body))
+        return path
+
+    def start(self, target: str, upstream: str, scenario: Scenario) -> targets.Proc | str:
+        """The target's process (None for direct), or why it is skipped."""
+        workdir = self.workdir / scenario.slug
+        workdir.mkdir(exist_ok=True)
+        if target == "nginx":
+            if targets.nginx_binary() is None:
+                return "nginx is not installed (`apt-get install nginx` adds this baseline)"
+            return targets.nginx(workdir, upstream)
+        if target in ("floor", "sidecar-redis") and self.redis_url is None:
+            return "redis-server is not installed (`make system-deps` installs it)"
+        if target == "floor":
+            assert self.redis_url is not None
+            return targets.floor(workdir, upstream, self.redis_url)
+        from bench.work import write_route
+
+        route = write_route(workdir / f"{target}-route.json", upstream)
+        if target == "sidecar-memory":
+            return targets.sidecar(workdir, route, target, "--store", "memory")
+        if target == "sidecar-redis":
+            assert self.redis_url is not None
+            return targets.sidecar(workdir, route, target, "--redis", self.redis_url)
+        raise ValueError(f"unknown target {target!r}")
+
+    def measure(self, url: str, cell: Cell, seconds: int) -> WrkResult:
+        endpoint = f"{url}/v1/chat/completions"
+        script = self.scripts[cell.stream]
+        if self.args.warmup > 0:  # connections, pools, scripts, caches; its numbers are dropped
+            run_wrk(self.wrk, endpoint, script, cell.connections, self.args.warmup)
+        return run_wrk(self.wrk, endpoint, script, cell.connections, seconds)
+
+    def scenario(self, scenario: Scenario, chosen: list[str], number: str) -> ScenarioResult:
+        """Every target, round after round (the order reversed each round); the fastest round kept."""
+        outcome = ScenarioResult(scenario)
+        for round_number in range(1, scenario.rounds + 1):
+            order = chosen if round_number % 2 else list(reversed(chosen))
+            for index, target in enumerate(order, 1):
+                if target in outcome.skipped:
+                    continue
+                tag = f"[{number} {scenario.slug}"
+                if scenario.rounds > 1:
+                    tag += f" round {round_number}/{scenario.rounds}"
+                tag += f" {index}/{len(order)}] {target}"
+                self.target(scenario, target, tag, outcome)
+        return outcome
+
+    def target(self, scenario: Scenario, target: str, tag: str, outcome: ScenarioResult) -> None:
+        """One round of one target: a fresh mock upstream and target process, every cell measured."""
+        mock = targets.mock_upstream(self.workdir, *scenario.mock_args)
+        proc: targets.Proc | str | None = None
+        try:
+            proc = None if target == "direct" else self.start(target, mock.url, scenario)
+            if isinstance(proc, str):
+                outcome.skipped[target] = proc
+                progress(f"{tag}: skipped ({proc})")
+                return
+            url = mock.url if proc is None else proc.url
+            for cell in scenario.cells:
+                result = self.measure(url, cell, scenario.seconds)
+                kept = outcome.add(cell, target, result)
+                self.failed = self.failed or result.errors > 0
+                progress(
+                    f"{tag}, {cell.short}: {result.rps:.0f} req/s, "
+                    f"p50 {result.latency_ms['p50']:.2f} ms, p99 {result.latency_ms['p99']:.2f} ms, "
+                    f"{result.errors} errors{' (kept)' if kept and scenario.rounds > 1 else ''}"
+                )
+        finally:
+            if isinstance(proc, targets.Proc):
+                proc.stop()
+                if target.startswith("sidecar"):
+                    lines = targets.access_lines(proc.log)
+                    outcome.access_lines[target] = outcome.access_lines.get(target, 0) + lines
+            mock.stop()
+
+    def python_calls(self) -> dict[tuple[str, bool], float]:
+        """bench/work.py's Python calls per request: memory and Redis store, JSON and SSE."""
+        requests = self.args.work_requests
+        if requests <= 0:
+            return {}
+        mock = targets.mock_upstream(self.workdir, *targets.ZERO_LATENCY)
+        calls: dict[tuple[str, bool], float] = {}
+        try:
+            stores: list[tuple[str, list[str]]] = [("memory", [])]
+            if self.redis_url:
+                stores.append(("redis", ["--redis-url", self.redis_url]))
+            for store, flags in stores:
+                for stream in (False, True):
+                    argv = [
+                        sys.executable,
+                        str(ROOT / "bench" / "work.py"),
+                        "--requests",
+                        str(requests),
+                        "--upstream",
+                        mock.url,
+                        "--top",
+                        "0",
+                        *flags,
+                        *(["--stream"] if stream else []),
+                    ]
+                    done = subprocess.run(argv, capture_output=True, text=True, cwd=ROOT, timeout=300)
+                    found = CALLS_LINE.search(done.stdout)
+                    body = "SSE" if stream else "JSON"
+                    if done.returncode != 0 or found is None:
+                        progress(
+                            f"[calls] {store} store, {body}: bench/work.py failed:\n{done.stderr[-2000:]}"
+                        )
+                        self.failed = True
+                        continue
+                    calls[(store, stream)] = float(found[1])
+                    progress(f"[calls] {store} store, {body}: {found[1]} Python calls per request")
+        finally:
+            mock.stop()
+        return calls
+
+
+def version(argv: list[str], pattern: str) -> str | None:
     try:
-        results.append(measure("direct", mock.url, requests, concurrency))
-        nginx = start_nginx(workdir, mock.port)
-        if nginx is not None:
-            cleanups.append(nginx[0].terminate)
-            results.append(measure("nginx", nginx[1], requests, concurrency))
-        else:
-            progress("  nginx: skipped (nginx is not installed; `apt-get install nginx` adds the baseline)")
-        route = write_route(workdir / "route.yaml", mock.url, limits=LIMITS)
-        quiet = {"LLMROUTE_LOG_LEVEL": "WARNING"}
-        memory = SidecarProcess(route, "--store", "memory", env=quiet)
-        cleanups.append(memory.stop)
-        results.append(measure("sidecar-memory", memory.url, requests, concurrency))
-        memory.stop()
-        if shutil.which("redis-server"):
-            redis = RedisServer().start()
-            cleanups.append(redis.cleanup)
-            sidecar = SidecarProcess(route, "--redis", redis.url, env=quiet)
-            cleanups.append(sidecar.stop)
-            results.append(measure("sidecar-redis", sidecar.url, requests, concurrency))
-        else:
-            progress("  sidecar-redis: skipped (redis-server is not installed; `make test` installs it)")
-    finally:
-        for cleanup in reversed(cleanups):
-            cleanup()
-    return results
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    found = re.search(pattern, done.stdout + done.stderr)
+    return found[1] if found else None
+
+
+def machine(wrk: str) -> str:
+    model = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = " (" + " ".join(line.split(":", 1)[1].split()) + ")"
+                break
+    except OSError:
+        pass
+    parts = [
+        f"{platform.system()} {platform.machine()}, {os.cpu_count()} cores{model}",
+        f"Python {platform.python_version()}",
+    ]
+    tools = {
+        "wrk": version([wrk, "--version"], r"wrk (\S+)"),
+        "nginx": (version([n, "-v"], r"nginx/(\S+)") if (n := targets.nginx_binary()) else None),
+        "redis-server": (
+            version([r, "--version"], r"v=(\S+)") if (r := shutil.which("redis-server")) else None
+        ),
+    }
+    parts += [f"{name} {found}" for name, found in tools.items() if found]
+    return ", ".join(parts)
+
+
+def command_line(argv: list[str], update_docs: bool) -> str:
+    python = shlex.join(["python", "bench/run.py", *argv])
+    if os.environ.get("MAKELEVEL"):
+        return f"`make bench{' UPDATE_DOCS=1' if update_docs else ''}` (ran `{python}`)"
+    return f"`{python}`"
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python bench/run.py", description="Measure the sidecar's cost against baselines, with wrk."
+    )
+    parser.add_argument("--duration", type=int, default=3, help="seconds per measured run (default 3)")
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=2,
+        help="rounds of the zero-latency scenario, the fastest kept per cell and target (default 2)",
+    )
+    parser.add_argument("--warmup", type=int, default=1, help="warm-up seconds before each run (default 1)")
+    parser.add_argument(
+        "--llm-duration", type=int, default=2, help="seconds per run of the LLM-like scenario (default 2)"
+    )
+    parser.add_argument(
+        "--targets", default=",".join(TARGETS), help=f"comma-separated subset of {','.join(TARGETS)}"
+    )
+    parser.add_argument("--scenarios", default="zero,llm", help="comma-separated: zero, llm (default both)")
+    parser.add_argument("--connections", default="1,32", help="wrk connections per cell (default 1,32)")
+    parser.add_argument(
+        "--work-requests",
+        type=int,
+        default=200,
+        help="requests bench/work.py counts Python calls over (default 200; 0 skips the count)",
+    )
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument(
+        "--output",
+        type=Path,
+        help=f"the report's path; PNGs beside it (default {RESULTS.relative_to(ROOT)})",
+    )
+    where.add_argument(
+        "--update-docs",
+        action="store_true",
+        help=f"write {DOCS.relative_to(ROOT)} and {DOCS_IMAGES.relative_to(ROOT)}/*.png",
+    )
+    args = parser.parse_args(argv)
+    unknown = [t for t in args.targets.split(",") if t and t not in TARGETS]
+    if unknown:
+        parser.error(f"unknown target(s) {', '.join(unknown)}; known: {', '.join(TARGETS)}")
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Measure the sidecar's overhead against baselines.")
-    parser.add_argument("--requests", type=int, default=2000, help="requests per target (default 2000)")
-    parser.add_argument("--concurrency", type=int, default=32, help="requests in flight (default 32)")
-    where = parser.add_mutually_exclusive_group()
-    where.add_argument(
-        "--output", type=Path, help=f"where to write the report (default {RESULTS.relative_to(ROOT)})"
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv)
+    wrk = wrk_binary()
+    if wrk is None:
+        progress("bench/run.py: wrk is not installed (`make bench` installs it; or `apt-get install -y wrk`)")
+        return 2
+    chosen = [t for t in TARGETS if t in args.targets.split(",")]
+    plan = scenarios(args)
+    runs = sum(s.rounds * len(s.cells) * len(chosen) * (s.seconds + max(0, args.warmup)) for s in plan)
+    progress(f"bench: {len(chosen)} targets, {sum(len(s.cells) for s in plan)} cells, ~{runs} s of load")
+    started = time.monotonic()
+    report_path: Path = DOCS if args.update_docs else (args.output or RESULTS)
+    images_dir = DOCS_IMAGES if args.update_docs else report_path.parent
+    cleanups: list[Callable[[], None]] = []
+    with tempfile.TemporaryDirectory(prefix="llmroute-bench-") as tmp:
+        try:
+            redis_url = None
+            if shutil.which("redis-server") and (
+                {"floor", "sidecar-redis"} & set(chosen) or args.work_requests
+            ):
+                from tests.support.redis_procs import RedisServer
+
+                redis = RedisServer().start()
+                cleanups.append(redis.cleanup)
+                redis_url = redis.url
+            bench = Bench(args, Path(tmp), wrk, redis_url)
+            outcomes = [
+                bench.scenario(scenario, chosen, f"{n}/{len(plan)}") for n, scenario in enumerate(plan, 1)
+            ]
+            calls = bench.python_calls()
+        finally:
+            for cleanup in reversed(cleanups):
+                cleanup()
+    images: dict[str, dict[str, str]] = {}
+    try:
+        from bench.plots import plot_scenario
+    except ImportError:
+        progress("bench: matplotlib is missing (`make bench` installs it): no PNG plots")
+    else:
+        for outcome in outcomes:
+            written = plot_scenario(outcome, images_dir)
+            images[outcome.scenario.slug] = {
+                kind: os.path.relpath(path, report_path.parent) for kind, path in written.items()
+            }
+    context = Context(
+        command=command_line(argv, args.update_docs),
+        machine=machine(wrk),
+        seconds=f"each run after a {args.warmup} s warm-up whose numbers are dropped",
     )
-    where.add_argument(
-        "--update-docs", action="store_true", help=f"write the report to {DOCS.relative_to(ROOT)}"
-    )
-    args = parser.parse_args(argv)
-    output: Path = DOCS if args.update_docs else (args.output or RESULTS)
-    sections = []
-    failed = False
-    for number, (title, timings) in enumerate(SCENARIOS.items(), 1):
-        progress(f"[{number}/{len(SCENARIOS)}] {title}")
-        with tempfile.TemporaryDirectory(prefix="llmroute-bench-") as tmp:
-            results = run_scenario(timings, args.requests, args.concurrency, Path(tmp))
-        failed = failed or any(r.errors for r in results)
-        sections.append(render_table(title, results))
-    report = render(sections, args)
+    report = render(context, outcomes, calls, images, profile_slot=args.update_docs)
+    if args.update_docs:
+        report = merge_kept(report, DOCS.read_text() if DOCS.exists() else None)
     print(report)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(report)
-    hint = (
-        "" if args.update_docs else " (docs/benchmarks.md unchanged; `make bench UPDATE_DOCS=1` updates it)"
-    )
-    progress(f"written to {output}{hint}")
-    return 1 if failed else 0
-
-
-def render_table(title: str, results: list[Result]) -> str:
-    direct = results[0]
-    lines = [
-        f"## {title}",
-        "",
-        "| target | req/s | ratio | p50 ms | p99 ms | mean ms | errors |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
-    ]
-    for result in results:
-        cells = [
-            result.name,
-            f"{result.rps:.0f}",
-            f"{result.rps / direct.rps:.2f}",
-            f"{result.percentile(0.5):.1f}",
-            f"{result.percentile(0.99):.1f}",
-            f"{statistics.mean(result.latencies) * 1000:.1f}",
-            str(result.errors),
-        ]
-        lines.append("| " + " | ".join(cells) + " |")
-    base = statistics.mean(direct.latencies)
-    added = ", ".join(
-        f"{r.name} {(statistics.mean(r.latencies) - base) * 1000:+.1f} ms" for r in results if r is not direct
-    )
-    lines += ["", f"Mean latency added over `direct`: {added}."]
-    measured = {r.name for r in results}
-    skipped = [name for name in ("nginx", "sidecar-redis") if name not in measured]
-    if skipped:
-        lines.append(f"Skipped (not installed here): {', '.join(skipped)}.")
-    return "\n".join(lines)
-
-
-def render(sections: list[str], args: argparse.Namespace) -> str:
-    header = [
-        "# Benchmarks",
-        "",
-        "Command: `make bench` "
-        f"(`python bench/run.py --requests {args.requests} --concurrency {args.concurrency}`)",
-        f"Machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}; "
-        "the load client, the proxies and the mock upstream share these cores over loopback.",
-        "",
-        "Load: chat completions against the built-in mock upstream, half of them streamed (SSE), "
-        f"{args.concurrency} in flight. Ratios are req/s against `direct`, measured in the same run. "
-        "The sidecars enforce a route-wide limit (requests, tokens and concurrency) on every request; "
-        "access logs are off (`LLMROUTE_LOG_LEVEL=WARNING`).",
-        "",
-    ]
-    footer = [
-        "",
-        "Reading it: the zero-latency table is the worst case — it measures the proxy's own cost per "
-        "request (one Python process: validation, SSE parsing for usage, admission and settlement, "
-        "competing for the same two cores as the load client and the upstream). The LLM-like table "
-        "shows what a client of a real model server sees: the added milliseconds per request, against "
-        "requests that take hundreds. On this shared machine means move by about 10 ms from run to run; "
-        "repeat the command before reading much into a single difference.",
-        "",
-    ]
-    return "\n".join([*header, "\n\n".join(sections), *footer])
+    report_path.parent.mkdir(parents=True, exist_ok=True)
+    report_path.write_text(report)
+    hint = "" if args.update_docs else " (docs/benchmarks.md unchanged: `make bench UPDATE_DOCS=1`)"
+    progress(f"bench: written to {report_path}{hint} in {time.monotonic() - started:.0f} s")
+    return 1 if bench.failed else 0
 
 
 if __name__ == "__main__":
