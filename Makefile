@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml
 	@$(PYTHON) -m venv $(VENV) 2>/dev/null || { echo "llmroute: python3 -m venv failed; installing python3-venv"; \
 	  apt-get update -qq && apt-get install -y -qq python3-venv >/dev/null && $(PYTHON) -m venv $(VENV); }
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[operator,test,dev]'
+	$(PY) -m pip install -q -e '.[operator,test,dev,bench]'
 	@touch $(STAMP)
 
 system-deps:
