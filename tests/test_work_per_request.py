@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import re
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import aiohttp
@@ -40,13 +39,13 @@ SCRIPT_COMMANDS = {
 REQUESTS = 100
 
 
-@pytest.fixture(scope="module")
-def zero_latency_mock() -> Iterator[MockUpstream]:
-    mock = MockUpstream("--first-token-latency", "0", "--token-interval", "0", "--json-latency", "0")
+def settled(url: str) -> None:
+    """Wait until every lease is settled: the route's concurrency set is gone once it is empty."""
+    client = Redis.from_url(url)
     try:
-        yield mock
+        wait_for(lambda: not client.keys("*:conc"), timeout=10, what="every settlement in Redis")
     finally:
-        mock.stop()
+        client.close()
 
 
 def commandstats(url: str) -> dict[str, int]:
@@ -60,11 +59,11 @@ def commandstats(url: str) -> dict[str, int]:
 
 async def test_one_admission_and_one_settlement_evalsha_per_request(
     tmp_path: Path,
-    zero_latency_mock: MockUpstream,
+    mock_process: MockUpstream,
     redis_server: RedisServer,
     sidecars: list[SidecarProcess],
 ) -> None:
-    route = work.write_route(tmp_path / "route.json", zero_latency_mock.url)
+    route = work.write_route(tmp_path / "route.json", mock_process.url)
     sidecar = SidecarProcess(route, "--redis", redis_server.url)
     sidecars.append(sidecar)
     body = {**work.BODY, "stream": False}
@@ -72,6 +71,7 @@ async def test_one_admission_and_one_settlement_evalsha_per_request(
         for _ in range(5):  # warm-up: script loading, pool, heartbeat
             async with session.post(f"{sidecar.url}/v1/chat/completions", json=body) as response:
                 assert response.status == 200
+        settled(redis_server.url)  # the warm-up's settlements are in (they are asynchronous)
         before = commandstats(redis_server.url)
         for index in range(REQUESTS):
             payload = {**body, "stream": index % 2 == 1}
@@ -79,12 +79,8 @@ async def test_one_admission_and_one_settlement_evalsha_per_request(
                 assert response.status == 200
                 await response.read()
 
-    # Settlement is asynchronous and coalesced: poll until every one has reached Redis.
-    def settled() -> dict[str, int] | None:
-        after = commandstats(redis_server.url)
-        return after if after.get("evalsha", 0) - before.get("evalsha", 0) >= 2 * REQUESTS else None
-
-    after = wait_for(settled, timeout=10, what="every settlement in Redis")
+    settled(redis_server.url)
+    after = commandstats(redis_server.url)
     grown = {name: n - before.get(name, 0) for name, n in after.items() if n > before.get(name, 0)}
     assert grown.pop("evalsha") == 2 * REQUESTS, grown
     # Everything else sent is background (health pings, the fleet heartbeat): nothing per request.
@@ -93,15 +89,15 @@ async def test_one_admission_and_one_settlement_evalsha_per_request(
 
 
 @pytest.mark.parametrize("stream", [False, True], ids=["json", "sse"])
-async def test_python_calls_per_request_memory_store(zero_latency_mock: MockUpstream, stream: bool) -> None:
-    counted = await work.count_calls(zero_latency_mock.url, REQUESTS, stream, None, top=15)
+async def test_python_calls_per_request_memory_store(mock_process: MockUpstream, stream: bool) -> None:
+    counted = await work.count_calls(mock_process.url, REQUESTS, stream, None, top=15)
     assert counted.calls_per_request <= BUDGET["memory", stream], _report(counted)
 
 
 async def test_python_calls_per_request_redis_store(
-    zero_latency_mock: MockUpstream, redis_server: RedisServer
+    mock_process: MockUpstream, redis_server: RedisServer
 ) -> None:
-    counted = await work.count_calls(zero_latency_mock.url, REQUESTS, False, redis_server.url, top=15)
+    counted = await work.count_calls(mock_process.url, REQUESTS, False, redis_server.url, top=15)
     assert counted.calls_per_request <= BUDGET["redis", False], _report(counted)
 
 
