@@ -10,6 +10,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -243,6 +244,15 @@ def test_status_shows_what_the_sidecar_admitted_held_and_rejected(
         (sha256_hex("beta")[:32], {"requestsPerMinute": 2}),
     ]
     assert tenant["rejections"] == {"requestsPerMinute": 1} and overall["rejections"] == {}
+    (last,) = held["recent_rejections"]  # the sidecar's /rejections: which limit, whom, when
+    assert (last["pod"], last["limit"], last["dimension"], last["status"]) == (
+        "chat-a",
+        "tenant",
+        "requestsPerMinute",
+        429,
+    )
+    assert 0 < last["retry_after_seconds"] <= 60 and abs(last["ts"] - time.time()) < 120
+    assert "Last rejections:" in text and "tenant/requestsPerMinute" in text
     assert [p["name"] for p in held["pods"]] == ["chat-a", "chat-b"]  # "other" is not selected
     chat_a, chat_b = held["pods"]
     assert (chat_a["ready"], chat_a["injected"], chat_a["sidecar_ready"], chat_a["inflight"]) == (

@@ -9,13 +9,16 @@ from llmroute_operator.quota_usage import SubjectUsage
 from llmroute_operator.route_status_render import render_json, render_text, table
 from llmroute_operator.route_status_view import (
     Gathered,
+    RecentRejection,
     add_counts,
     admin_url,
     build_view,
     limit_queries,
+    newest,
     parse_rejections,
     percent,
     pod_view,
+    recent_rejections,
     redact_url,
     sidecar_ready,
     sidecar_redis_url,
@@ -194,6 +197,10 @@ def test_the_view_and_its_text() -> None:
         shadow_rejections={"strict": {"requestsPerMinute": 6}},
         metrics_answered=1,
         top=1,
+        recent_rejections=[
+            RecentRejection(1_796_000_000.0, "a", "tenant", "requestsPerMinute", "premium", 429, 12.5),
+            RecentRejection(1_796_000_030.0, "a", "vendor", "tokensPerMinute", "k-0123456789ab", 400, None),
+        ],
     )
     view = build_view(r, gathered)
     assert [p.name for p in view.pods] == ["a", "b"]  # the finished pod is not selected
@@ -220,15 +227,50 @@ def test_the_view_and_its_text() -> None:
     assert "  strict  key=route  requestsPerMinute=1  mode=shadow\n" in text
     assert "  a     Running  yes    yes       yes            2" in text
     assert "  b     Running  no     no        -              -" in text
-    assert text.endswith(
+    assert (
         "counted since each sidecar started\n"
         "  tenant  requestsPerMinute  3\n"
         "  strict  requestsPerMinute  6  (shadow: would have been)\n"
+    ) in text
+    assert text.endswith(  # newest first
+        "Last rejections:\n"
+        "  00:53:50Z  a  vendor/tokensPerMinute    k-0123456789ab  400  -\n"
+        "  00:53:20Z  a  tenant/requestsPerMinute  premium         429  retry after 12.5s\n"
     )
 
     decoded = json.loads(render_json(view))
     assert decoded["limits"][1]["top"] == [{"subject": "t2", "used": {"requestsPerMinute": 5}}]
     assert decoded["pods"][0]["inflight"] == 2 and decoded["usage_problem"] is None
+    assert [r["limit"] for r in decoded["recent_rejections"]] == ["vendor", "tenant"]
+
+
+def test_recent_rejections_keep_the_well_formed_newest() -> None:
+    entries = [
+        {
+            "ts": 5,
+            "limit": "l",
+            "dimension": "requestsPerMinute",
+            "client": None,
+            "status": 429,
+            "retry_after_seconds": 1,
+        },
+        {"ts": "x", "limit": "bad"},
+        "not an object",
+        {
+            "ts": 9,
+            "limit": "l",
+            "dimension": "burst",
+            "client": "free",
+            "status": 429,
+            "retry_after_seconds": 0.5,
+        },
+    ]
+    found = recent_rejections("pod-1", entries)
+    assert [(r.ts, r.dimension, r.pod) for r in found] == [
+        (5.0, "requestsPerMinute", "pod-1"),
+        (9.0, "burst", "pod-1"),
+    ]
+    assert [r.ts for r in newest([*found, *recent_rejections("pod-2", entries)], shown=3)] == [9.0, 9.0, 5.0]
 
 
 def test_without_usage_status_or_probes() -> None:

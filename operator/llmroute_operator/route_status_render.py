@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -107,6 +108,19 @@ def render_text(view: RouteView) -> str:
         for dimension, count in sorted(counts.items())
     ]
     lines += table(rows) or ["  none"]
+    lines.append("Last rejections:")
+    recent = [
+        [
+            time.strftime("%H:%M:%S", time.gmtime(r.ts)) + "Z",
+            r.pod,
+            f"{r.limit}/{r.dimension}",
+            r.client or "-",
+            str(r.status),
+            "-" if r.retry_after_seconds is None else f"retry after {r.retry_after_seconds:.1f}s",
+        ]
+        for r in view.recent_rejections
+    ]
+    lines += table(recent) or ["  none remembered by the sidecars that answered"]
     return "\n".join(lines) + "\n"
 
 

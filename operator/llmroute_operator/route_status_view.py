@@ -100,6 +100,8 @@ class RouteView:
     """Why limits are shown without usage, in one line; None when usage was read."""
     rejections_source: str
     """Where the rejection counters came from, in one line."""
+    recent_rejections: tuple[RecentRejection, ...] = ()
+    """The newest rejections the sidecars remember, newest first."""
     invalid_spec: str | None = None
 
 
@@ -219,6 +221,53 @@ def admin_url(pod: Mapping[str, Any]) -> str | None:
 
 # -- rejections -------------------------------------------------------------------------------
 
+#: How many of the merged last rejections the view keeps.
+RECENT_SHOWN = 10
+
+
+@dataclass(frozen=True)
+class RecentRejection:
+    """One rejected request, as a sidecar's ``/rejections`` reported it (client: tier or key id)."""
+
+    ts: float
+    pod: str
+    limit: str
+    dimension: str
+    client: str | None
+    status: int
+    retry_after_seconds: float | None
+
+
+def recent_rejections(pod: str, entries: Sequence[Any]) -> list[RecentRejection]:
+    """The well-formed entries of one sidecar's ``/rejections`` answer (others are skipped)."""
+    found: list[RecentRejection] = []
+    for entry in entries:
+        if not isinstance(entry, Mapping):
+            continue
+        try:
+            retry = entry.get("retry_after_seconds")
+            client = entry.get("client")
+            found.append(
+                RecentRejection(
+                    ts=float(entry["ts"]),
+                    pod=pod,
+                    limit=str(entry["limit"]),
+                    dimension=str(entry["dimension"]),
+                    client=None if client is None else str(client),
+                    status=int(entry["status"]),
+                    retry_after_seconds=None if retry is None else float(retry),
+                )
+            )
+        except (KeyError, TypeError, ValueError):
+            continue
+    return found
+
+
+def newest(rejections: Sequence[RecentRejection], shown: int = RECENT_SHOWN) -> tuple[RecentRejection, ...]:
+    """The ``shown`` newest of the rejections gathered from every sidecar."""
+    return tuple(sorted(rejections, key=lambda r: r.ts, reverse=True)[:shown])
+
+
 Counts = dict[str, dict[str, int]]
 """limit -> dimension -> count."""
 
@@ -271,6 +320,8 @@ class Gathered:
     probed: bool = True
     metrics_answered: int = 0
     top: int = 5
+    recent_rejections: Sequence[RecentRejection] = ()
+    """The sidecars' last rejections (``/rejections``), any order."""
 
 
 def _conditions(status: Mapping[str, Any]) -> tuple[ConditionView, ...]:
@@ -351,5 +402,6 @@ def build_view(route: LLMRoute | None, gathered: Gathered, invalid: str | None =
         usage_source=gathered.usage_source,
         usage_problem=gathered.usage_problem,
         rejections_source=_rejections_source(gathered, sum(1 for p in pods if p.injected)),
+        recent_rejections=newest(gathered.recent_rejections),
         invalid_spec=invalid,
     )

@@ -25,11 +25,13 @@ from llmroute_operator.route_status_render import render_json, render_text
 from llmroute_operator.route_status_view import (
     Counts,
     Gathered,
+    RecentRejection,
     add_counts,
     admin_url,
     build_view,
     limit_queries,
     parse_rejections,
+    recent_rejections,
     redact_url,
     sidecar_redis_url,
 )
@@ -104,14 +106,19 @@ def _get(url: str) -> bytes:
     return body
 
 
-def _probe(base: str) -> tuple[dict[str, Any] | None, str | None, str | None]:
-    """(hints, metrics text, error) of one sidecar's admin endpoint."""
+def _probe(base: str) -> tuple[dict[str, Any] | None, str | None, str | None, list[Any]]:
+    """(hints, metrics text, error, last rejections) of one sidecar's admin endpoint."""
     try:
         hints = json.loads(_get(f"{base}/hints"))
         metrics = _get(f"{base}/metrics").decode(errors="replace")
     except (OSError, ValueError) as error:
-        return None, None, "no answer" if isinstance(error, TimeoutError) else _one_line(error)[:80]
-    return (hints if isinstance(hints, dict) else None), metrics, None
+        return None, None, "no answer" if isinstance(error, TimeoutError) else _one_line(error)[:80], []
+    try:  # sidecars older than /rejections answer 404: their counters still show
+        recent = json.loads(_get(f"{base}/rejections")).get("rejections")
+    except (OSError, ValueError, AttributeError):
+        recent = []
+    last = recent if isinstance(recent, list) else []
+    return (hints if isinstance(hints, dict) else None), metrics, None, last
 
 
 def _usage(args: argparse.Namespace, route: LLMRoute, pods: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
@@ -141,14 +148,16 @@ def _probes(pods: Sequence[Mapping[str, Any]], route_key: str) -> dict[str, Any]
     errors: dict[str, str] = {}
     rejections: Counts = {}
     shadow: Counts = {}
+    recent: list[RecentRejection] = []
     answered = 0
     if targets:
         with ThreadPoolExecutor(max_workers=min(PROBE_PARALLELISM, len(targets))) as pool:
             results = list(pool.map(lambda target: _probe(target[1]), targets))
-        for (name, _), (hint, metrics, error) in zip(targets, results, strict=True):
+        for (name, _), (hint, metrics, error, last) in zip(targets, results, strict=True):
             if error is not None:
                 errors[name] = error
                 continue
+            recent.extend(recent_rejections(name, last))
             if hint is not None:
                 hints[name] = hint
             if metrics is not None:
@@ -161,6 +170,7 @@ def _probes(pods: Sequence[Mapping[str, Any]], route_key: str) -> dict[str, Any]
         "rejections": rejections,
         "shadow_rejections": shadow,
         "metrics_answered": answered,
+        "recent_rejections": recent,
     }
 
 

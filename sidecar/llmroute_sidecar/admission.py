@@ -25,6 +25,7 @@ from llmroute_sidecar.quota.base import (
     StoreUnavailableError,
 )
 from llmroute_sidecar.quota.memory import MemoryQuotaStore
+from llmroute_sidecar.recent import RecentRejections
 from llmroute_sidecar.utilization import QuotaUtilization
 
 
@@ -32,9 +33,16 @@ class Admission:
     """Quota admission of the request path; holds the local fallback limiter."""
 
     def __init__(
-        self, store: QuotaStore, settings: Settings, metrics: SidecarMetrics, health: HealthState
+        self,
+        store: QuotaStore,
+        settings: Settings,
+        metrics: SidecarMetrics,
+        health: HealthState,
+        recent: RecentRejections | None = None,
     ) -> None:
         self.store = store
+        self.recent = recent if recent is not None else RecentRejections()
+        """The last rejections, for ``/rejections``."""
         self.fallback = MemoryQuotaStore()
         """Local limiter used while the shared store is unreachable (onStoreFailure: allow)."""
         self.settings = settings
@@ -100,6 +108,11 @@ class Admission:
             policy.name, rejected.limit, rejected.dimension.value
         ).inc()
         headers = rate_limit_headers(decision, _shadow(policy), _size(decision, tokens))
+        status = 400 if oversize is not None else 429
+        retry = None if oversize is not None else max(0.0, decision.retry_after)
+        self.recent.record(
+            ex.request_id, rejected.limit, rejected.dimension.value, rejected.scope, ex.client, status, retry
+        )
         if oversize is not None:
             # OpenAI SDKs retry 408, 409, 429 and 5xx: a 400 (and x-should-retry) ends the retries at once.
             return ProxyError(

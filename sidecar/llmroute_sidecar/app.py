@@ -113,6 +113,7 @@ class Sidecar:
         app.router.add_get("/readyz", self._readyz)
         app.router.add_get("/metrics", self._metrics)
         app.router.add_get("/hints", self._hints)
+        app.router.add_get("/rejections", self._rejections)
         return app
 
     async def start(self) -> None:
@@ -244,6 +245,11 @@ class Sidecar:
         response = web.Response(body=payload)
         response.headers["Content-Type"] = content_type
         return response
+
+    async def _rejections(self, request: web.Request) -> web.Response:
+        """This sidecar's last quota rejections, newest first (clients named as in the access log)."""
+        recent = self.gateway.admission.recent.newest_first()
+        return web.json_response({"route": self.policy.name, "rejections": recent})
 
     async def _hints(self, request: web.Request) -> web.Response:
         spec = self.policy.route.spec

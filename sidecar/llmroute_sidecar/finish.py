@@ -12,6 +12,7 @@ import logging
 import time
 
 from llmroute_sidecar.accesslog import AccessLog, AccessRecord
+from llmroute_sidecar.client_tokens import ClientTokens
 from llmroute_sidecar.exchange import Exchange
 from llmroute_sidecar.health import HealthState
 from llmroute_sidecar.metrics import SidecarMetrics
@@ -34,6 +35,7 @@ class Finisher:
         self.access_log = access_log
         self.settler = Settler(metrics)
         self.token_timing = TokenTiming(metrics)
+        self.client_tokens = ClientTokens(metrics)
         self.idle = asyncio.Event()
         self.idle.set()
 
@@ -69,6 +71,7 @@ class Finisher:
                 elif refund < 0:
                     self.metrics.tokens_total.labels(policy_name, "overrun").inc(-refund)
             if ex.tokens_actual is not None:
+                self.client_tokens.count(policy_name, ex.client, ex.tokens_actual)
                 self.metrics.tokens_total.labels(policy_name, "prompt").inc(ex.prompt_tokens)
                 self.metrics.tokens_total.labels(policy_name, "completion").inc(max(0, ex.completion_tokens))
             self.token_timing.observe(ex)

@@ -158,6 +158,13 @@ class SidecarMetrics:
             ["route", "kind"],
             registry=r,
         )
+        self.client_tokens_total = Counter(
+            "llmroute_client_tokens_total",
+            "Tokens used per client (a tier, or a 12-hex key id; never a key), at most 100 clients per"
+            " route, then 'other'; 'anonymous' without a client identity.",
+            ["route", "client"],
+            registry=r,
+        )
         self.inflight_requests = Gauge(
             "llmroute_inflight_requests", "Requests in flight in this sidecar.", ["route"], registry=r
         )
