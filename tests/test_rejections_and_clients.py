@@ -14,7 +14,7 @@ import aiohttp
 from llmroute_sidecar.client_tokens import ANONYMOUS, OTHER_CLIENT, ClientTokens
 from llmroute_sidecar.metrics import SidecarMetrics
 from llmroute_sidecar.recent import RecentRejections
-from tests.support.sidecar_procs import MockUpstream, SidecarProcess, http_get, start
+from tests.support.sidecar_procs import MockUpstream, SidecarProcess, http_get, start, wait_for
 from tests.test_sidecar_proxy import CHAT, chat_body, write_route
 
 KEYS = {"sk-free-one": "free", "sk-premium": "premium"}
@@ -87,8 +87,9 @@ async def test_tokens_are_counted_per_client(
         assert await send(session, sidecar.url, "sk-free-one", stream=True) == 200
     premium = sidecar.metric("llmroute_client_tokens_total", client="premium")
     free = sidecar.metric("llmroute_client_tokens_total", client="free")
+    records = wait_for(lambda: len(sidecar.access_records()) >= 4 and sidecar.access_records())
     by_tier: dict[str, int] = {}
-    for record in sidecar.access_records():
+    for record in records:
         by_tier[record["client"]] = by_tier.get(record["client"], 0) + (record["tokens_actual"] or 0)
     assert premium == by_tier["premium"] > 0 and free == by_tier["free"] > 0
 
