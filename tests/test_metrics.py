@@ -20,6 +20,7 @@ EXPECTED: dict[str, tuple[str, tuple[str, ...]]] = {
     "llmroute_quota_shadow_rejections_total": ("counter", ("route", "limit", "dimension")),
     "llmroute_tokens_total": ("counter", ("route", "kind")),
     "llmroute_client_tokens_total": ("counter", ("route", "client")),
+    "llmroute_cost_total": ("counter", ("route", "model")),
     "llmroute_inflight_requests": ("gauge", ("route",)),
     "llmroute_queue_wait_seconds": ("histogram", ("route",)),
     "llmroute_retries_total": ("counter", ("route", "reason")),

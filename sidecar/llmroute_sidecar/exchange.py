@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from llmroute_sidecar.api.spec import ModelPrice
 from llmroute_sidecar.genai import RequestTelemetry
 from llmroute_sidecar.quota.base import Lease, QuotaStore
 
@@ -40,6 +42,8 @@ class Exchange:
     first_byte: float | None = None
     model: str | None = None
     """The OpenAI request's ``model`` (None for pass-through paths)."""
+    pricing: Sequence[ModelPrice] = ()
+    """The route's price table when the request started (``spec.pricing``)."""
     first_token: float | None = None
     last_token: float | None = None
     """When the first and the latest SSE event carrying completion text were relayed."""

@@ -13,6 +13,7 @@ import time
 
 from llmroute_sidecar.accesslog import AccessLog, AccessRecord
 from llmroute_sidecar.client_tokens import ClientTokens
+from llmroute_sidecar.cost import CostMeter
 from llmroute_sidecar.exchange import Exchange
 from llmroute_sidecar.health import HealthState
 from llmroute_sidecar.metrics import SidecarMetrics
@@ -36,6 +37,7 @@ class Finisher:
         self.settler = Settler(metrics)
         self.token_timing = TokenTiming(metrics)
         self.client_tokens = ClientTokens(metrics)
+        self.cost = CostMeter(metrics)
         self.idle = asyncio.Event()
         self.idle.set()
 
@@ -72,6 +74,7 @@ class Finisher:
                     self.metrics.tokens_total.labels(policy_name, "overrun").inc(-refund)
             if ex.tokens_actual is not None:
                 self.client_tokens.count(policy_name, ex.client, ex.tokens_actual)
+                self.cost.count(policy_name, ex.model, ex.prompt_tokens, ex.completion_tokens, ex.pricing)
                 self.metrics.tokens_total.labels(policy_name, "prompt").inc(ex.prompt_tokens)
                 self.metrics.tokens_total.labels(policy_name, "completion").inc(max(0, ex.completion_tokens))
             self.token_timing.observe(ex)

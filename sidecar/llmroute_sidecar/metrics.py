@@ -165,6 +165,13 @@ class SidecarMetrics:
             ["route", "client"],
             registry=r,
         )
+        self.cost_total = Counter(
+            "llmroute_cost_total",
+            "Cost of requests: their tokens at their model's price (spec.pricing, per million tokens, in"
+            " the currency of the prices); at most 50 models per route, then 'other'.",
+            ["route", "model"],
+            registry=r,
+        )
         self.inflight_requests = Gauge(
             "llmroute_inflight_requests", "Requests in flight in this sidecar.", ["route"], registry=r
         )

@@ -258,7 +258,7 @@ class Gateway:
             parsed, raw = bound_completion(parsed, raw, spec.tokens)  # spec.tokens.injectMaxTokens
             if ex.telemetry is not None:
                 ex.telemetry.request(parsed)
-            ex.stream, ex.model = parsed.stream, parsed.model
+            ex.stream, ex.model, ex.pricing = parsed.stream, parsed.model, spec.pricing
             injected = with_stream_usage(parsed)
             body = injected if injected is not None else raw
         else:

@@ -292,6 +292,18 @@ class TokenAccounting(ApiModel):
     English), passes 1.5x the completion tokens it reserved. For upstreams that ignore max_tokens."""
 
 
+class ModelPrice(ApiModel):
+    """What one model's tokens cost, per million, in the currency your bills use (llmroute adds
+    them up; it never converts). Cached prompt tokens are priced as input tokens."""
+
+    model: str = Field(min_length=1, max_length=256)
+    """The request's model name, or a glob (gpt-4o*, claude-*); the first matching entry prices it."""
+    input_per_million: float = Field(ge=0, le=1_000_000)
+    """Price of one million prompt (input) tokens."""
+    output_per_million: float = Field(ge=0, le=1_000_000)
+    """Price of one million completion (output) tokens."""
+
+
 class StoreFailurePolicy(StrEnum):
     ALLOW = "allow"
     DENY = "deny"
@@ -379,6 +391,9 @@ class LLMRouteSpec(ApiModel):
     tokens: TokenAccounting = Field(default_factory=TokenAccounting)
     """Token reservation and live charging of tokensPerMinute limits (requests without max_tokens,
     streams)."""
+    pricing: list[ModelPrice] = Field(default_factory=list, max_length=256)
+    """Prices per model: each request's cost (its tokens at its model's price) is counted in
+    llmroute_cost_total{route, model}; requests of unpriced models cost nothing there."""
     on_store_failure: StoreFailurePolicy = StoreFailurePolicy.ALLOW
     """When the quota store is unreachable: 'allow' falls back to a local limiter at each limit's share
     per replica; 'deny' answers 503 and reports not ready."""
