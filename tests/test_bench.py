@@ -306,7 +306,7 @@ def test_the_harness_measures_direct_and_floor_with_wrk(tmp_path: Path) -> None:
         sys.executable,
         str(ROOT / "bench" / "run.py"),
         *("--targets", "direct,floor", "--scenarios", "zero", "--connections", "32"),
-        *("--duration", "1", "--warmup", "0", "--rounds", "1", "--work-requests", "0"),
+        *("--duration", "1", "--warmup", "0", "--rounds", "1", "--work-requests", "0", "--no-fleet"),
         *("--output", str(report)),
     ]
     done = subprocess.run(argv, capture_output=True, text=True, timeout=80, cwd=ROOT)
@@ -315,8 +315,13 @@ def test_the_harness_measures_direct_and_floor_with_wrk(tmp_path: Path) -> None:
     assert "### 32 connections, JSON" in text
     assert "### 32 connections, SSE" in text
     for target in ("direct", "floor"):
-        assert text.count(f"| `{target}` | ") == 2
+        rows = [line.split(" | ") for line in text.splitlines() if line.startswith(f"| `{target}` | ")]
+        assert len(rows) == 2
+        if Path("/proc/self/stat").exists():  # CPU µs/req was read for the target (mock for direct)
+            assert all(float(row[-3]) > 0 for row in rows), rows
     assert "direct, c=32 SSE:" in done.stderr  # progress lines on stderr
+    assert "CPU µs/req" in done.stderr
+    assert "[fleet]" not in done.stderr
 
 
 # -- CPU per request (bench/cpu.py) -------------------------------------------------------------------
