@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
+from bench.cpu import ticks_per_second
 from bench.wrk import WrkResult
 
 DIRECT = "direct"
@@ -383,7 +384,8 @@ def render(
         f"each request, so `CPU µs/req` and `CPU {X} floor` move far less between runs than req/s (and "
         "are the numbers to compare across runs and commits). It is the cost a pod pays in CPU "
         "requests per unit of traffic: at 1,000 µs per request one core serves at most 1,000 "
-        "requests per second. It is read in kernel clock ticks (10 ms here) over runs of "
+        f"requests per second. It is read in kernel clock ticks ({1000 / ticks_per_second():g} ms here) "
+        "over runs of "
         "hundreds to thousands of requests, so it is good to a few per cent; the requests still in "
         "flight when wrk stops are served but not counted, which overstates it slightly at 32 "
         "connections. It does not include what a request costs elsewhere (redis-server, the mock "
