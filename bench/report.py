@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
+from bench.cpu import ticks_per_second
 from bench.wrk import WrkResult
 
 DIRECT = "direct"
@@ -81,6 +82,10 @@ class Row:
     vs_floor: float | None
     added_p50: float | None
     added_p99: float | None
+    cpu_us: float | None = None
+    """The target process's CPU microseconds per request (for direct: the mock upstream's)."""
+    cpu_vs_floor: float | None = None
+    """``cpu_us`` over floor's (higher is costlier, unlike the req/s ratios)."""
 
 
 def ratio(value: float, base: float | None) -> float | None:
@@ -91,6 +96,7 @@ def compare(results: dict[str, WrkResult]) -> list[Row]:
     """Rows in TARGETS order (then any other target): req/s ratios, p50/p99 added over direct (ms)."""
     direct = results.get(DIRECT)
     floor = results.get(FLOOR)
+    floor_cpu = floor.cpu_us_per_request if floor else None
     order = [t for t in TARGETS if t in results] + [t for t in results if t not in TARGETS]
     rows = []
     for target in order:
@@ -103,6 +109,8 @@ def compare(results: dict[str, WrkResult]) -> list[Row]:
                 ratio(result.rps, floor.rps if floor else None),
                 None if direct is None else result.latency_ms["p50"] - direct.latency_ms["p50"],
                 None if direct is None else result.latency_ms["p99"] - direct.latency_ms["p99"],
+                result.cpu_us_per_request,
+                None if result.cpu_us_per_request is None else ratio(result.cpu_us_per_request, floor_cpu),
             )
         )
     return rows
@@ -120,6 +128,10 @@ def fmt_ms(value: float | None, signed: bool = False) -> str:
 
 def fmt_ratio(value: float | None) -> str:
     return "—" if value is None else f"{value:.2f}"
+
+
+def fmt_us(value: float | None) -> str:
+    return "—" if value is None else f"{value:.0f}"
 
 
 def fmt_errors(result: WrkResult, seen: int = 0) -> str:
@@ -149,6 +161,8 @@ def cell_table(results: dict[str, WrkResult], errors_seen: dict[str, int] | None
         "p99 ms",
         "p50 added ms",
         "p99 added ms",
+        "CPU µs/req",
+        f"CPU {X} floor",
         "errors",
     ]
     rows = []
@@ -164,18 +178,21 @@ def cell_table(results: dict[str, WrkResult], errors_seen: dict[str, int] | None
                 fmt_ms(row.result.latency_ms["p99"]),
                 "—" if direct else fmt_ms(row.added_p50, signed=True),
                 "—" if direct else fmt_ms(row.added_p99, signed=True),
+                fmt_us(row.cpu_us),
+                fmt_ratio(row.cpu_vs_floor),
                 fmt_errors(row.result, (errors_seen or {}).get(row.target, 0)),
             ]
         )
-    return table(rows, header, "lrrrrrrrr")
+    return table(rows, header, "lrrrrrrrrrr")
 
 
 def glance_table(outcome: ScenarioResult) -> list[str]:
-    """Per cell: the baselines' req/s, each sidecar's share of the floor and its p50 added over direct."""
+    """Per cell: the baselines' req/s and the floor's CPU per request; each sidecar's req/s and its share
+    of the floor's, its CPU per request and its multiple of the floor's, its p50 added over direct."""
     sidecars = [s for s in SIDECARS if any(s in r for r in outcome.results.values())]
-    header = ["load", "direct req/s", "floor req/s"]
+    header = ["load", "direct req/s", "floor req/s", "floor CPU µs/req"]
     for name in sidecars:
-        header += [f"`{name}` req/s", f"{X} floor", "p50 added ms"]
+        header += [f"`{name}` req/s", f"{X} floor", "CPU µs/req", f"CPU {X} floor", "p50 added ms"]
     rows = []
     for cell in outcome.scenario.cells:
         results = outcome.results.get(cell, {})
@@ -183,12 +200,19 @@ def glance_table(outcome: ScenarioResult) -> list[str]:
         line = [cell.label]
         for base in (DIRECT, FLOOR):
             line.append(f"{results[base].rps:.0f}" if base in results else "—")
+        line.append(fmt_us(results[FLOOR].cpu_us_per_request) if FLOOR in results else "—")
         for name in sidecars:
             row = by_target.get(name)
             if row is None:
-                line += ["—", "—", "—"]
+                line += ["—"] * 5
             else:
-                line += [f"{row.result.rps:.0f}", fmt_ratio(row.vs_floor), fmt_ms(row.added_p50, signed=True)]
+                line += [
+                    f"{row.result.rps:.0f}",
+                    fmt_ratio(row.vs_floor),
+                    fmt_us(row.cpu_us),
+                    fmt_ratio(row.cpu_vs_floor),
+                    fmt_ms(row.added_p50, signed=True),
+                ]
         rows.append(line)
     return table(rows, header, "l" + "r" * (len(header) - 1))
 
@@ -326,8 +350,12 @@ def render(
         "in-process store, or a real redis-server.",
         "",
         f"Columns: `{X} direct` and `{X} floor` are req/s ratios; `p50 added` / `p99 added` are the "
-        "target's percentile minus `direct`'s, in the same cell; errors are answers with status ≥ 400 "
-        "plus socket errors (connect, read, write, timeout).",
+        "target's percentile minus `direct`'s, in the same cell; `CPU µs/req` is the CPU time (user + "
+        "system, all threads, from `/proc/<pid>/stat`) the target process itself spent during the "
+        "measured run divided by the requests wrk completed — for `direct` the mock upstream's, for "
+        "nginx its master and worker, for the others the proxy process alone (not the mock, not "
+        f"redis-server, not wrk); `CPU {X} floor` is that over `floor`'s (higher costs more); errors are "
+        "answers with status ≥ 400 plus socket errors (connect, read, write, timeout).",
         "",
     ]
     first = next((o for o in outcomes if o.results), None)
@@ -350,6 +378,19 @@ def render(
         "zero-latency numbers are the best of several rounds, and why a cell still moves by 10-30 % "
         "between runs. Read ratios within one run, and repeat the command before reading much into "
         "one difference.",
+        "",
+        "CPU per request is the steadier number: contention on the shared cores makes a process wait "
+        "for a core, which costs throughput and latency but barely changes the CPU time it spends on "
+        f"each request, so `CPU µs/req` and `CPU {X} floor` move far less between runs than req/s (and "
+        "are the numbers to compare across runs and commits). It is the cost a pod pays in CPU "
+        "requests per unit of traffic: at 1,000 µs per request one core serves at most 1,000 "
+        f"requests per second. It is read in kernel clock ticks ({1000 / ticks_per_second():g} ms here) "
+        "over runs of "
+        "hundreds to thousands of requests, so it is good to a few per cent; the requests still in "
+        "flight when wrk stops are served but not counted, which overstates it slightly at 32 "
+        "connections. It does not include what a request costs elsewhere (redis-server, the mock "
+        "upstream): the `direct` row is the mock's own cost, the reference for what a minimal Python "
+        "HTTP server spends.",
         "",
     ]
     if profile_slot:

@@ -11,14 +11,20 @@ front of a fresh mock upstream on loopback:
 
 Matrix: 1 and 32 connections x JSON and SSE against a zero-latency mock (the proxies' own cost), then
 a smaller LLM-like table (the mock's default latencies); plus the Python calls per request counted by
-bench/work.py. Progress goes to stderr; the report (Markdown and PNG plots) to bench/results/, or to
-docs/benchmarks.md and docs/benchmarks/ with ``--update-docs`` (``make bench UPDATE_DOCS=1``), which
-keeps the hand-written sections marked in docs/benchmarks.md.
+bench/work.py. The CPU time each target process spends per request is read from /proc around every
+measured run (bench/cpu.py). Last, bench/fleet.py runs three sidecars on one redis-server against one
+requestsPerMinute limit and plots admitted vs the limit over time (``--no-fleet`` skips it).
+
+Progress goes to stderr; the report (Markdown and PNG plots) to bench/results/, or with
+``--update-docs`` (``make bench UPDATE_DOCS=1``) to docs/benchmarks.md and docs/benchmarks/ (keeping
+the hand-written sections marked in docs/benchmarks.md), and the fleet plot to docs/quotas/ and the
+``fleet-plot`` marked section of docs/quotas.md.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import platform
 import re
@@ -35,7 +41,8 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from bench import targets  # noqa: E402
+from bench import fleet, targets  # noqa: E402
+from bench.cpu import cpu_seconds, spent  # noqa: E402
 from bench.report import (  # noqa: E402
     TARGETS,
     Cell,
@@ -50,6 +57,9 @@ from bench.wrk import WrkResult, lua_script, run_wrk, wrk_binary  # noqa: E402
 RESULTS = ROOT / "bench" / "results" / "benchmarks.md"
 DOCS = ROOT / "docs" / "benchmarks.md"
 DOCS_IMAGES = ROOT / "docs" / "benchmarks"
+QUOTAS_DOC = ROOT / "docs" / "quotas.md"
+QUOTAS_IMAGES = ROOT / "docs" / "quotas"
+FLEET_PNG = "fleet-admitted.png"
 BODY = {"model": "m", "messages": [{"role": "user", "content": "hello there"}], "max_tokens": 16}
 CALLS_LINE = re.compile(r"^(\d+(?:\.\d+)?) Python calls per request", re.M)
 
@@ -84,7 +94,7 @@ def scenarios(args: argparse.Namespace) -> list[Scenario]:
             args.llm_duration,
         ),
     }
-    chosen = [s.strip() for s in args.scenarios.split(",") if s.strip()]
+    chosen = [s.strip() for s in args.scenarios.split(",") if s.strip() and s.strip() != "none"]
     unknown = [s for s in chosen if s not in known]
     if unknown:
         raise SystemExit(f"bench/run.py: unknown scenario(s) {', '.join(unknown)}; known: zero, llm")
@@ -133,12 +143,16 @@ class Bench:
             return targets.sidecar(workdir, route, target, "--redis", self.redis_url)
         raise ValueError(f"unknown target {target!r}")
 
-    def measure(self, url: str, cell: Cell, seconds: int) -> WrkResult:
+    def measure(self, url: str, cell: Cell, seconds: int, pid: int | None = None) -> WrkResult:
+        """One wrk run after the warm-up; with ``pid``, the CPU that process spent during the run."""
         endpoint = f"{url}/v1/chat/completions"
         script = self.scripts[cell.stream]
         if self.args.warmup > 0:  # connections, pools, scripts, caches; its numbers are dropped
             run_wrk(self.wrk, endpoint, script, cell.connections, self.args.warmup)
-        return run_wrk(self.wrk, endpoint, script, cell.connections, seconds)
+        before = cpu_seconds(pid) if pid else None
+        result = run_wrk(self.wrk, endpoint, script, cell.connections, seconds)
+        after = cpu_seconds(pid) if pid else None
+        return dataclasses.replace(result, cpu_seconds=spent(before, after))
 
     def scenario(self, scenario: Scenario, chosen: list[str], number: str) -> ScenarioResult:
         """Every target, round after round (the order reversed each round); the fastest round kept."""
@@ -165,15 +179,17 @@ class Bench:
                 outcome.skipped[target] = proc
                 progress(f"{tag}: skipped ({proc})")
                 return
-            url = mock.url if proc is None else proc.url
+            served_by = mock if proc is None else proc  # direct: the mock is the target
+            pid = served_by.process.pid if served_by.process is not None else None
             for cell in scenario.cells:
-                result = self.measure(url, cell, scenario.seconds)
+                result = self.measure(served_by.url, cell, scenario.seconds, pid)
                 kept = outcome.add(cell, target, result)
                 self.failed = self.failed or result.errors > 0
                 progress(
                     f"{tag}, {cell.short}: {result.rps:.0f} req/s, "
                     f"p50 {result.latency_ms['p50']:.2f} ms, p99 {result.latency_ms['p99']:.2f} ms, "
-                    f"{result.errors} errors{' (kept)' if kept and scenario.rounds > 1 else ''}"
+                    f"{cpu_text(result)}, {result.errors} errors"
+                    f"{' (kept)' if kept and scenario.rounds > 1 else ''}"
                 )
         finally:
             if isinstance(proc, targets.Proc):
@@ -222,6 +238,63 @@ class Bench:
         finally:
             mock.stop()
         return calls
+
+
+def cpu_text(result: WrkResult) -> str:
+    found = result.cpu_us_per_request
+    return "CPU not read" if found is None else f"{found:.0f} CPU µs/req"
+
+
+def fleet_config(args: argparse.Namespace) -> fleet.FleetConfig:
+    rate = args.fleet_rate if args.fleet_rate is not None else 4 * args.fleet_limit / 60
+    return fleet.FleetConfig(limit=args.fleet_limit, rate=rate, seconds=args.fleet_seconds)
+
+
+def run_fleet(
+    args: argparse.Namespace, workdir: Path, redis_url: str | None, images_dir: Path, markdown_dir: Path
+) -> bool:
+    """The fleet plot: measured, plotted, and written (docs/quotas.md with --update-docs). True when it
+    ran cleanly (every answer a 200 or a 429, and no more admitted in any window than the limit)."""
+    if redis_url is None:
+        progress("[fleet] skipped: redis-server is not installed (`make system-deps` installs it)")
+        return True
+    config = fleet_config(args)
+    progress(
+        f"[fleet] {config.pods} sidecars on one redis-server, requestsPerMinute {config.limit}, "
+        f"{config.rate:g} req/s for {config.seconds:g} s"
+    )
+    samples = fleet.run(config, workdir / "fleet", redis_url)
+    summary = fleet.summarize(samples, config)
+    progress(
+        f"[fleet] sent {summary.offered}, admitted {summary.admitted} {summary.per_pod}, "
+        f"429 {summary.rejected}, "
+        f"other {summary.other or 0}; at most {summary.most_in_window} in any {config.window:.0f} s; "
+        f"exact sliding log {summary.exact}, per-pod limits {summary.per_pod_limits}"
+    )
+    try:
+        written = fleet.plot(fleet.series(samples, config), summary, config, images_dir / FLEET_PNG)
+    except ImportError:
+        progress("[fleet] matplotlib is missing (`make bench` installs it): no PNG")
+        written = images_dir / FLEET_PNG
+    target = QUOTAS_DOC if args.update_docs else markdown_dir / "fleet.md"
+    block = fleet.section(
+        summary,
+        config,
+        os.path.relpath(written, target.parent),
+        command_line(sys.argv[1:], args.update_docs),
+        machine_short(),
+    )
+    if args.update_docs:
+        QUOTAS_DOC.write_text(fleet.update_marked(QUOTAS_DOC.read_text(), block))
+    else:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(block + "\n")
+    progress(f"[fleet] written to {target} and {written}")
+    return not summary.other and summary.most_in_window <= config.limit
+
+
+def machine_short() -> str:
+    return f"{platform.system()} {platform.machine()}, {os.cpu_count()} cores, shared with the client"
 
 
 def version(argv: list[str], pattern: str) -> str | None:
@@ -282,13 +355,32 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument(
         "--targets", default=",".join(TARGETS), help=f"comma-separated subset of {','.join(TARGETS)}"
     )
-    parser.add_argument("--scenarios", default="zero,llm", help="comma-separated: zero, llm (default both)")
+    parser.add_argument(
+        "--scenarios", default="zero,llm", help="comma-separated: zero, llm, or none (default zero,llm)"
+    )
     parser.add_argument("--connections", default="1,32", help="wrk connections per cell (default 1,32)")
     parser.add_argument(
         "--work-requests",
         type=int,
         default=200,
         help="requests bench/work.py counts Python calls over (default 200; 0 skips the count)",
+    )
+    parser.add_argument(
+        "--no-fleet", action="store_true", help="skip the fleet plot (3 sidecars, one Redis, one limit)"
+    )
+    parser.add_argument(
+        "--fleet-seconds",
+        type=float,
+        default=70,
+        help="seconds of fleet traffic (default 70: past one 60 s window, so it is seen sliding)",
+    )
+    parser.add_argument(
+        "--fleet-limit", type=int, default=300, help="the fleet's requestsPerMinute (default 300)"
+    )
+    parser.add_argument(
+        "--fleet-rate",
+        type=float,
+        help="requests per second sent to the fleet (default 4 x the limit's rate: 20 for 300/min)",
     )
     where = parser.add_mutually_exclusive_group()
     where.add_argument(
@@ -299,7 +391,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     where.add_argument(
         "--update-docs",
         action="store_true",
-        help=f"write {DOCS.relative_to(ROOT)} and {DOCS_IMAGES.relative_to(ROOT)}/*.png",
+        help=f"write {DOCS.relative_to(ROOT)} and {DOCS_IMAGES.relative_to(ROOT)}/*.png, and the fleet "
+        f"plot to {QUOTAS_IMAGES.relative_to(ROOT)}/{FLEET_PNG} and {QUOTAS_DOC.relative_to(ROOT)}",
     )
     args = parser.parse_args(argv)
     unknown = [t for t in args.targets.split(",") if t and t not in TARGETS]
@@ -318,6 +411,7 @@ def main(argv: list[str] | None = None) -> int:
     chosen = [t for t in TARGETS if t in args.targets.split(",")]
     plan = scenarios(args)
     runs = sum(s.rounds * len(s.cells) * len(chosen) * (s.seconds + max(0, args.warmup)) for s in plan)
+    runs += 0 if args.no_fleet else round(args.fleet_seconds)
     progress(f"bench: {len(chosen)} targets, {sum(len(s.cells) for s in plan)} cells, ~{runs} s of load")
     started = time.monotonic()
     report_path: Path = DOCS if args.update_docs else (args.output or RESULTS)
@@ -327,7 +421,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             redis_url = None
             if shutil.which("redis-server") and (
-                {"floor", "sidecar-redis"} & set(chosen) or args.work_requests
+                {"floor", "sidecar-redis"} & set(chosen) or args.work_requests or not args.no_fleet
             ):
                 from tests.support.redis_procs import RedisServer
 
@@ -339,9 +433,23 @@ def main(argv: list[str] | None = None) -> int:
                 bench.scenario(scenario, chosen, f"{n}/{len(plan)}") for n, scenario in enumerate(plan, 1)
             ]
             calls = bench.python_calls()
+            if not args.no_fleet:
+                fleet_ok = run_fleet(
+                    args,
+                    Path(tmp),
+                    redis_url,
+                    QUOTAS_IMAGES if args.update_docs else images_dir,
+                    report_path.parent,
+                )
+                bench.failed = bench.failed or not fleet_ok
         finally:
             for cleanup in reversed(cleanups):
                 cleanup()
+    if not outcomes and not calls:
+        progress(
+            f"bench: no scenario measured, {report_path} unchanged, in {time.monotonic() - started:.0f} s"
+        )
+        return 1 if bench.failed else 0
     images: dict[str, dict[str, str]] = {}
     try:
         from bench.plots import plot_scenario

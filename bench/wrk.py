@@ -61,6 +61,9 @@ class WrkResult:
     socket_errors: dict[str, int]
     latency_ms: dict[str, float]
     """mean, max, p50, p90, p99, p99.9."""
+    cpu_seconds: float | None = None
+    """CPU time (user + system) the target process spent during the run, when it was read
+    (bench/cpu.py); the warm-up is not included."""
 
     @property
     def rps(self) -> float:
@@ -69,6 +72,13 @@ class WrkResult:
     @property
     def errors(self) -> int:
         return self.status_errors + sum(self.socket_errors.values())
+
+    @property
+    def cpu_us_per_request(self) -> float | None:
+        """The target's CPU microseconds per completed request (None when its CPU was not read)."""
+        if self.cpu_seconds is None or self.requests <= 0:
+            return None
+        return self.cpu_seconds * 1e6 / self.requests
 
 
 def parse_output(stdout: str) -> WrkResult:
