@@ -44,7 +44,7 @@ crds: $(STAMP)
 crds-check: $(STAMP)
 	$(PY) -m llmroute_operator.crd --check crds helm/llmroute/crds
 
-## Benchmarks (wrk against direct, nginx, the floor and the sidecars; about 4 minutes on 2 cores): report
+## Benchmarks (wrk against direct, nginx, the floor and the sidecars; about 6 minutes on 2 cores, with the 70 s fleet run): report
 ## and PNGs to bench/results/ (untracked); `make bench UPDATE_DOCS=1` rewrites docs/benchmarks.md and
 ## docs/benchmarks/*.png; BENCH_ARGS passes more flags (e.g. BENCH_ARGS="--duration 10", see --help).
 ## Installs wrk (apt-get) and matplotlib (the venv's `bench` extra) when missing.
