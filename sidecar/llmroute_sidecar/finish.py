@@ -2,7 +2,8 @@
 
 Leases of a store that ``settles_in_background`` (Redis) are handed to the ``Settler``: the response,
 and the next request on its keep-alive connection, never wait for settlement. The memory store
-settles inline (it never waits on anything).
+settles inline (``settle_now``: it never waits on anything). With either, the finish is synchronous
+(``finish_now``): it cannot be cancelled half-way, so it needs no shielding task.
 """
 
 from __future__ import annotations
@@ -47,52 +48,93 @@ class Finisher:
         self.idle.clear()
         self.metrics.inflight_requests.labels(route).set(self.health.inflight)
 
-    async def finish(self, ex: Exchange) -> None:
-        """Settle quota, update metrics and write the access log, whatever happened before."""
-        policy_name = ex.route
+    def finish_now(self, ex: Exchange) -> bool:
+        """The whole finish without waiting, when the lease's store allows it: Redis settles in the
+        background, the memory store at once. No task and no extra event-loop turn before the response
+        goes out, and nothing to shield (synchronous code is never cancelled half-way). False, with
+        nothing done, for a store whose settlement must be awaited (``finish``)."""
+        store = ex.lease_store or self.store
+        background = bool(getattr(store, "settles_in_background", False))
+        settle_now = getattr(store, "settle_now", None)
+        if ex.lease is not None and not background and settle_now is None:
+            return False
         try:
             if ex.lease is not None:
-                actual = tokens_to_charge(ex)
-                store = ex.lease_store or self.store
+                lease, actual = ex.lease, tokens_to_charge(ex)
                 try:
-                    if getattr(store, "settles_in_background", False):
-                        self.settler.submit(store, ex.lease, actual)
+                    if settle_now is not None and not background:
+                        settle_now(lease, actual)
                     else:
-                        await store.settle(ex.lease, actual)
-                except StoreUnavailableError:
-                    # The lease expires on its own; the reservation stays charged until its window ends.
-                    self.metrics.store_errors_total.labels(policy_name, "settle").inc()
-                    self.health.store_available = False
-                except Exception:
-                    log.exception(
-                        "settling the lease failed", extra={"fields": {"request_id": ex.request_id}}
-                    )
-                refund = ex.lease.reserved_tokens - actual
-                if refund > 0:
-                    self.metrics.tokens_total.labels(policy_name, "refunded").inc(refund)
-                elif refund < 0:
-                    self.metrics.tokens_total.labels(policy_name, "overrun").inc(-refund)
-            if ex.tokens_actual is not None:
-                self.client_tokens.count(policy_name, ex.client, ex.tokens_actual)
-                self.cost.count(policy_name, ex.model, ex.prompt_tokens, ex.completion_tokens, ex.pricing)
-                self.metrics.tokens_total.labels(policy_name, "prompt").inc(ex.prompt_tokens)
-                self.metrics.tokens_total.labels(policy_name, "completion").inc(max(0, ex.completion_tokens))
-            self.token_timing.observe(ex)
-            if ex.client_disconnected and not ex.delivered:  # only real mid-response disconnects
-                ex.outcome = "client_disconnected"
-                self.metrics.client_disconnects_total.labels(policy_name).inc()
-            duration = time.monotonic() - ex.started
-            code = str(ex.status or 499)
-            self.metrics.requests_total.labels(policy_name, ex.method, ex.outcome, code).inc()
-            self.metrics.request_duration_seconds.labels(policy_name, ex.outcome).observe(duration)
-            self.access_log.write(_record(ex, duration))
-            if ex.telemetry is not None:
-                ex.telemetry.recorder.record(ex, duration)  # span and GenAI metrics; never raises
+                        self.settler.submit(store, lease, actual)
+                except Exception as error:
+                    self._settle_failed(ex, error)
+                self._count_settled(ex, actual)
+            self._count(ex)
         finally:
-            self.health.inflight -= 1
-            self.metrics.inflight_requests.labels(policy_name).set(self.health.inflight)
-            if self.health.inflight == 0:
-                self.idle.set()
+            self._leave(ex.route)
+        return True
+
+    async def finish(self, ex: Exchange) -> None:
+        """Settle quota, update metrics and write the access log, whatever happened before."""
+        if self.finish_now(ex):
+            return
+        try:
+            assert ex.lease is not None
+            actual = tokens_to_charge(ex)
+            try:
+                await (ex.lease_store or self.store).settle(ex.lease, actual)
+            except Exception as error:
+                self._settle_failed(ex, error)
+            self._count_settled(ex, actual)
+            self._count(ex)
+        finally:
+            self._leave(ex.route)
+
+    def _settle_failed(self, ex: Exchange, error: Exception) -> None:
+        if isinstance(error, StoreUnavailableError):
+            # The lease expires on its own; the reservation stays charged until its window ends.
+            self.metrics.store_errors_total.labels(ex.route, "settle").inc()
+            self.health.store_available = False
+            return
+        log.error(
+            "settling the lease failed",
+            exc_info=error,
+            extra={"fields": {"request_id": ex.request_id}},
+        )
+
+    def _count_settled(self, ex: Exchange, actual: int) -> None:
+        assert ex.lease is not None
+        refund = ex.lease.reserved_tokens - actual
+        if refund > 0:
+            self.metrics.tokens_total.labels(ex.route, "refunded").inc(refund)
+        elif refund < 0:
+            self.metrics.tokens_total.labels(ex.route, "overrun").inc(-refund)
+
+    def _count(self, ex: Exchange) -> None:
+        """Metrics, the access line and telemetry of a finished request."""
+        policy_name = ex.route
+        if ex.tokens_actual is not None:
+            self.client_tokens.count(policy_name, ex.client, ex.tokens_actual)
+            self.cost.count(policy_name, ex.model, ex.prompt_tokens, ex.completion_tokens, ex.pricing)
+            self.metrics.tokens_total.labels(policy_name, "prompt").inc(ex.prompt_tokens)
+            self.metrics.tokens_total.labels(policy_name, "completion").inc(max(0, ex.completion_tokens))
+        self.token_timing.observe(ex)
+        if ex.client_disconnected and not ex.delivered:  # only real mid-response disconnects
+            ex.outcome = "client_disconnected"
+            self.metrics.client_disconnects_total.labels(policy_name).inc()
+        duration = time.monotonic() - ex.started
+        code = str(ex.status or 499)
+        self.metrics.requests_total.labels(policy_name, ex.method, ex.outcome, code).inc()
+        self.metrics.request_duration_seconds.labels(policy_name, ex.outcome).observe(duration)
+        self.access_log.write(_record(ex, duration))
+        if ex.telemetry is not None:
+            ex.telemetry.recorder.record(ex, duration)  # span and GenAI metrics; never raises
+
+    def _leave(self, route: str) -> None:
+        self.health.inflight -= 1
+        self.metrics.inflight_requests.labels(route).set(self.health.inflight)
+        if self.health.inflight == 0:
+            self.idle.set()
 
 
 def tokens_to_charge(ex: Exchange) -> int:

@@ -206,7 +206,8 @@ class Gateway:
         finally:
             if task is not None:
                 self._active.pop(task, None)
-            await asyncio.shield(self.finisher.finish(ex))
+            if not self.finisher.finish_now(ex):  # every shipped store: no task, no extra loop turn
+                await asyncio.shield(self.finisher.finish(ex))
 
     async def _fail(self, request: web.Request, ex: Exchange, error: ProxyError) -> web.StreamResponse:
         """Answer an error: a JSON body, or an SSE error event when a stream already started."""

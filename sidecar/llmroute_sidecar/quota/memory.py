@@ -219,6 +219,10 @@ class MemoryQuotaStore:
 
     async def settle(self, lease: Lease, actual_tokens: int) -> None:
         """Release the lease's slots and charge ``actual_tokens``; a no-op for unknown or settled leases."""
+        self.settle_now(lease, actual_tokens)
+
+    def settle_now(self, lease: Lease, actual_tokens: int) -> None:
+        """``settle`` without awaiting anything (the request path's finish calls it directly)."""
         now = self._clock()
         self._maintain(now)
         hold = self._holds.pop(lease.lease_id, None)
