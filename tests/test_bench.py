@@ -275,23 +275,21 @@ def test_plots_are_written_as_png(tmp_path: Path) -> None:
         assert path.read_bytes().startswith(b"\x89PNG")
 
 
-def test_floor_help_runs() -> None:
+@pytest.mark.parametrize(
+    ("script", "flag"),
+    [
+        ("floor.py", "--upstream"),
+        ("run.py", "--update-docs"),
+        ("work.py", "--redis-url"),
+        ("streams.py", "--ramp"),
+    ],
+)
+def test_bench_scripts_help_runs(script: str, flag: str) -> None:
     done = subprocess.run(
-        [sys.executable, str(ROOT / "bench" / "floor.py"), "--help"],
-        capture_output=True,
-        text=True,
-        timeout=60,
+        [sys.executable, str(ROOT / "bench" / script), "--help"], capture_output=True, text=True, timeout=60
     )
     assert done.returncode == 0, done.stderr
-    assert "--upstream" in done.stdout
-
-
-def test_run_help_runs() -> None:
-    done = subprocess.run(
-        [sys.executable, str(ROOT / "bench" / "run.py"), "--help"], capture_output=True, text=True, timeout=60
-    )
-    assert done.returncode == 0, done.stderr
-    assert "--update-docs" in done.stdout
+    assert flag in done.stdout
 
 
 @pytest.mark.slow
