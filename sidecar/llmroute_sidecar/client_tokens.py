@@ -8,12 +8,11 @@ first seen; later ones count under ``other``, requests without a client identity
 
 from __future__ import annotations
 
-from prometheus_client import Counter
-
+from llmroute_sidecar.bounded_labels import OTHER, BoundedLabel
 from llmroute_sidecar.metrics import SidecarMetrics
 
 MAX_CLIENTS_PER_ROUTE = 100
-OTHER_CLIENT = "other"
+OTHER_CLIENT = OTHER
 ANONYMOUS = "anonymous"
 
 
@@ -22,22 +21,10 @@ class ClientTokens:
 
     def __init__(self, metrics: SidecarMetrics, max_clients: int = MAX_CLIENTS_PER_ROUTE) -> None:
         self.metrics = metrics
-        self.max_clients = max_clients
-        self._children: dict[tuple[str, str], Counter] = {}
-        self._clients: dict[str, int] = {}  # route -> distinct client labels bound (fixed ones excluded)
+        self._client = BoundedLabel(max_clients, fixed=(ANONYMOUS,))
 
     def count(self, route: str, client: str | None, tokens: int | None) -> None:
         if not tokens or tokens <= 0:
             return
-        self._bound(route, client or ANONYMOUS).inc(tokens)
-
-    def _bound(self, route: str, client: str) -> Counter:
-        child = self._children.get((route, client))
-        if child is not None:
-            return child
-        if client not in (OTHER_CLIENT, ANONYMOUS):
-            if self._clients.get(route, 0) >= self.max_clients:
-                return self._bound(route, OTHER_CLIENT)
-            self._clients[route] = self._clients.get(route, 0) + 1
-        child = self._children[(route, client)] = self.metrics.client_tokens_total.labels(route, client)
-        return child
+        label = self._client(route, client or ANONYMOUS)
+        self.metrics.client_tokens_total.labels(route, label).inc(tokens)

@@ -12,11 +12,10 @@ from __future__ import annotations
 import fnmatch
 from collections.abc import Sequence
 
-from prometheus_client import Counter
-
 from llmroute_sidecar.api.spec import ModelPrice
+from llmroute_sidecar.bounded_labels import BoundedLabel
 from llmroute_sidecar.metrics import SidecarMetrics
-from llmroute_sidecar.token_timing import MAX_MODELS_PER_ROUTE, OTHER_MODEL
+from llmroute_sidecar.token_timing import MAX_MODELS_PER_ROUTE
 
 
 def price_of(model: str, pricing: Sequence[ModelPrice]) -> ModelPrice | None:
@@ -35,11 +34,9 @@ class CostMeter:
 
     def __init__(self, metrics: SidecarMetrics, max_models: int = MAX_MODELS_PER_ROUTE) -> None:
         self.metrics = metrics
-        self.max_models = max_models
+        self._model = BoundedLabel(max_models)
         self._table: Sequence[ModelPrice] = ()
         self._prices: dict[str, ModelPrice | None] = {}
-        self._children: dict[tuple[str, str], Counter] = {}
-        self._models: dict[str, int] = {}
 
     def count(
         self, route: str, model: str | None, prompt: int, completion: int, pricing: Sequence[ModelPrice]
@@ -55,15 +52,5 @@ class CostMeter:
         price = self._prices[model]
         if price is None:
             return
-        self._bound(route, model).inc(cost(prompt, completion, price))
-
-    def _bound(self, route: str, model: str) -> Counter:
-        child = self._children.get((route, model))
-        if child is not None:
-            return child
-        if model != OTHER_MODEL:
-            if self._models.get(route, 0) >= self.max_models:
-                return self._bound(route, OTHER_MODEL)
-            self._models[route] = self._models.get(route, 0) + 1
-        child = self._children[(route, model)] = self.metrics.cost_total.labels(route, model)
-        return child
+        label = self._model(route, model)
+        self.metrics.cost_total.labels(route, label).inc(cost(prompt, completion, price))

@@ -8,8 +8,6 @@ fallback (store down) describe this pod's share only and are skipped.
 
 from __future__ import annotations
 
-from prometheus_client import Gauge
-
 from llmroute_sidecar.metrics import SidecarMetrics
 from llmroute_sidecar.quota.base import Decision
 
@@ -17,11 +15,10 @@ ROUTE_SCOPE = "route"
 
 
 class QuotaUtilization:
-    """Sets the gauge from each decision; label children bound once per (route, limit, dimension)."""
+    """Sets the gauge from each decision (label children are kept by ``metrics``)."""
 
     def __init__(self, metrics: SidecarMetrics) -> None:
         self.metrics = metrics
-        self._children: dict[tuple[str, str, str], Gauge] = {}
 
     def record(self, route: str, decision: Decision) -> None:
         """The used share of every route-scoped limit dimension in ``decision`` (0 to 1)."""
@@ -30,9 +27,6 @@ class QuotaUtilization:
         for state in decision.states:
             if state.scope != ROUTE_SCOPE or state.limit_value <= 0:
                 continue
-            key = (route, state.limit, state.dimension.value)
-            child = self._children.get(key)
-            if child is None:
-                child = self._children[key] = self.metrics.quota_utilization.labels(*key)
             used = 1.0 - state.remaining / state.limit_value
-            child.set(min(1.0, max(0.0, used)))
+            gauge = self.metrics.quota_utilization.labels(route, state.limit, state.dimension.value)
+            gauge.set(min(1.0, max(0.0, used)))
