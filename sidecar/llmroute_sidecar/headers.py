@@ -130,10 +130,7 @@ class RateLimitView:
     def reset_ms(self, state: LimitState) -> int | None:
         """Milliseconds until ``state`` (one of ``states``) resets; None for a concurrency slot that did
         not reject."""
-        for index, candidate in enumerate(self.states):
-            if candidate is state:
-                return self.resets[index]
-        return self.resets[self.states.index(state)]
+        return self.resets[self.states.index(state)]  # index() tries identity first
 
     def binding(self, among: Collection[Dimension] | None = None) -> LimitState | None:
         """The rejecting state, else the rate limit with the smallest share left (concurrency last)."""

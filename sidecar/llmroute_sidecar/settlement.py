@@ -139,9 +139,8 @@ class Settler:
             errors = [escaped] * len(items)
         for index, item, failure in zip(indexes, items, errors, strict=True):
             outcomes[index] = failure is None
-            if failure is not None and item.attempts == 0:
-                fields = {"error": repr(failure)}
-                log.debug("settlement failed; retrying in the background", extra={"fields": fields})
+            if failure is not None:
+                _first_failure(item, failure)
 
     async def _one(self, item: Pending, index: int, outcomes: list[bool]) -> None:
         outcomes[index] = await self._attempt(item)
@@ -150,10 +149,7 @@ class Settler:
         try:
             await item.store.settle(item.lease, item.actual_tokens)
         except Exception as error:  # StoreUnavailableError, or anything a store let escape
-            if item.attempts == 0:
-                log.debug(
-                    "settlement failed; retrying in the background", extra={"fields": {"error": repr(error)}}
-                )
+            _first_failure(item, error)
             return False
         return True
 
@@ -198,3 +194,9 @@ class Settler:
         self._fresh.clear()
         self._retry = []
         self._idle.set()
+
+
+def _first_failure(item: Pending, error: BaseException) -> None:
+    """Say (at debug) that a settlement failed the first time; retries are counted, not logged."""
+    if item.attempts == 0:
+        log.debug("settlement failed; retrying in the background", extra={"fields": {"error": repr(error)}})
