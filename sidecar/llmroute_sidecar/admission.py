@@ -33,15 +33,10 @@ class Admission:
     """Quota admission of the request path; holds the local fallback limiter."""
 
     def __init__(
-        self,
-        store: QuotaStore,
-        settings: Settings,
-        metrics: SidecarMetrics,
-        health: HealthState,
-        recent: RecentRejections | None = None,
+        self, store: QuotaStore, settings: Settings, metrics: SidecarMetrics, health: HealthState
     ) -> None:
         self.store = store
-        self.recent = recent if recent is not None else RecentRejections()
+        self.recent = RecentRejections()
         """The last rejections, for ``/rejections``."""
         self.fallback = MemoryQuotaStore()
         """Local limiter used while the shared store is unreachable (onStoreFailure: allow)."""
