@@ -20,6 +20,7 @@ from aiohttp import web
 from llmroute_sidecar import errors
 from llmroute_sidecar.accesslog import AccessLog
 from llmroute_sidecar.admission import Admission
+from llmroute_sidecar.api.spec import PromptCounting
 from llmroute_sidecar.authn import Authenticator
 from llmroute_sidecar.breaker import BreakerState, CircuitBreaker
 from llmroute_sidecar.config import Settings
@@ -36,6 +37,7 @@ from llmroute_sidecar.openai.requests import (
     with_stream_usage,
 )
 from llmroute_sidecar.openai.sse import sse_error_event
+from llmroute_sidecar.openai.tokenizer import TOKENIZER, count_prompt
 from llmroute_sidecar.openai.tokens import bound_completion, estimate_cost
 from llmroute_sidecar.policy import RoutePolicy
 from llmroute_sidecar.quota.base import QuotaStore
@@ -88,6 +90,8 @@ class Gateway:
     async def start(self) -> None:
         await self.upstream.start()
         await self.authenticator.start(lambda: self.policy)
+        if self.policy.route.spec.tokens.prompt_counting is PromptCounting.TIKTOKEN:
+            TOKENIZER.preload()
         self._breaker_changed(self.breaker.state)
 
     async def close(self) -> None:
@@ -103,6 +107,8 @@ class Gateway:
         self.policy = policy
         cb = policy.route.spec.upstream.circuit_breaker
         self.breaker.reconfigure(cb.consecutive_failures, cb.open_seconds)
+        if policy.route.spec.tokens.prompt_counting is PromptCounting.TIKTOKEN:
+            TOKENIZER.preload()
 
     async def wait_idle(self, timeout: float) -> bool:
         """Wait until nothing is in flight; False when ``timeout`` passed first."""
@@ -257,6 +263,8 @@ class Gateway:
             except RequestValidationError as error:
                 raise errors.bad_request(error.code, error.message, error.status, error.param) from None
             parsed, raw = bound_completion(parsed, raw, spec.tokens)  # spec.tokens.injectMaxTokens
+            if spec.tokens.prompt_counting is PromptCounting.TIKTOKEN:
+                parsed = await count_prompt(parsed)
             if ex.telemetry is not None:
                 ex.telemetry.request(parsed)
             ex.stream, ex.model, ex.pricing = parsed.stream, parsed.model, spec.pricing
