@@ -33,6 +33,7 @@ RETRY_SECONDS = 300.0
 THREAD_CHARS = 16_384
 #: Loaded when a route turns counting on, before the first request needs them.
 PRELOAD = ("o200k_base", "cl100k_base")
+_UNKNOWN = "\0unknown"
 
 
 class Encoding(Protocol):
@@ -72,11 +73,13 @@ class PromptTokenizer:
         return replace(parsed, prompt_tokens=prompt_tokens(encoding, parsed))
 
     def _for_model(self, model: str) -> Encoding | None:
-        if model not in self._by_model:
+        # Also called from worker threads (long prompts): read and write the memo without a gap.
+        name = self._by_model.get(model, _UNKNOWN)
+        if name is _UNKNOWN:
+            name = self._model_encoding(model)
             if len(self._by_model) >= 1024:  # models come from clients: bound the memo
                 self._by_model.clear()
-            self._by_model[model] = self._model_encoding(model)
-        name = self._by_model[model]
+            self._by_model[model] = name
         if name is None:
             return None
         encoding = self._encodings.get(name)
