@@ -27,9 +27,13 @@ class Exchange:
     queue_wait: float = 0.0
     stream: bool = False
     tokens_reserved: int = 0
+    cost_reserved: int = 0
+    """Price of the reservation in micro-units (only with cost budgets, else 0)."""
     tokens_actual: int | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    cached_tokens: int = 0
+    """Cached prompt tokens (usage.prompt_tokens_details.cached_tokens), part of prompt_tokens."""
     limit: str | None = None
     client: str | None = None
     client_disconnected: bool = False

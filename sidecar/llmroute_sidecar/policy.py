@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import fnmatch
 import hashlib
 import hmac
 import json
@@ -74,6 +75,21 @@ class RoutePolicy:
     @property
     def uses_api_keys(self) -> bool:
         return self.keys is not None or any(limit.key == "apiKey" for limit in self.route.spec.limits)
+
+    @cached_property
+    def has_cost_budgets(self) -> bool:
+        """Some limit (or tier) sets costPerDay or costPerMonth: requests need a reserved cost."""
+        spec = self.route.spec
+        values: list[TierLimits] = [*spec.limits, *spec.tiers.values()]
+        return any(v.cost_per_day is not None or v.cost_per_month is not None for v in values)
+
+    @cached_property
+    def limits_by_name(self) -> dict[str, Limit]:
+        return {limit.name: limit for limit in self.route.spec.limits}
+
+    def limit(self, name: str) -> Limit | None:
+        """The route's limit of that name."""
+        return self.limits_by_name.get(name)
 
     @cached_property
     def limit_claims(self) -> tuple[str, ...]:
@@ -235,20 +251,48 @@ def identify(policy: RoutePolicy, headers: Mapping[str, str]) -> ClientIdentity:
     return ClientIdentity(digest, stored[1] or spec.identity.default_tier)
 
 
+_LIMIT_FIELDS = (
+    "requests_per_minute",
+    "requests_per_hour",
+    "tokens_per_minute",
+    "concurrent_requests",
+    "tokens_per_day",
+    "tokens_per_month",
+    "cost_per_day",
+    "cost_per_month",
+)
+_MONEY_FIELDS = frozenset({"cost_per_day", "cost_per_month"})
+
+
+def micros(money: float) -> int:
+    """Money in integer micro-units (the quota stores count cost budgets in them)."""
+    return round(money * 1_000_000)
+
+
 def _merged(limit: Limit, tier: TierLimits | None) -> dict[str, int | None]:
-    fields = ("requests_per_minute", "requests_per_hour", "tokens_per_minute", "concurrent_requests")
-    values = {name: getattr(limit, name) for name in fields}
+    values: dict[str, int | float | None] = {name: getattr(limit, name) for name in _LIMIT_FIELDS}
     if tier is not None:
-        for name in fields:
+        for name in _LIMIT_FIELDS:
             if getattr(tier, name) is not None:
                 values[name] = getattr(tier, name)
-    return values
+    return {
+        name: (micros(value) if name in _MONEY_FIELDS else int(value)) if value is not None else None
+        for name, value in values.items()
+    }
+
+
+def model_matches(model: str | None, patterns: Iterable[str]) -> bool:
+    """True when ``model`` equals or matches (glob) one of ``patterns``; never for a missing model."""
+    return model is not None and any(model == p or fnmatch.fnmatchcase(model, p) for p in patterns)
 
 
 def build_checks(
-    policy: RoutePolicy, identity: ClientIdentity, headers: Mapping[str, str]
+    policy: RoutePolicy, identity: ClientIdentity, headers: Mapping[str, str], model: str | None = None
 ) -> tuple[LimitCheck, ...]:
-    """The limit checks that apply to one request.
+    """The limit checks that apply to one request (``model``: the body's model as the client sent it).
+
+    A limit with ``models`` applies only to requests whose model matches one of them; a
+    ``key: model`` limit counts each model name separately and leaves requests without one out.
 
     A header-keyed limit whose header is missing (or empty) follows its ``whenMissing``: 'reject'
     raises a 400 ProxyError (``missing_limit_header``), 'shared' counts the request in one common
@@ -259,8 +303,14 @@ def build_checks(
     checks = []
     for limit in spec.limits:
         tier = None
+        if limit.models and not model_matches(model, limit.models):
+            continue
         if limit.key == "route":
             subject = ""
+        elif limit.key == "model":
+            if not model:
+                continue
+            subject = sha256_hex(model)[:SUBJECT_HEX]
         elif limit.key == "apiKey":
             subject = (identity.key_hash or NO_HEADER_SUBJECT)[:SUBJECT_HEX]
             tier = spec.tiers.get(identity.tier) if identity.tier else None

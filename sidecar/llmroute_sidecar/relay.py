@@ -21,6 +21,7 @@ from llmroute_sidecar.openai.requests import ParsedRequest
 from llmroute_sidecar.openai.sse import (
     SSEParser,
     StreamUsage,
+    cached_tokens_from_json,
     heartbeat,
     is_terminal_event,
     usage_from_json,
@@ -189,6 +190,7 @@ def _stream_usage_into(ex: Exchange, usage: StreamUsage, prompt: int) -> None:
     ex.tokens_actual = usage.actual_tokens(prompt)
     ex.prompt_tokens = usage.prompt_tokens if usage.saw_usage else prompt
     ex.completion_tokens = ex.tokens_actual - ex.prompt_tokens
+    ex.cached_tokens = usage.cached_tokens
 
 
 def _charge_live(live: LiveCharge | None, ex: Exchange) -> None:
@@ -206,3 +208,4 @@ def _json_usage_into(ex: Exchange, body: bytes) -> None:
         ex.telemetry.observe(document)
     if found is not None:
         ex.prompt_tokens, ex.completion_tokens, ex.tokens_actual = found
+        ex.cached_tokens = cached_tokens_from_json(document)
