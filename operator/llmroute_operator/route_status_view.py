@@ -19,7 +19,7 @@ from llmroute_operator import status as state
 from llmroute_operator.quota_usage import LimitQuery, SubjectUsage, top_subjects
 from llmroute_sidecar.api import LLMRoute
 from llmroute_sidecar.api.spec import Limit, LimitMode
-from llmroute_sidecar.quota.base import Dimension
+from llmroute_sidecar.quota.base import COST_DIMENSIONS, Dimension, micros
 from llmroute_sidecar.quota.redis import ORDER
 
 REJECTIONS_METRIC = "llmroute_quota_rejections"
@@ -30,6 +30,10 @@ FIELDS = {
     Dimension.TOKENS_PER_MINUTE: "tokens_per_minute",
     Dimension.CONCURRENT_REQUESTS: "concurrent_requests",
     Dimension.BURST: "burst",
+    Dimension.TOKENS_PER_DAY: "tokens_per_day",
+    Dimension.TOKENS_PER_MONTH: "tokens_per_month",
+    Dimension.COST_PER_DAY: "cost_per_day",
+    Dimension.COST_PER_MONTH: "cost_per_month",
 }
 
 
@@ -125,12 +129,17 @@ def usage_text(used: int, limit: int | None) -> str:
 
 
 def configured_values(values: Any) -> dict[str, int]:
-    """The dimensions a limit (or tier) sets, by their API names, in the store's order."""
+    """The dimensions a limit (or tier) sets, by their API names, in the store's order (cost budgets
+    in micro-units, as the store counts them)."""
     return {
-        dimension.value: int(getattr(values, FIELDS[dimension]))
+        dimension.value: _count(dimension, getattr(values, FIELDS[dimension]))
         for dimension in ORDER
         if getattr(values, FIELDS[dimension], None) is not None
     }
+
+
+def _count(dimension: Dimension, value: float) -> int:
+    return micros(value) if dimension in COST_DIMENSIONS else int(value)
 
 
 def limit_tiers(route: LLMRoute, limit: Limit) -> tuple[str, ...]:

@@ -19,7 +19,7 @@ from llmroute_sidecar.api import LLMRoute
 from llmroute_sidecar.api.spec import Limit, LimitMode, TierLimits, WhenMissing
 from llmroute_sidecar.errors import ProxyError, bad_request, unauthorized
 from llmroute_sidecar.jwt_identity import KeySet, parse_jwks
-from llmroute_sidecar.quota.base import LimitCheck
+from llmroute_sidecar.quota.base import LimitCheck, micros
 
 log = logging.getLogger("llmroute.policy")
 SUBJECT_HEX = 32
@@ -262,11 +262,6 @@ _LIMIT_FIELDS = (
     "cost_per_month",
 )
 _MONEY_FIELDS = frozenset({"cost_per_day", "cost_per_month"})
-
-
-def micros(money: float) -> int:
-    """Money in integer micro-units (the quota stores count cost budgets in them)."""
-    return round(money * 1_000_000)
 
 
 def _merged(limit: Limit, tier: TierLimits | None) -> dict[str, int | None]:

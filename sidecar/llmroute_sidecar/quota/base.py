@@ -109,6 +109,11 @@ class AdmissionRequest:
     """Reserved cost in micro-units of the pricing currency (costPerDay/Month budgets); 0 unpriced."""
 
 
+def micros(money: float) -> int:
+    """Money in integer micro-units (the quota stores count cost budgets in them)."""
+    return round(money * 1_000_000)
+
+
 def budget_charge(dimension: Dimension, tokens: int, cost: int) -> int:
     """What one request charges a budget dimension: its cost for cost budgets, else its tokens."""
     return cost if dimension in COST_DIMENSIONS else tokens
