@@ -7,6 +7,7 @@ window arithmetic is compared with ``windows.py`` through a probe script on the 
 
 from __future__ import annotations
 
+import asyncio
 import calendar
 import time
 from collections.abc import AsyncIterator
@@ -14,6 +15,8 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 import redis
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from redis.asyncio.cluster import RedisCluster as ClusterClient
 
 from llmroute_sidecar.quota.base import AdmissionRequest, Dimension, LimitCheck, QuotaStore
@@ -213,6 +216,90 @@ async def test_subjects_spend_separately_and_the_top_consumers_are_ranked(probe:
     assert probe.used("all", "", Dimension.COST_PER_DAY) == 1050
     blocked = LimitCheck("per-key", "apiKey", subject="bbbb", cost_per_day=1000)
     assert not (await store.admit(request(blocked, tokens=1, cost=101))).admitted
+
+
+async def test_live_charges_raise_budgets_in_their_window_and_settlement_replaces_them(probe: Probe) -> None:
+    store = probe.store
+    check = LimitCheck("per-key", "apiKey", subject="abcd", tokens_per_day=1000, cost_per_day=1000)
+    stream = await store.admit(request(check, tokens=100, cost=100))
+    assert stream.lease is not None
+    await store.charge(stream.lease, 300, 250)
+    await store.charge(stream.lease, 200, 200)  # a stale charge never lowers it
+    await store.charge(stream.lease, 400)  # no cost known: cost budgets left alone
+    assert probe.used("per-key", "abcd", Dimension.TOKENS_PER_DAY) == 400
+    assert probe.used("per-key", "abcd", Dimension.COST_PER_DAY) == 250
+    assert probe.top("per-key", Dimension.COST_PER_DAY) == [("abcd", 250)]
+    assert not (await store.admit(request(check, tokens=601, cost=1))).admitted
+    await store.settle(stream.lease, 350, 300)  # the final usage replaces the live charge
+    assert probe.used("per-key", "abcd", Dimension.TOKENS_PER_DAY) == 350
+    assert probe.top("per-key", Dimension.COST_PER_DAY) == [("abcd", 300)]
+    await store.charge(stream.lease, 900, 900)  # settled: nothing left to raise
+    assert probe.used("per-key", "abcd", Dimension.COST_PER_DAY) == 300
+
+
+BudgetOp = tuple[str, int, int, int]
+budget_ops = st.lists(
+    st.one_of(
+        st.tuples(st.just("admit"), st.integers(0, 1), st.integers(0, 60), st.integers(0, 400)),
+        st.tuples(st.just("settle"), st.integers(0, 9), st.integers(0, 90), st.integers(0, 600)),
+        st.tuples(st.just("charge"), st.integers(0, 9), st.integers(0, 120), st.integers(0, 700)),
+    ),
+    max_size=25,
+)
+
+
+async def _replay_budgets(store: QuotaStore, ops: list[BudgetOp]) -> list[object]:
+    leases = []
+    trace: list[object] = []
+    for kind, a, b, c in ops:
+        if kind == "admit":
+            checks = (
+                LimitCheck("per-key", "apiKey", subject="ab"[a], cost_per_day=1000, tokens_per_month=150),
+                LimitCheck("all", "route", tokens_per_day=200, requests_per_minute=20),
+            )
+            decision = await store.admit(request(*checks, tokens=b, cost=c))
+            if decision.rejected is not None:  # the failing state; passing ones differ by design
+                trace.append((False, decision.rejected.dimension, decision.rejected.remaining))
+            else:
+                trace.append((True, [(s.dimension, s.remaining) for s in decision.states]))
+            if decision.lease is not None:
+                leases.append(decision.lease)
+        elif leases and kind == "charge":
+            await store.charge(leases[a % len(leases)], b, c if c % 3 else None)
+        elif leases:
+            await store.settle(leases.pop(a % len(leases)), b, c if c % 3 else None)
+    return trace
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(ops=budget_ops)
+def test_redis_budgets_decide_like_the_reference_model(
+    redis_server: RedisServer, ops: list[BudgetOp]
+) -> None:
+    """Admit, live-charge and settle sequences give identical decisions and totals in both stores."""
+
+    async def compare() -> None:
+        redis_store = RedisQuotaStore.from_url(redis_server.url)
+        client = redis.Redis(port=redis_server.port)
+        try:
+            await redis_store.client.flushall()
+            memory = MemoryQuotaStore()
+            assert await _replay_budgets(redis_store, ops) == await _replay_budgets(memory, ops)
+            for store in (memory, redis_store):
+                probe = Probe(store, client)
+                totals = (
+                    probe.used("all", "", Dimension.TOKENS_PER_DAY),
+                    [probe.used("per-key", s, Dimension.COST_PER_DAY) for s in "ab"],
+                    probe.top("per-key", Dimension.TOKENS_PER_MONTH),
+                )
+                if store is memory:
+                    expected = totals
+            assert totals == expected
+        finally:
+            client.close()
+            await redis_store.close()
+
+    asyncio.run(compare())
 
 
 # -- windows roll over (memory store, injected clocks) ------------------------------------------

@@ -13,6 +13,7 @@ from aiohttp import web
 
 from llmroute_sidecar import errors
 from llmroute_sidecar.config import Settings
+from llmroute_sidecar.cost import price_of
 from llmroute_sidecar.exchange import Exchange
 from llmroute_sidecar.headers import end_to_end
 from llmroute_sidecar.livecharge import LiveCharge
@@ -144,7 +145,8 @@ class Relay:
         def failed(error: BaseException) -> None:
             self.metrics.store_errors_total.labels(policy.name, "charge").inc()
 
-        return LiveCharge(ex.lease_store, ex.lease, policy.route.spec.tokens, prompt, failed)
+        price = price_of(ex.model, ex.pricing) if ex.model and ex.lease.request.cost > 0 else None
+        return LiveCharge(ex.lease_store, ex.lease, policy.route.spec.tokens, prompt, failed, price=price)
 
     async def _chunks(
         self,

@@ -203,8 +203,11 @@ class QuotaStore(Protocol):
         """
         ...
 
-    async def charge(self, lease: Lease, tokens_so_far: int) -> None:
+    async def charge(self, lease: Lease, tokens_so_far: int, cost_so_far: int | None = None) -> None:
         """Raise the lease's tokensPerMinute charges to ``max(current charge, tokens_so_far)``.
+
+        Day and month budgets too, in the window the lease was charged in: token budgets to
+        ``tokens_so_far``, cost budgets to ``cost_so_far`` (micro-units; None leaves them alone).
 
         Live usage of an unsettled lease (a stream outgrowing its reservation), so concurrent
         admissions see it; never lowers a charge. Call it only before ``settle`` (the sidecar waits

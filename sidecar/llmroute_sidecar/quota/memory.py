@@ -43,7 +43,8 @@ The Redis store is property-tested against this one, so the semantics here are t
   rejected, ``retry_after`` is the time until the window ends; ``reset_seconds`` likewise (0 when
   nothing is used). ``settle`` adds (actual - charged) to the counter of the window the lease was
   charged in, if that window is still current (a reservation settled after its window ended is left
-  alone); cost settles to ``settled_cost``. Live charges do not touch budgets. Per limit and dimension,
+  alone); cost settles to ``settled_cost``. ``charge`` raises an unsettled lease's budget charges the
+same way (tokens, or ``cost_so_far`` when given; never lower). Per limit and dimension,
   each non-route subject's spend in the current window is kept for ``top_consumers``.
 - ``wait_for_capacity`` returns when a lease is settled or expires, or after ``timeout``.
 - Memory stays bounded: logs are pruned on access and swept every minute, empty counters and full
@@ -65,6 +66,7 @@ from dataclasses import dataclass, field
 from llmroute_sidecar.quota.base import (
     BUDGET_DIMENSIONS,
     BUDGET_WINDOW_SECONDS,
+    COST_DIMENSIONS,
     MONTH_DIMENSIONS,
     WINDOW_SECONDS,
     AdmissionRequest,
@@ -169,8 +171,14 @@ class _Hold:
     drop_at: float
     slots: list[Key] = field(default_factory=list)
     charges: list[tuple[Key, _Entry]] = field(default_factory=list)
-    budgets: list[tuple[_Item, int]] = field(default_factory=list)
-    """(item, charge) of each budget dimension, charged in the lease's windows."""
+    budgets: list[_BudgetCharge] = field(default_factory=list)
+    """What each budget dimension holds for the lease, charged in the lease's windows."""
+
+
+@dataclass
+class _BudgetCharge:
+    item: _Item
+    charge: int
 
 
 @dataclass(frozen=True)
@@ -295,17 +303,22 @@ class MemoryQuotaStore:
             log.total += actual - entry.charge
             entry.charge = actual
         cost = settled_cost(lease, actual, actual_cost)
-        for item, charged in hold.budgets:
-            window = lease.window(item.dimension)
-            budget = self._budgets.get(item.key)
-            if budget is None or budget.window != window:
-                continue
-            delta = budget_charge(item.dimension, actual, cost) - charged
-            budget.used += delta
-            top = self._tops.get(_top_key(item))
-            if item.check.scope != "route" and top is not None and top.window == window:
-                top.spend[item.check.subject] = top.spend.get(item.check.subject, 0) + delta
+        for held in hold.budgets:
+            self._recharge(lease, held, budget_charge(held.item.dimension, actual, cost))
         self._signal()
+
+    def _recharge(self, lease: Lease, held: _BudgetCharge, charge: int, raise_only: bool = False) -> None:
+        """Replace a lease's charge of a budget (in the window it was made in; else leave it)."""
+        item = held.item
+        window = lease.window(item.dimension)
+        budget = self._budgets.get(item.key)
+        if budget is None or budget.window != window or (raise_only and charge <= held.charge):
+            return
+        delta, held.charge = charge - held.charge, charge
+        budget.used += delta
+        top = self._tops.get(_top_key(item))
+        if item.check.scope != "route" and top is not None and top.window == window:
+            top.spend[item.check.subject] = top.spend.get(item.check.subject, 0) + delta
 
     def budget_used(self, route: str, limit: str, subject: str, dimension: Dimension) -> int:
         """What a budget counts in its current window (0 when nothing is counted)."""
@@ -321,8 +334,9 @@ class MemoryQuotaStore:
             return []
         return sorted(top.spend.items(), key=lambda pair: (-pair[1], pair[0]))[:count]
 
-    async def charge(self, lease: Lease, tokens_so_far: int) -> None:
-        """Raise the unsettled lease's token charges to ``tokens_so_far``; never lower them."""
+    async def charge(self, lease: Lease, tokens_so_far: int, cost_so_far: int | None = None) -> None:
+        """Raise the unsettled lease's token charges to ``tokens_so_far`` (and budgets' to it or to
+        ``cost_so_far``); never lower them."""
         now = self._clock()
         self._maintain(now)
         hold = self._holds.get(lease.lease_id)
@@ -334,6 +348,12 @@ class MemoryQuotaStore:
                 continue
             log.total += tokens_so_far - entry.charge
             entry.charge = tokens_so_far
+        for held in hold.budgets:
+            cost = held.item.dimension in COST_DIMENSIONS
+            if cost and cost_so_far is None:
+                continue
+            want = max(0, cost_so_far or 0) if cost else max(0, tokens_so_far)
+            self._recharge(lease, held, want, raise_only=True)
 
     async def wait_for_capacity(self, timeout: float) -> None:
         """Return when a lease is settled or expires, or after ``timeout`` seconds."""
@@ -433,7 +453,7 @@ class MemoryQuotaStore:
             if item.dimension in BUDGET_DIMENSIONS:
                 charge = budget_charge(item.dimension, lease.reserved_tokens, lease.request.cost)
                 self._charge_budget(item, charge, wall)
-                hold.budgets.append((item, charge))
+                hold.budgets.append(_BudgetCharge(item, charge))
             elif item.dimension is Dimension.CONCURRENT_REQUESTS:
                 self._slots.setdefault(item.key, set()).add(lease.lease_id)
                 hold.slots.append(item.key)

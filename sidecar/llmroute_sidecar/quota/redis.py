@@ -520,16 +520,26 @@ class RedisQuotaStore:
 
     # -- live charges: streams outgrowing their reservation ----------------------------------------
 
-    async def charge(self, lease: Lease, tokens_so_far: int) -> None:
-        """One EVALSHA (batched) raising the lease's tokensPerMinute entries to ``tokens_so_far``."""
+    async def charge(self, lease: Lease, tokens_so_far: int, cost_so_far: int | None = None) -> None:
+        """One EVALSHA (batched) raising the lease's tokensPerMinute entries to ``tokens_so_far`` and
+        its day/month budget charges to ``tokens_so_far`` / ``cost_so_far``."""
+        items = _items(lease.request)
         keys = [
             key
-            for check, dimension, _ in _items(lease.request)
+            for check, dimension, _ in items
             if dimension is Dimension.TOKENS_PER_MINUTE
             for key in _keys(lease.request.route, check, dimension)
         ]
+        tpm_items = len(keys) // 2
+        budget_args: list[Any] = []
+        for check, dimension, _ in items:
+            if dimension in BUDGET_DIMENSIONS:
+                keys.extend(_keys(lease.request.route, check, dimension))
+                budget_args.extend((DIMENSION_CODES[dimension.value], _member(check)))
         if keys:
-            await self._call(self._charge, keys, [lease.lease_id, max(0, tokens_so_far)])
+            cost = -1 if cost_so_far is None else max(0, cost_so_far)
+            args = [lease.lease_id, max(0, tokens_so_far), tpm_items, cost, lease.day, lease.month]
+            await self._call(self._charge, keys, [*args, *budget_args])
 
     async def ping(self) -> bool:
         """True when Redis answers; ends the failure pause so exact limiting resumes at once."""

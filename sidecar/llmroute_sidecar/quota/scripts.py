@@ -339,19 +339,48 @@ end
 return 1
 """
 
-#: Live usage of a stream: raise each tokensPerMinute entry of the lease to ARGV[2] (never lower it).
-#: KEYS: (log, charges) per tokensPerMinute item; ARGV: lease id, tokens so far. Returns the entries raised.
+#: Live usage of a stream: raise each tokensPerMinute entry of the lease to ARGV[2] (never lower it),
+#: and the lease's charge of each day/month budget (tokens: ARGV[2], cost: ARGV[4] unless it is -1)
+#: in the window it was admitted in. KEYS: (log, charges) per tokensPerMinute item, then (budget,
+#: top) per budget item; ARGV: lease id, tokens so far, tokensPerMinute items, cost so far, the
+#: lease's day and month, then (dimension code, subject) per budget item. Returns the charges raised.
 CHARGE = r"""
 local lease_id = ARGV[1]
 local tokens = tonumber(ARGV[2])
+local tpm_items = tonumber(ARGV[3])
+local cost = tonumber(ARGV[4])
+local day = tonumber(ARGV[5])
+local month = tonumber(ARGV[6])
 local raised = 0
-for i = 2, #KEYS, 2 do
-  local hkey = KEYS[i]
+for i = 1, tpm_items do
+  local hkey = KEYS[2 * i]
   local charged = tonumber(redis.call('HGET', hkey, lease_id))
   if charged and tokens > charged then
     redis.call('HSET', hkey, lease_id, tokens)
     redis.call('HINCRBY', hkey, '_total', tokens - charged)
     raised = raised + 1
+  end
+end
+for j = 1, #KEYS / 2 - tpm_items do
+  local key = KEYS[2 * (tpm_items + j) - 1]
+  local top = KEYS[2 * (tpm_items + j)]
+  local dim = tonumber(ARGV[5 + 2 * j])
+  local member = ARGV[6 + 2 * j]
+  local want = tokens
+  if dim >= 8 then want = cost end
+  local wid = day
+  if dim == 7 or dim == 9 then wid = month end
+  if want >= 0 then
+    local cur = redis.call('HMGET', key, 'w', lease_id)
+    local charged = tonumber(cur[2])
+    if tonumber(cur[1]) == wid and charged and want > charged then
+      redis.call('HSET', key, lease_id, want)
+      redis.call('HINCRBY', key, 'u', want - charged)
+      if member ~= '' and tonumber(redis.call('ZSCORE', top, '_w')) == -wid then
+        redis.call('ZINCRBY', top, want - charged, member)
+      end
+      raised = raised + 1
+    end
   end
 end
 return raised
