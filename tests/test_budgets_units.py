@@ -9,18 +9,18 @@ import pytest
 
 from llmroute_sidecar.admission import budget_warning
 from llmroute_sidecar.api.spec import ModelPrice
-from llmroute_sidecar.cost import cost, cost_micros, reservation_micros
+from llmroute_sidecar.cost import cost, cost_micros, price_of, reservation_micros
 from llmroute_sidecar.headers import never_fits, rate_limit_headers
 from llmroute_sidecar.openai.sse import cached_tokens_from_json
 from llmroute_sidecar.policy import (
     ClientIdentity,
     build_checks,
     load_policy,
-    micros,
     model_matches,
+    secret_files,
     sha256_hex,
 )
-from llmroute_sidecar.quota.base import Decision, Dimension, LimitState
+from llmroute_sidecar.quota.base import Decision, Dimension, LimitState, micros
 from tests.test_sidecar_units import _route
 
 LIMITS: list[dict[str, Any]] = [
@@ -109,3 +109,28 @@ def test_budget_warning_names_budgets_past_their_threshold(tmp_path: Path) -> No
     assert warning == "per-key; used=0.91, gpt4; used=0.80"
     headers = rate_limit_headers(Decision(True, states=states[:1], tightest=states[0]), tokens=1, cost=1)
     assert headers["RateLimit-Policy"] == '"per-key-costPerMonth";q=1000;w=2592000;qu="micro-units"'
+
+
+def test_a_price_table_configmap_extends_spec_pricing(tmp_path: Path) -> None:
+    spec = {
+        "pricing": [{"model": "gpt-4o*", "inputPerMillion": 2.5, "outputPerMillion": 10}],
+        "pricingConfigMapRef": {"name": "prices", "key": "table.yaml"},
+    }
+    table = tmp_path / "_configmaps" / "prices" / "table.yaml"
+    table.parent.mkdir(parents=True)
+    table.write_text(
+        "- model: gpt-4o-mini\n  inputPerMillion: 0.15\n  outputPerMillion: 0.6\n- model: claude-*\n"
+        "  inputPerMillion: 3\n  outputPerMillion: 15\n  cachedInputPerMillion: 0.3\n"
+    )
+    policy = load_policy(_route(**spec), tmp_path)
+    assert [p.model for p in policy.pricing] == ["gpt-4o*", "gpt-4o-mini", "claude-*"]
+    assert price_of("gpt-4o-mini", policy.pricing) == policy.pricing[0]  # spec.pricing comes first
+    claude = price_of("claude-3-5", policy.pricing)
+    assert claude is not None and claude.cached_input_per_million == 0.3
+    assert table in secret_files(policy.route, tmp_path)  # watched: an edit reloads the route
+    table.write_text("- model: x\n  inputPerMillion: -1\n  outputPerMillion: 1\n")
+    with pytest.raises(ValueError, match=r"pricingConfigMapRef: .*table.yaml: 0.inputPerMillion"):
+        load_policy(_route(**spec), tmp_path)
+    table.unlink()
+    with pytest.raises(ValueError, match="pricingConfigMapRef: cannot read mounted ConfigMap key"):
+        load_policy(_route(**spec), tmp_path)

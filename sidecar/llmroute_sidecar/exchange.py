@@ -47,7 +47,7 @@ class Exchange:
     model: str | None = None
     """The OpenAI request's ``model`` (None for pass-through paths)."""
     pricing: Sequence[ModelPrice] = ()
-    """The route's price table when the request started (``spec.pricing``)."""
+    """The route's price table when the request started (``RoutePolicy.pricing``)."""
     first_token: float | None = None
     last_token: float | None = None
     """When the first and the latest SSE event carrying completion text were relayed."""

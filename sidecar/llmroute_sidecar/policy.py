@@ -15,8 +15,12 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 
+import yaml
+from pydantic import ValidationError
+
 from llmroute_sidecar.api import LLMRoute
-from llmroute_sidecar.api.spec import Limit, LimitMode, TierLimits, WhenMissing
+from llmroute_sidecar.api.spec import Limit, LimitMode, ModelPrice, TierLimits, WhenMissing
+from llmroute_sidecar.config import CONFIGMAPS_SUBDIR
 from llmroute_sidecar.errors import ProxyError, bad_request, unauthorized
 from llmroute_sidecar.jwt_identity import KeySet, parse_jwks
 from llmroute_sidecar.quota.base import LimitCheck, micros
@@ -62,6 +66,8 @@ class RoutePolicy:
     config_hash: str
     jwks: KeySet | None = None
     """identity.jwt's key set when it comes from jwksSecretRef (a jwksUrl is fetched by ``authn``)."""
+    pricing: tuple[ModelPrice, ...] = ()
+    """The price table: spec.pricing, then the entries of spec.pricingConfigMapRef."""
 
     @cached_property
     def key_index(self) -> dict[str, tuple[str, str]]:
@@ -147,8 +153,40 @@ def load_policy(
             jwks = parse_jwks(document)
         except ValueError as error:
             raise ValueError(f"identity.jwt.jwksSecretRef: Secret {ref.name}/{ref.key}: {error}") from None
+    pricing = tuple(spec.pricing)
+    if spec.pricing_config_map_ref is not None:
+        pricing += read_price_table(pricing_file(route, secrets_dir))
     url = (upstream_override or spec.upstream.url).rstrip("/")
-    return RoutePolicy(route, url, vendor_key, keys, config_hash(route), jwks)
+    return RoutePolicy(route, url, vendor_key, keys, config_hash(route), jwks, pricing)
+
+
+def pricing_file(route: LLMRoute, secrets_dir: Path) -> Path:
+    """Where the ConfigMap key of spec.pricingConfigMapRef is mounted."""
+    ref = route.spec.pricing_config_map_ref
+    assert ref is not None
+    return secrets_dir / CONFIGMAPS_SUBDIR / ref.name / ref.key
+
+
+def read_price_table(path: Path) -> tuple[ModelPrice, ...]:
+    """A mounted price table: a YAML or JSON list of spec.pricing entries."""
+    what = "pricingConfigMapRef"
+    try:
+        document = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except OSError as error:
+        raise ValueError(f"{what}: cannot read mounted ConfigMap key {path}: {error.strerror}") from None
+    except yaml.YAMLError as error:
+        raise ValueError(f"{what}: {path} is not YAML: {error}") from None
+    if not isinstance(document, list):
+        raise ValueError(f"{what}: {path} must hold a list of prices (model, inputPerMillion, ...)")
+    prices = []
+    for index, entry in enumerate(document):
+        try:
+            prices.append(ModelPrice.model_validate(entry))
+        except ValidationError as error:
+            first = error.errors()[0]
+            where = ".".join(str(part) for part in (index, *first["loc"]))
+            raise ValueError(f"{what}: {path}: {where}: {first['msg']}") from None
+    return tuple(prices)
 
 
 def _inline_value(value: str, name: str, key: str) -> str:
@@ -166,7 +204,7 @@ def _where_to_put(secrets_dir: Path, name: str) -> str:
 
 
 def secret_files(route: LLMRoute, secrets_dir: Path) -> list[Path]:
-    """The mounted Secret files a route reads (vendor key, client key entries, JWKS)."""
+    """The mounted files a route reads (vendor key, client key entries, JWKS, price table)."""
     spec = route.spec
     files = []
     if spec.upstream.api_key_secret_ref is not None:
@@ -179,6 +217,8 @@ def secret_files(route: LLMRoute, secrets_dir: Path) -> list[Path]:
         directory = secrets_dir / spec.identity.keys_secret_ref.name
         if directory.is_dir():
             files.extend(sorted(p for p in directory.iterdir() if not p.name.startswith(".")))
+    if spec.pricing_config_map_ref is not None:
+        files.append(pricing_file(route, secrets_dir))
     return files
 
 

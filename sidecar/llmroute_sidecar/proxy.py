@@ -260,7 +260,7 @@ class Gateway:
             parsed, raw = bound_completion(parsed, raw, spec.tokens)  # spec.tokens.injectMaxTokens
             if ex.telemetry is not None:
                 ex.telemetry.request(parsed)
-            ex.stream, ex.model, ex.pricing = parsed.stream, parsed.model, spec.pricing
+            ex.stream, ex.model, ex.pricing = parsed.stream, parsed.model, policy.pricing
             injected = with_stream_usage(parsed)
             body = injected if injected is not None else raw
         else:
@@ -269,7 +269,7 @@ class Gateway:
         tokens = estimate_cost(parsed, spec.tokens.default_reservation) if parsed is not None else 0
         ex.tokens_reserved = tokens
         if parsed is not None and policy.has_cost_budgets:
-            ex.cost_reserved = reserved_cost(parsed, tokens, spec.pricing)
+            ex.cost_reserved = reserved_cost(parsed, tokens, policy.pricing)
         if self.breaker.state is BreakerState.OPEN:  # fail fast, before the request consumes quota
             raise breaker_open()
         await self.admission.admit(policy, identity, request.headers, ex, tokens)  # headers into ex

@@ -126,6 +126,15 @@ class SecretKeyRef(ApiModel):
     """Key within the Secret's data."""
 
 
+class ConfigMapKeyRef(ApiModel):
+    """A key of a ConfigMap in the route's namespace."""
+
+    name: str = Field(min_length=1, max_length=253, pattern=DNS_SUBDOMAIN_PATTERN)
+    """Name of the ConfigMap."""
+    key: str = Field(min_length=1, max_length=253, pattern=SECRET_KEY_PATTERN)
+    """Key within the ConfigMap's data."""
+
+
 class SecretRef(ApiModel):
     """A Secret in the route's namespace."""
 
@@ -428,7 +437,13 @@ class LLMRouteSpec(ApiModel):
     streams)."""
     pricing: list[ModelPrice] = Field(default_factory=list, max_length=256)
     """Prices per model: each request's cost (its tokens at its model's price) is counted in
-    llmroute_cost_total{route, model}; requests of unpriced models cost nothing there."""
+    llmroute_cost_total{route, model} and in costPerDay/costPerMonth budgets; requests of unpriced
+    models cost nothing there."""
+    pricing_config_map_ref: ConfigMapKeyRef | None = None
+    """A ConfigMap key holding a shared price table: a YAML (or JSON) list of entries shaped like
+    spec.pricing's (model, inputPerMillion, outputPerMillion, cachedInputPerMillion). Mounted into the
+    sidecar by the operator and read again when it changes; its entries come after spec.pricing (the
+    first matching entry prices a model)."""
     on_store_failure: StoreFailurePolicy = StoreFailurePolicy.ALLOW
     """When the quota store is unreachable: 'allow' falls back to a local limiter at each limit's share
     per replica; 'deny' answers 503 and reports not ready."""
