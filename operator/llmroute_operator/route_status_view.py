@@ -120,12 +120,23 @@ def percent(used: int, limit: int | None) -> int | None:
     return used * 100 // limit
 
 
-def usage_text(used: int, limit: int | None) -> str:
-    """``used / limit (pct%)``; just ``used`` without a limit; ``used / 0`` for a limit of 0."""
+def usage_text(used: int, limit: int | None, money: bool = False) -> str:
+    """``used / limit (pct%)``; just ``used`` without a limit; ``used / 0`` for a limit of 0. With
+    ``money`` the figures are micro-units shown in the currency (cost budgets)."""
+    shown = money_text if money else str
     if limit is None:
-        return str(used)
+        return shown(used)
     pct = percent(used, limit)
-    return f"{used} / {limit}" + (f" ({pct}%)" if pct is not None else "")
+    return f"{shown(used)} / {shown(limit)}" + (f" ({pct}%)" if pct is not None else "")
+
+
+def money_text(micro_units: int) -> str:
+    """Micro-units of the pricing currency as an amount: ``12.5``, ``0.000007``."""
+    return f"{micro_units / 1_000_000:.6f}".rstrip("0").rstrip(".")
+
+
+#: Dimensions counted in money (micro-units), by their API names.
+MONEY = frozenset(dimension.value for dimension in COST_DIMENSIONS)
 
 
 def configured_values(values: Any) -> dict[str, int]:
