@@ -436,3 +436,16 @@ def test_a_monthly_budget_uses_memory_per_subject_not_per_request(redis_server: 
     assert keys_10k == keys_100k == SUBJECTS + 1  # a hash per subject and one top-consumers set
     assert bytes_100k <= bytes_10k * 1.05  # 10x the requests, the same memory
     assert bytes_100k < 300 * SUBJECTS
+
+
+async def test_a_lease_settled_after_it_expired_still_settles_its_budget_in_the_window() -> None:
+    clock, wall = FakeClock(), FakeClock(utc(2026, 5, 10, 12))
+    store = MemoryQuotaStore(clock=clock, wall_clock=wall)
+    check = LimitCheck("d", "route", tokens_per_day=100, concurrent_requests=5)
+    decision = await store.admit(request(check, tokens=80))
+    assert decision.lease is not None
+    clock.advance(3600.0)  # the lease (30 s) and its token minute are long over; the day is not
+    wall.advance(3600.0)
+    assert (await store.admit(request(check, tokens=0))).admitted  # expiry ran: the slot returned
+    await store.settle(decision.lease, 20)
+    assert store.budget_used(ROUTE, "d", "", Dimension.TOKENS_PER_DAY) == 20

@@ -43,12 +43,14 @@ The Redis store is property-tested against this one, so the semantics here are t
   rejected, ``retry_after`` is the time until the window ends; ``reset_seconds`` likewise (0 when
   nothing is used). ``settle`` adds (actual - charged) to the counter of the window the lease was
   charged in, if that window is still current (a reservation settled after its window ended is left
-  alone); cost settles to ``settled_cost``. ``charge`` raises an unsettled lease's budget charges the
-same way (tokens, or ``cost_so_far`` when given; never lower). Per limit and dimension,
-  each non-route subject's spend in the current window is kept for ``top_consumers``.
+  alone; a lease stays settleable until its windows end); cost settles to ``settled_cost``.
+  ``charge`` raises an unsettled lease's budget charges the same way (tokens, or ``cost_so_far``
+  when given; never lower). Per limit and dimension, each non-route subject's spend in the current
+  window is kept for ``top_consumers``.
 - ``wait_for_capacity`` returns when a lease is settled or expires, or after ``timeout``.
 - Memory stays bounded: logs are pruned on access and swept every minute, empty counters and full
-  buckets are dropped, lease records go once their slots expired and their entries left the window.
+  buckets are dropped, lease records go once their slots expired and their entries left the window
+  (with budgets: once their windows ended); budget counters and spends go when their window ends.
 """
 
 from __future__ import annotations
@@ -466,6 +468,9 @@ class MemoryQuotaStore:
                     hold.charges.append((item.key, entry))
         if hold.charges or hold.budgets:
             hold.drop_at = max(expires_at, now + TOKEN_WINDOW)
+        if hold.budgets:  # settleable until its windows end, as in Redis (only leaked leases stay)
+            end = max(_window(held.item.dimension, wall)[1] for held in hold.budgets)
+            hold.drop_at = max(hold.drop_at, now + (end - wall))
         if hold.slots or hold.charges or hold.budgets:
             self._holds[lease.lease_id] = hold
             heapq.heappush(self._deadlines, (expires_at, lease.lease_id))
