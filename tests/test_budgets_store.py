@@ -449,3 +449,24 @@ async def test_a_lease_settled_after_it_expired_still_settles_its_budget_in_the_
     assert (await store.admit(request(check, tokens=0))).admitted  # expiry ran: the slot returned
     await store.settle(decision.lease, 20)
     assert store.budget_used(ROUTE, "d", "", Dimension.TOKENS_PER_DAY) == 20
+
+
+async def test_settled_budget_leases_leave_nothing_queued_for_their_window() -> None:
+    clock, wall = FakeClock(), FakeClock(utc(2026, 5, 10, 12))
+    store = MemoryQuotaStore(clock=clock, wall_clock=wall)
+    check = LimitCheck("m", "route", cost_per_month=10**9)
+    for _ in range(200):
+        decision = await store.admit(request(check, tokens=1, cost=10))
+        assert decision.lease is not None
+        await store.settle(decision.lease, 1, 5)
+    leaked = await store.admit(request(check, tokens=1, cost=10))  # never settled
+    clock.advance(120.0)
+    wall.advance(120.0)
+    await store.admit(request(check, tokens=1, cost=0))  # runs the expiry
+    assert len(store._deadlines) <= 3 and len(store._holds) <= 2  # the leaked lease and the last one
+    assert leaked.lease is not None and leaked.lease.lease_id in store._holds
+    end = month_window(wall())[1]
+    clock.advance(end - wall() + 1)
+    wall.advance(end - wall() + 1)
+    await store.admit(request(check, tokens=1, cost=0))
+    assert leaked.lease.lease_id not in store._holds  # gone with its window

@@ -172,6 +172,8 @@ class _Hold:
     expires_at: float
     drop_at: float
     slots: list[Key] = field(default_factory=list)
+    recheck_at: float = 0.0
+    """When the hold is looked at again after its slots expired (its last deadline queued so far)."""
     charges: list[tuple[Key, _Entry]] = field(default_factory=list)
     budgets: list[_BudgetCharge] = field(default_factory=list)
     """What each budget dimension holds for the lease, charged in the lease's windows."""
@@ -468,14 +470,17 @@ class MemoryQuotaStore:
                     hold.charges.append((item.key, entry))
         if hold.charges or hold.budgets:
             hold.drop_at = max(expires_at, now + TOKEN_WINDOW)
+        hold.recheck_at = hold.drop_at
         if hold.budgets:  # settleable until its windows end, as in Redis (only leaked leases stay)
             end = max(_window(held.item.dimension, wall)[1] for held in hold.budgets)
             hold.drop_at = max(hold.drop_at, now + (end - wall))
         if hold.slots or hold.charges or hold.budgets:
             self._holds[lease.lease_id] = hold
             heapq.heappush(self._deadlines, (expires_at, lease.lease_id))
-            if hold.drop_at > expires_at:
-                heapq.heappush(self._deadlines, (hold.drop_at, lease.lease_id))
+            # The far end of a budget hold is queued only if it is still held then (``_expire``):
+            # settled leases must not leave a deadline per request for a month.
+            if hold.recheck_at > expires_at:
+                heapq.heappush(self._deadlines, (hold.recheck_at, lease.lease_id))
 
     def _charge_budget(self, item: _Item, charge: int, wall: float) -> None:
         window, end = _window(item.dimension, wall)
@@ -517,7 +522,7 @@ class MemoryQuotaStore:
         """Return the slots of expired leases; forget leases with nothing left to settle."""
         freed = False
         while self._deadlines and self._deadlines[0][0] <= now:
-            _, lease_id = heapq.heappop(self._deadlines)
+            due, lease_id = heapq.heappop(self._deadlines)
             hold = self._holds.get(lease_id)
             if hold is None:
                 continue
@@ -526,6 +531,8 @@ class MemoryQuotaStore:
                 freed = True
             if hold.drop_at <= now:
                 del self._holds[lease_id]
+            elif due >= hold.recheck_at:  # a budget hold still unsettled: forget it at its window's end
+                heapq.heappush(self._deadlines, (hold.drop_at, lease_id))
         if freed:
             self._signal()
 
