@@ -115,3 +115,23 @@ async def test_read_budgets_reports_the_top_consumers_the_store_counted(redis_se
         "b" * 32: 750_000,
         "c" * 32: 10,
     }
+
+
+def test_the_observer_reads_budgets_only_with_a_redis_url_and_survives_redis_down(
+    redis_server: RedisServer,
+) -> None:
+    from llmroute_operator import handlers  # kopf handlers register on import: only here
+    from tests.support.redis_procs import free_port
+
+    chat = route(limits=LIMITS)
+    assert handlers._read_budgets(None, chat) is None
+    assert handlers._read_budgets(redis_server.url, route(limits=LIMITS[:1])) is None  # no budgets
+    entries = handlers._read_budgets(redis_server.url, chat)
+    assert entries is not None
+    assert [(e["limit"], e["dimension"], e.get("used")) for e in entries] == [
+        ("spend", "tokensPerDay", 0),
+        ("spend", "costPerMonth", 0.0),
+        ("per-key", "costPerDay", None),
+    ]
+    assert entries[2]["topConsumers"] == []
+    assert handlers._read_budgets(f"redis://127.0.0.1:{free_port()}/0", chat) is None  # kept as it was
