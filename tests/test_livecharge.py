@@ -6,10 +6,10 @@ import asyncio
 
 import pytest
 
-from llmroute_sidecar.api.spec import TokenAccounting
+from llmroute_sidecar.api.spec import ModelPrice, TokenAccounting
 from llmroute_sidecar.errors import ProxyError
 from llmroute_sidecar.livecharge import Cadence, LiveCharge
-from llmroute_sidecar.quota.base import AdmissionRequest, Lease, LimitCheck, StoreUnavailableError
+from llmroute_sidecar.quota.base import AdmissionRequest, Dimension, Lease, LimitCheck, StoreUnavailableError
 from llmroute_sidecar.quota.memory import MemoryQuotaStore
 from tests.support.clock import FakeClock
 
@@ -40,16 +40,18 @@ class RecordingStore(MemoryQuotaStore):
     def __init__(self) -> None:
         super().__init__()
         self.charged: list[int] = []
+        self.costs: list[int | None] = []
         self.fail = False
         self.gate: asyncio.Event | None = None
 
-    async def charge(self, lease: Lease, tokens_so_far: int) -> None:
+    async def charge(self, lease: Lease, tokens_so_far: int, cost_so_far: int | None = None) -> None:
         if self.gate is not None:
             await self.gate.wait()
         if self.fail:
             raise StoreUnavailableError("down")
         self.charged.append(tokens_so_far)
-        await super().charge(lease, tokens_so_far)
+        self.costs.append(cost_so_far)
+        await super().charge(lease, tokens_so_far, cost_so_far)
 
 
 async def _lease(store: MemoryQuotaStore, tokens: int = 110) -> Lease:
@@ -117,3 +119,22 @@ async def test_cut_only_when_asked_and_past_the_margin() -> None:
         caught.value.code == "token_reservation_exceeded" and "100 completion tokens" in caught.value.message
     )
     await cut.aclose()
+
+
+async def test_a_stream_outgrowing_its_reservation_is_charged_to_budgets_at_its_price() -> None:
+    store, clock = RecordingStore(), FakeClock()
+    budgets = LimitCheck("b", "route", tokens_per_day=100_000, cost_per_day=10_000_000)
+    # 10 prompt + 100 completion tokens reserved at 1 (input) and 2 (output) per million: 210 micro-units
+    decision = await store.admit(AdmissionRequest("ns/r", (budgets,), 110, 60.0, cost=210))
+    assert decision.lease is not None
+    price = ModelPrice(model="m", input_per_million=1, output_per_million=2)
+    settings = TokenAccounting.model_validate({"streamChargeIntervalTokens": 100})
+    live = LiveCharge(store, decision.lease, settings, prompt_estimate=10, clock=clock, price=price)
+    live.observe(310, 300)
+    await live.aclose()
+    assert store.costs == [10 + 2 * 300]
+    states = {
+        s.dimension: s.remaining
+        for s in (await store.admit(AdmissionRequest("ns/r", (budgets,), 0, 60.0))).states
+    }
+    assert states == {Dimension.TOKENS_PER_DAY: 100_000 - 310, Dimension.COST_PER_DAY: 10_000_000 - 610}

@@ -18,6 +18,7 @@ EXPECTED: dict[str, tuple[str, tuple[str, ...]]] = {
     "llmroute_quota_utilization": ("gauge", ("route", "limit", "dimension")),
     "llmroute_quota_rejections_total": ("counter", ("route", "limit", "dimension")),
     "llmroute_quota_shadow_rejections_total": ("counter", ("route", "limit", "dimension")),
+    "llmroute_budget_near_limit_total": ("counter", ("route", "limit")),
     "llmroute_tokens_total": ("counter", ("route", "kind")),
     "llmroute_client_tokens_total": ("counter", ("route", "client")),
     "llmroute_cost_total": ("counter", ("route", "model")),

@@ -182,6 +182,20 @@ def test_keys_and_vendor_secrets_are_each_mounted_once() -> None:
     assert [v["name"] for v in render.sidecar_volumes(both)] == ["llmroute-config", "llmroute-secret-keys"]
 
 
+def test_a_price_table_configmap_is_mounted_where_the_sidecar_reads_it() -> None:
+    priced = route(
+        pricingConfigMapRef={"name": "keys", "key": "prices.yaml"},
+        identity={"keysSecretRef": {"name": "keys"}},
+    )
+    volumes = render.sidecar_volumes(priced)
+    assert volumes[-1] == {"name": "llmroute-pricing-keys", "configMap": {"name": "keys"}}
+    mounts = render.sidecar_container(priced, OperatorSettings())["volumeMounts"]
+    paths = {m["name"]: m["mountPath"] for m in mounts}
+    assert paths["llmroute-pricing-keys"] == "/etc/llmroute/secrets/_configmaps/keys"  # never a Secret's path
+    assert paths["llmroute-secret-keys"] == "/etc/llmroute/secrets/keys"
+    assert len({v["name"] for v in volumes}) == len(volumes)
+
+
 def test_a_jwks_secret_is_mounted_beside_the_key_secret() -> None:
     jwt = {
         "issuer": "https://idp",

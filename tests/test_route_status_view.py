@@ -82,6 +82,8 @@ def test_usage_figures() -> None:
     assert usage_text(12, 10) == "12 / 10 (120%)"  # debt past a token limit shows as such
     assert usage_text(3, None) == "3"
     assert usage_text(0, 0) == "0 / 0"
+    assert usage_text(1_250_000, 25_000_000, money=True) == "1.25 / 25 (5%)"  # cost budgets: micro-units
+    assert usage_text(7, None, money=True) == "0.000007"
     assert percent(5, 5) == 100 and percent(1, 0) is None and percent(1, None) is None
 
 
@@ -299,3 +301,31 @@ def test_an_invalid_spec_is_shown_without_limits() -> None:
 def test_table_aligns_columns() -> None:
     assert table([["a", "bb", ""], ["ccc", "d", "e"]]) == ["  a    bb", "  ccc  d   e"]
     assert table([]) == []
+
+
+def test_budgets_show_money_and_their_top_spenders() -> None:
+    r = route(
+        limits=[
+            {"name": "team", "key": "route", "costPerDay": 25, "tokensPerMonth": 9000},
+            {"name": "per-key", "key": "apiKey", "costPerMonth": 40},
+        ]
+    )
+    assert [q.dimensions for q in limit_queries(r)] == [
+        (Dimension.TOKENS_PER_MONTH, Dimension.COST_PER_DAY),
+        (Dimension.COST_PER_MONTH,),
+    ]
+    gathered = Gathered(
+        body=body(r),
+        usage={
+            "team": [SubjectUsage("_", {"tokensPerMonth": 900, "costPerDay": 1_250_000})],
+            "per-key": [
+                SubjectUsage("k1", {"costPerMonth": 39_000_000}),
+                SubjectUsage("k2", {"costPerMonth": 7}),
+            ],
+        },
+        usage_source="redis://r:6379/0 (--redis)",
+    )
+    text = render_text(build_view(r, gathered))
+    assert "  team  key=route  tokensPerMonth=9000 costPerDay=25\n" in text
+    assert "    tokensPerMonth  900 / 9000 (10%)\n    costPerDay      1.25 / 25 (5%)\n" in text
+    assert "    SUBJECT  costPerMonth\n    k1       39 / 40 (97%)\n    k2       0.000007 / 40 (0%)\n" in text

@@ -230,12 +230,12 @@ class FlakyStore(MemoryQuotaStore):
         self.failures = failures
         self.settled = 0
 
-    async def settle(self, lease: Any, actual_tokens: int) -> None:
+    async def settle(self, lease: Any, actual_tokens: int, actual_cost: int | None = None) -> None:
         if self.failures > 0:
             self.failures -= 1
             raise StoreUnavailableError("down")
         self.settled += 1
-        await super().settle(lease, actual_tokens)
+        await super().settle(lease, actual_tokens, actual_cost)
 
 
 async def admitted_lease(store: MemoryQuotaStore) -> Any:
@@ -505,12 +505,12 @@ class ManyStore(MemoryQuotaStore):
     async def settle_many(self, settlements: Any) -> list[Exception | None]:
         self.rounds.append(len(settlements))
         outcomes: list[Exception | None] = []
-        for lease, tokens in settlements:
+        for lease, tokens, cost in settlements:
             if self.failing:
                 self.failing -= 1
                 outcomes.append(StoreUnavailableError("down for this one"))
                 continue
-            await self.settle(lease, tokens)
+            await self.settle(lease, tokens, cost)
             outcomes.append(None)
         return outcomes
 

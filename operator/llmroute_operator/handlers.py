@@ -20,7 +20,7 @@ from typing import Any
 
 import kopf
 
-from llmroute_operator import admission, hpa, kube, metrics, render, rollout, startup
+from llmroute_operator import admission, budgets, hpa, kube, metrics, render, rollout, startup
 from llmroute_operator import status as state
 from llmroute_operator.runtime import INDEX, RuntimeConfig, api, configure_runtime, now, runtime
 from llmroute_sidecar.api import API_GROUP, API_VERSION, PLURAL, LLMRoute, ManifestError
@@ -37,6 +37,8 @@ RESYNC_SECONDS = float(os.environ.get("LLMROUTE_RESYNC_SECONDS") or 30)
 DEBOUNCE_SECONDS = 0.5
 HINTS_PARALLELISM = 16
 HINTS_TIMEOUT_SECONDS = 1.0
+BUDGET_READ_SECONDS = 2.0
+"""Bound of one status pass's budget read from Redis."""
 
 
 # -- the route index (used by the webhook and for conflicts) --------------------------------------
@@ -163,6 +165,22 @@ def _apply_hpa(
     return None
 
 
+def _read_budgets(url: str | None, route: LLMRoute) -> list[dict[str, Any]] | None:
+    """``status.budgets`` from Redis (observer passes only, in their worker thread); None without a
+    Redis URL, without budgets, or when Redis cannot be read (the previous figures stay)."""
+    queries = budgets.budget_queries(route)
+    if not url or not queries:
+        return None
+    try:
+        reads = asyncio.run(
+            asyncio.wait_for(budgets.read_budgets(url, route.key, queries), BUDGET_READ_SECONDS)
+        )
+    except Exception as error:  # Redis down or slow: status keeps its last figures
+        log.warning("reading budgets of LLMRoute %s failed: %s", route.key, error)
+        return None
+    return budgets.budget_status(reads)
+
+
 def _clean(value: Mapping[str, Any]) -> dict[str, Any]:
     return {key: item for key, item in value.items() if item is not None and key != "kopf"}
 
@@ -197,6 +215,7 @@ def desired_status(body: Any, previous: Mapping[str, Any], index: Any, *, hints:
                 hints=_fetch_hints(current) if hints else None,
                 workloads=workloads,
                 autoscaling_problem=_ensure_hpa(client, body, route, matched),
+                budgets=_read_budgets(settings.redis_url, route) if hints else None,
             )
             new_status = state.route_status(route, observation, previous, now())
             metrics.record_route_status(route.key, new_status)

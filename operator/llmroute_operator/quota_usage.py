@@ -1,8 +1,9 @@
 """Live quota usage of a route, read from the sidecars' Redis structures without writing anything.
 
 The key layout is the sidecar's (``quota/redis.py``, docs/quotas.md):
-``llmr:{<namespace>/<route>}:<limit>:<subject>:<rpm|rph|tpm|conc|burst>`` (and ``…:tpm:c``, the
-token charges). Only read commands are sent (TIME, SCAN, ZCOUNT, ZRANGEBYSCORE, HMGET): nothing is
+``llmr:{<namespace>/<route>}:<limit>:<subject>:<rpm|rph|tpm|conc|burst|tpd|tpmo|cpd|cpmo>`` (and
+``…:tpm:c``, the token charges; budgets are hashes of their window ``w`` and total ``u``). Only
+read commands are sent (TIME, SCAN, ZCOUNT, ZRANGEBYSCORE, HMGET): nothing is
 pruned, so the figures are what an admission made now would count. Subjects are stored as hashed
 ids (``_`` for route-scoped limits); they are reported as stored.
 """
@@ -13,9 +14,10 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from llmroute_sidecar.quota.base import Dimension
+from llmroute_sidecar.quota.base import BUDGET_DIMENSIONS, MONTH_DIMENSIONS, Dimension
 from llmroute_sidecar.quota.redis import _SHORT as DIMENSION_SUFFIX
 from llmroute_sidecar.quota.redis import ORDER, connect, key_prefix, redis_password
+from llmroute_sidecar.quota.windows import day_window, month_window
 
 MINUTE_US = 60_000_000
 WINDOW_US = {
@@ -87,6 +89,19 @@ def burst_used(tokens: str | None, stamp: str | None, now_us: int, capacity: int
     return max(0, int(capacity - level))
 
 
+def current_window(dimension: Dimension, now_us: int) -> int:
+    """The id of a budget's UTC calendar window at ``now_us`` (``quota/windows.py``)."""
+    now = now_us // 1_000_000
+    return (month_window if dimension in MONTH_DIMENSIONS else day_window)(now)[0]
+
+
+def budget_used(window: str | None, total: str | None, dimension: Dimension, now_us: int) -> int:
+    """What a budget hash (fields ``w``, ``u``) counts now: its total while its window is current."""
+    if window is None or total is None or int(window) != current_window(dimension, now_us):
+        return 0
+    return int(total)
+
+
 def rank(usage: SubjectUsage, limits: Mapping[str, int]) -> tuple[float, int, str]:
     """Sort key, busiest first: the highest used/limit fraction over the dimensions, then the most
     used in absolute terms, then the subject (stable output)."""
@@ -129,8 +144,8 @@ async def _read_limit(client: Any, route: str, query: LimitQuery, now_us: int) -
                 pipe.zrangebyscore(key, now_us - MINUTE_US, "+inf")
             elif dimension is Dimension.CONCURRENT_REQUESTS:
                 pipe.zcount(key, now_us, "+inf")
-            elif dimension is Dimension.BURST:
-                pipe.hmget(key, ["tokens", "ts"])
+            elif dimension is Dimension.BURST or dimension in BUDGET_DIMENSIONS:
+                pipe.hmget(key, ["tokens", "ts"] if dimension is Dimension.BURST else ["w", "u"])
             else:
                 pipe.zcount(key, now_us - WINDOW_US[dimension], "+inf")
             reads.append((subject, dimension))
@@ -144,6 +159,9 @@ async def _read_limit(client: Any, route: str, query: LimitQuery, now_us: int) -
             for start in range(0, len(ids), CHARGES_PER_READ):
                 charges.hmget(charges_key(route, query.name, subject), ids[start : start + CHARGES_PER_READ])
                 token_reads.append(subject)
+        elif dimension in BUDGET_DIMENSIONS:
+            window, total = (_text(value) for value in answer)
+            used[subject][dimension.value] = budget_used(window, total, dimension, now_us)
         elif dimension is Dimension.BURST:
             tokens, stamp = (_text(value) for value in answer)
             used[subject][dimension.value] = burst_used(

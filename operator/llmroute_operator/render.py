@@ -19,7 +19,7 @@ import yaml
 from llmroute_operator.settings import OperatorSettings
 from llmroute_sidecar.api import API_GROUP, API_VERSION, KIND, LLMRoute
 from llmroute_sidecar.api.spec import LabelSelector
-from llmroute_sidecar.config import DEFAULT_SECRETS_DIR
+from llmroute_sidecar.config import CONFIGMAPS_SUBDIR, DEFAULT_SECRETS_DIR
 
 SIDECAR_NAME = "llmroute-sidecar"
 TRAFFIC_PORT = 8080
@@ -152,14 +152,25 @@ def secret_volume_name(secret: str) -> str:
     return f"llmroute-secret-{_digest(secret, 10)}"
 
 
+def pricing_volume_name(configmap: str) -> str:
+    """A pod volume name for the ConfigMap of spec.pricingConfigMapRef."""
+    candidate = f"llmroute-pricing-{configmap}"
+    if len(candidate) <= 63 and _DNS_LABEL.match(candidate):
+        return candidate
+    return f"llmroute-pricing-{_digest(configmap, 10)}"
+
+
 def sidecar_volumes(route: LLMRoute) -> list[dict[str, Any]]:
-    """Pod volumes the sidecar mounts: the route's ConfigMap and its Secrets."""
+    """Pod volumes the sidecar mounts: the route's ConfigMap, its Secrets, its price table ConfigMap."""
     volumes: list[dict[str, Any]] = [
         {"name": CONFIG_VOLUME, "configMap": {"name": configmap_name(route)}},
     ]
     volumes += [
         {"name": secret_volume_name(name), "secret": {"secretName": name}} for name in secret_names(route)
     ]
+    pricing = route.spec.pricing_config_map_ref
+    if pricing is not None:
+        volumes.append({"name": pricing_volume_name(pricing.name), "configMap": {"name": pricing.name}})
     return volumes
 
 
@@ -181,6 +192,15 @@ def sidecar_container(
         {"name": secret_volume_name(name), "mountPath": f"{SECRETS_DIR}/{name}", "readOnly": True}
         for name in secret_names(route)
     ]
+    pricing = route.spec.pricing_config_map_ref
+    if pricing is not None:
+        mounts.append(
+            {
+                "name": pricing_volume_name(pricing.name),
+                "mountPath": f"{SECRETS_DIR}/{CONFIGMAPS_SUBDIR}/{pricing.name}",
+                "readOnly": True,
+            }
+        )
     return {
         "name": SIDECAR_NAME,
         "image": settings.image,

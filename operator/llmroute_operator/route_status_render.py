@@ -8,7 +8,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from llmroute_operator.route_status_view import LimitView, PodView, RouteView, usage_text
+from llmroute_operator.route_status_view import MONEY, LimitView, PodView, RouteView, money_text, usage_text
 
 
 def table(rows: Sequence[Sequence[str]], indent: str = "  ") -> list[str]:
@@ -27,7 +27,9 @@ def _yes(value: bool | None) -> str:
 
 
 def _limit_heading(limit: LimitView) -> str:
-    values = " ".join(f"{name}={value}" for name, value in limit.configured.items())
+    values = " ".join(
+        f"{name}={money_text(value) if name in MONEY else value}" for name, value in limit.configured.items()
+    )
     words = [limit.name, f"key={limit.key}", values]
     if limit.mode != "enforce":
         words.append(f"mode={limit.mode}")
@@ -42,13 +44,15 @@ def _limit_lines(limit: LimitView) -> list[str]:
     if limit.active_subjects is not None:
         if not limit.per_subject:
             used = limit.top[0].used if limit.top else {}
-            lines += table([[name, usage_text(used.get(name, 0), bounds.get(name))] for name in used], "    ")
+            rows = [[name, usage_text(used.get(name, 0), bounds.get(name), name in MONEY)] for name in used]
+            lines += table(rows, "    ")
         else:
             lines.append(f"    active subjects: {limit.active_subjects}")
             names = list(dict.fromkeys(name for subject in limit.top for name in subject.used))
             rows = [["SUBJECT", *names]]
             rows += [
-                [s.subject, *(usage_text(s.used.get(n, 0), bounds.get(n)) for n in names)] for s in limit.top
+                [s.subject, *(usage_text(s.used.get(n, 0), bounds.get(n), n in MONEY) for n in names)]
+                for s in limit.top
             ]
             if limit.top:
                 lines += table(rows, "    ")

@@ -19,7 +19,7 @@ from llmroute_operator import status as state
 from llmroute_operator.quota_usage import LimitQuery, SubjectUsage, top_subjects
 from llmroute_sidecar.api import LLMRoute
 from llmroute_sidecar.api.spec import Limit, LimitMode
-from llmroute_sidecar.quota.base import Dimension
+from llmroute_sidecar.quota.base import COST_DIMENSIONS, Dimension, micros
 from llmroute_sidecar.quota.redis import ORDER
 
 REJECTIONS_METRIC = "llmroute_quota_rejections"
@@ -30,6 +30,10 @@ FIELDS = {
     Dimension.TOKENS_PER_MINUTE: "tokens_per_minute",
     Dimension.CONCURRENT_REQUESTS: "concurrent_requests",
     Dimension.BURST: "burst",
+    Dimension.TOKENS_PER_DAY: "tokens_per_day",
+    Dimension.TOKENS_PER_MONTH: "tokens_per_month",
+    Dimension.COST_PER_DAY: "cost_per_day",
+    Dimension.COST_PER_MONTH: "cost_per_month",
 }
 
 
@@ -116,21 +120,37 @@ def percent(used: int, limit: int | None) -> int | None:
     return used * 100 // limit
 
 
-def usage_text(used: int, limit: int | None) -> str:
-    """``used / limit (pct%)``; just ``used`` without a limit; ``used / 0`` for a limit of 0."""
+def usage_text(used: int, limit: int | None, money: bool = False) -> str:
+    """``used / limit (pct%)``; just ``used`` without a limit; ``used / 0`` for a limit of 0. With
+    ``money`` the figures are micro-units shown in the currency (cost budgets)."""
+    shown = money_text if money else str
     if limit is None:
-        return str(used)
+        return shown(used)
     pct = percent(used, limit)
-    return f"{used} / {limit}" + (f" ({pct}%)" if pct is not None else "")
+    return f"{shown(used)} / {shown(limit)}" + (f" ({pct}%)" if pct is not None else "")
+
+
+def money_text(micro_units: int) -> str:
+    """Micro-units of the pricing currency as an amount: ``12.5``, ``0.000007``."""
+    return f"{micro_units / 1_000_000:.6f}".rstrip("0").rstrip(".")
+
+
+#: Dimensions counted in money (micro-units), by their API names.
+MONEY = frozenset(dimension.value for dimension in COST_DIMENSIONS)
 
 
 def configured_values(values: Any) -> dict[str, int]:
-    """The dimensions a limit (or tier) sets, by their API names, in the store's order."""
+    """The dimensions a limit (or tier) sets, by their API names, in the store's order (cost budgets
+    in micro-units, as the store counts them)."""
     return {
-        dimension.value: int(getattr(values, FIELDS[dimension]))
+        dimension.value: _count(dimension, getattr(values, FIELDS[dimension]))
         for dimension in ORDER
         if getattr(values, FIELDS[dimension], None) is not None
     }
+
+
+def _count(dimension: Dimension, value: float) -> int:
+    return micros(value) if dimension in COST_DIMENSIONS else int(value)
 
 
 def limit_tiers(route: LLMRoute, limit: Limit) -> tuple[str, ...]:

@@ -159,6 +159,8 @@ class Observation:
     """Workloads (``Kind/name``) needing a restart that the operator did not restart (manual)."""
     autoscaling_problem: str | None = None
     """Why the HPA the route asks for cannot be made (reported as Degraded)."""
+    budgets: Sequence[Mapping[str, Any]] | None = None
+    """``status.budgets`` as read now (``budgets.py``); None: not read this time (kept as it was)."""
 
 
 def route_status(
@@ -237,6 +239,9 @@ def route_status(
     if recommendation is None and observed.hints is None:
         recommendation = previous.get("recommendedReplicas")
     status["recommendedReplicas"] = recommendation
+    budgets = observed.budgets if observed.budgets is not None else previous.get("budgets")
+    if budgets:
+        status["budgets"] = list(budgets)
     return status
 
 

@@ -16,6 +16,8 @@ from llmroute_sidecar.health import HealthState
 from llmroute_sidecar.metrics import SidecarMetrics
 from llmroute_sidecar.policy import ClientIdentity, RoutePolicy, build_checks
 from llmroute_sidecar.quota.base import (
+    BUDGET_DIMENSIONS,
+    COST_DIMENSIONS,
     AdmissionRequest,
     Decision,
     Dimension,
@@ -59,7 +61,7 @@ class Admission:
         the 429 ProxyError (the 400 one when the request can never fit a limit).
         """
         spec = policy.route.spec
-        checks = build_checks(policy, identity, headers)
+        checks = build_checks(policy, identity, headers, ex.model)
         if not checks:
             return Decision(admitted=True)
         admission = AdmissionRequest(
@@ -68,6 +70,7 @@ class Admission:
             tokens=tokens,
             lease_seconds=spec.deadline_seconds + self.settings.lease_margin_seconds,
             request_id=ex.request_id,
+            cost=ex.cost_reserved,
         )
         started = time.monotonic()
         queue_deadline = started + spec.queue_timeout_seconds
@@ -77,7 +80,7 @@ class Admission:
             remaining = queue_deadline - time.monotonic()
             if decision.admitted or not decision.waits_for_concurrency or remaining <= 0:
                 break
-            if _never_fitting(policy, decision, tokens):
+            if _never_fitting(policy, decision, tokens, ex.cost_reserved):
                 break
             await self.store.wait_for_capacity(min(remaining, 0.25))
         ex.queue_wait = time.monotonic() - started
@@ -87,7 +90,13 @@ class Admission:
             ex.lease = decision.lease
             if decision.lease is not None:
                 self.metrics.tokens_total.labels(policy.name, "reserved").inc(tokens)
-            ex.headers.update(rate_limit_headers(decision, _shadow(policy), _size(decision, tokens)))
+            size = _size(decision, tokens)
+            ex.headers.update(rate_limit_headers(decision, _shadow(policy), size, ex.cost_reserved))
+            warning = budget_warning(policy, decision)
+            if warning:
+                ex.headers["x-llmroute-budget-warning"] = warning
+                for limit in _warned(warning):
+                    self.metrics.budget_near_limit_total.labels(policy.name, limit).inc()
             return decision
         raise self._rejected(policy, ex, decision, tokens)
 
@@ -95,14 +104,14 @@ class Admission:
         """The 429 of a rejection; a non-retryable 400 when the request alone exceeds a limit."""
         rejected = decision.rejected
         assert rejected is not None
-        oversize = _never_fitting(policy, decision, tokens)
+        oversize = _never_fitting(policy, decision, tokens, ex.cost_reserved)
         if oversize is not None:
             rejected = oversize
         ex.limit = rejected.limit
         self.metrics.quota_rejections_total.labels(
             policy.name, rejected.limit, rejected.dimension.value
         ).inc()
-        headers = rate_limit_headers(decision, _shadow(policy), _size(decision, tokens))
+        headers = rate_limit_headers(decision, _shadow(policy), _size(decision, tokens), ex.cost_reserved)
         status = 400 if oversize is not None else 429
         retry = None if oversize is not None else max(0.0, decision.retry_after)
         self.recent.record(
@@ -113,7 +122,7 @@ class Admission:
             return ProxyError(
                 400,
                 "request_too_large_for_limit",
-                _too_large_message(oversize, tokens),
+                _too_large_message(oversize, tokens, ex.cost_reserved),
                 "invalid_request_error",
                 "quota_rejected",
                 {**headers, "x-should-retry": "false"},
@@ -124,7 +133,7 @@ class Admission:
         return ProxyError(
             429,
             f"{_snake(rejected.dimension.value)}_exceeded",
-            f"rate limit exceeded: limit '{rejected.limit}' ({rejected.scope}) allows {rejected.limit_value} "
+            f"rate limit exceeded: limit '{rejected.limit}' ({rejected.scope}) allows {_amount(rejected)} "
             f"{_describe(rejected.dimension.value)}; retry after {headers['Retry-After']}s",
             "rate_limit_error",
             "quota_rejected",
@@ -178,6 +187,10 @@ def _share(check: LimitCheck, replicas: int) -> LimitCheck:
         tokens_per_minute=part(check.tokens_per_minute),
         concurrent_requests=part(check.concurrent_requests),
         burst=part(check.burst),
+        tokens_per_day=part(check.tokens_per_day),
+        tokens_per_month=part(check.tokens_per_month),
+        cost_per_day=part(check.cost_per_day),
+        cost_per_month=part(check.cost_per_month),
     )
 
 
@@ -186,17 +199,47 @@ def _shadow(policy: RoutePolicy) -> frozenset[str]:
     return frozenset(limit.name for limit in policy.route.spec.limits if limit.mode is LimitMode.SHADOW)
 
 
-def _never_fitting(policy: RoutePolicy, decision: Decision, tokens: int) -> LimitState | None:
+def _never_fitting(policy: RoutePolicy, decision: Decision, tokens: int, cost: int = 0) -> LimitState | None:
     """The enforced state this request can never fit, however long it waits (None if every one can).
 
     Read from the decision (the stores report such a state with ``retry_after`` 60 and remaining 0):
-    ``tokens`` above a tokensPerMinute value, or any limit of 0. Not for a degraded decision, whose
-    values are this pod's share of the fleet limit.
+    ``tokens`` above a tokensPerMinute value, a reservation (tokens, or ``cost``) above a whole day or
+    month budget, or any limit of 0. A budget that is only almost spent is not: it frees when its
+    window ends (a 429). Not for a degraded decision, whose values are this pod's share of the fleet
+    limit.
     """
     if decision.admitted or decision.degraded:
         return None
     shadow = _shadow(policy)
-    return next((s for s in decision.states if s.limit not in shadow and never_fits(s, tokens)), None)
+    return next((s for s in decision.states if s.limit not in shadow and never_fits(s, tokens, cost)), None)
+
+
+def budget_warning(policy: RoutePolicy, decision: Decision) -> str:
+    """``x-llmroute-budget-warning``: each enforced budget at or above its warnAtPercent after an
+    admission, as ``<limit>; used=<ratio>`` (comma-separated); '' when none is."""
+    parts = []
+    for state in decision.states:
+        if state.dimension not in BUDGET_DIMENSIONS or state.limit_value <= 0:
+            continue
+        limit = policy.limit(state.limit)
+        if limit is None or limit.mode is LimitMode.SHADOW:
+            continue
+        used = (state.limit_value - state.remaining) / state.limit_value
+        if used * 100 >= limit.warn_at_percent:
+            parts.append(f"{state.limit}; used={used:.2f}")
+    return ", ".join(parts)
+
+
+def _warned(warning: str) -> list[str]:
+    """The limit names of a budget warning (each counted once)."""
+    return list(dict.fromkeys(part.split(";", 1)[0].strip() for part in warning.split(",")))
+
+
+def _amount(state: LimitState) -> str:
+    """A limit value as a client reads it: money for cost budgets (micro-units inside)."""
+    if state.dimension in COST_DIMENSIONS:
+        return f"{state.limit_value / 1_000_000:g}"
+    return str(state.limit_value)
 
 
 def _size(decision: Decision, tokens: int) -> int | None:
@@ -204,9 +247,19 @@ def _size(decision: Decision, tokens: int) -> int | None:
     return None if decision.degraded else tokens
 
 
-def _too_large_message(state: LimitState, tokens: int) -> str:
+def _too_large_message(state: LimitState, tokens: int, cost: int = 0) -> str:
     what = _describe(state.dimension.value)
-    where = f"limit '{state.limit}' ({state.scope}) allows {state.limit_value} {what}"
+    where = f"limit '{state.limit}' ({state.scope}) allows {_amount(state)} {what}"
+    if state.dimension in COST_DIMENSIONS:
+        return (
+            f"request too large for the budget: its reservation costs {cost / 1_000_000:g} and {where}; "
+            "lower max_tokens or shorten the prompt"
+        )
+    if state.dimension in BUDGET_DIMENSIONS:
+        return (
+            f"request too large for the budget: it reserves {tokens} tokens and {where}; "
+            "lower max_tokens or shorten the prompt"
+        )
     if state.dimension is Dimension.TOKENS_PER_MINUTE:
         return (
             f"request too large for the limit: it reserves {tokens} tokens and {where}; "
@@ -226,4 +279,8 @@ def _describe(dimension: str) -> str:
         "tokensPerMinute": "tokens per minute",
         "concurrentRequests": "concurrent requests",
         "burst": "requests back to back (burst)",
+        "tokensPerDay": "tokens per UTC day",
+        "tokensPerMonth": "tokens per UTC month",
+        "costPerDay": "spend per UTC day",
+        "costPerMonth": "spend per UTC month",
     }.get(dimension, dimension)

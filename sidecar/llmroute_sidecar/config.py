@@ -17,6 +17,9 @@ from urllib.parse import urlsplit, urlunsplit
 DEFAULT_LISTEN = "0.0.0.0:8080"
 DEFAULT_ADMIN_LISTEN = "0.0.0.0:9090"
 DEFAULT_SECRETS_DIR = "/etc/llmroute/secrets"
+CONFIGMAPS_SUBDIR = "_configmaps"
+"""ConfigMaps (spec.pricingConfigMapRef) are mounted at ``<secrets dir>/_configmaps/<name>/`` (no
+Secret name starts with '_', so they never collide with Secrets)."""
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 USAGE = (
     "llmroute-sidecar --route FILE [--upstream URL] [--listen HOST:PORT] [--admin-listen HOST:PORT]\n"

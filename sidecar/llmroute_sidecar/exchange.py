@@ -27,9 +27,13 @@ class Exchange:
     queue_wait: float = 0.0
     stream: bool = False
     tokens_reserved: int = 0
+    cost_reserved: int = 0
+    """Price of the reservation in micro-units (only with cost budgets, else 0)."""
     tokens_actual: int | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    cached_tokens: int = 0
+    """Cached prompt tokens (usage.prompt_tokens_details.cached_tokens), part of prompt_tokens."""
     limit: str | None = None
     client: str | None = None
     client_disconnected: bool = False
@@ -43,7 +47,7 @@ class Exchange:
     model: str | None = None
     """The OpenAI request's ``model`` (None for pass-through paths)."""
     pricing: Sequence[ModelPrice] = ()
-    """The route's price table when the request started (``spec.pricing``)."""
+    """The route's price table when the request started (``RoutePolicy.pricing``)."""
     first_token: float | None = None
     last_token: float | None = None
     """When the first and the latest SSE event carrying completion text were relayed."""

@@ -14,7 +14,7 @@ import time
 
 from llmroute_sidecar.accesslog import AccessLog, AccessRecord
 from llmroute_sidecar.client_tokens import ClientTokens
-from llmroute_sidecar.cost import CostMeter
+from llmroute_sidecar.cost import CostMeter, cost_micros
 from llmroute_sidecar.exchange import Exchange
 from llmroute_sidecar.health import HealthState
 from llmroute_sidecar.metrics import SidecarMetrics
@@ -61,11 +61,12 @@ class Finisher:
         try:
             if ex.lease is not None:
                 lease, actual = ex.lease, tokens_to_charge(ex)
+                cost = self.cost_to_charge(ex)
                 try:
                     if settle_now is not None and not background:
-                        settle_now(lease, actual)
+                        settle_now(lease, actual, cost)
                     else:
-                        self.settler.submit(store, lease, actual)
+                        self.settler.submit(store, lease, actual, cost)
                 except Exception as error:
                     self._settle_failed(ex, error)
                 self._count_settled(ex, actual)
@@ -82,13 +83,21 @@ class Finisher:
             assert ex.lease is not None
             actual = tokens_to_charge(ex)
             try:
-                await (ex.lease_store or self.store).settle(ex.lease, actual)
+                await (ex.lease_store or self.store).settle(ex.lease, actual, self.cost_to_charge(ex))
             except Exception as error:
                 self._settle_failed(ex, error)
             self._count_settled(ex, actual)
             self._count(ex)
         finally:
             self._leave(ex.route)
+
+    def cost_to_charge(self, ex: Exchange) -> int | None:
+        """The actual cost (micro-units) of a lease that reserved some; None: the store's default (0 when
+        nothing is charged, else the reservation)."""
+        if ex.lease is None or ex.lease.request.cost <= 0 or ex.tokens_actual is None or ex.model is None:
+            return None
+        price = self.cost.price(ex.model, ex.pricing)
+        return cost_micros(ex.prompt_tokens, ex.completion_tokens, price, ex.cached_tokens)
 
     def _settle_failed(self, ex: Exchange, error: Exception) -> None:
         if isinstance(error, StoreUnavailableError):
@@ -115,7 +124,9 @@ class Finisher:
         policy_name = ex.route
         if ex.tokens_actual is not None:
             self.client_tokens.count(policy_name, ex.client, ex.tokens_actual)
-            self.cost.count(policy_name, ex.model, ex.prompt_tokens, ex.completion_tokens, ex.pricing)
+            self.cost.count(
+                policy_name, ex.model, ex.prompt_tokens, ex.completion_tokens, ex.pricing, ex.cached_tokens
+            )
             self.metrics.tokens_total.labels(policy_name, "prompt").inc(ex.prompt_tokens)
             self.metrics.tokens_total.labels(policy_name, "completion").inc(max(0, ex.completion_tokens))
         self.token_timing.observe(ex)

@@ -7,7 +7,16 @@ from collections.abc import Collection, Iterable, Mapping
 
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from llmroute_sidecar.quota.base import WINDOW_SECONDS, Decision, Dimension, LimitState
+from llmroute_sidecar.quota.base import (
+    BUDGET_DIMENSIONS,
+    BUDGET_WINDOW_SECONDS,
+    COST_DIMENSIONS,
+    WINDOW_SECONDS,
+    Decision,
+    Dimension,
+    LimitState,
+    budget_charge,
+)
 
 #: RFC 9110 hop-by-hop headers, never forwarded.
 HOP_BY_HOP = frozenset(
@@ -50,17 +59,25 @@ def end_to_end(
 #: Dimensions counting requests (OpenAI's ``*-requests`` headers); tokensPerMinute counts tokens.
 REQUEST_DIMENSIONS = frozenset({Dimension.REQUESTS_PER_MINUTE, Dimension.REQUESTS_PER_HOUR, Dimension.BURST})
 TOKEN_DIMENSIONS = frozenset({Dimension.TOKENS_PER_MINUTE})
+#: Dimensions whose RateLimit-Policy quota unit is tokens.
+TOKEN_UNITS = frozenset({Dimension.TOKENS_PER_MINUTE, Dimension.TOKENS_PER_DAY, Dimension.TOKENS_PER_MONTH})
 
 
-def never_fits(state: LimitState, tokens: int) -> bool:
-    """The request alone exceeds the limit value (tokens > tokensPerMinute, or any limit of 0)."""
-    cost = tokens if state.dimension is Dimension.TOKENS_PER_MINUTE else 1
-    return cost > state.limit_value
+def never_fits(state: LimitState, tokens: int, cost: int = 0) -> bool:
+    """The request alone exceeds the limit value (tokens > tokensPerMinute, its reservation above a
+    whole day or month budget, or any limit of 0). A budget merely almost spent is not that: it frees
+    when its window ends (429)."""
+    if state.dimension in BUDGET_DIMENSIONS:
+        return budget_charge(state.dimension, tokens, cost) > state.limit_value
+    charge = tokens if state.dimension is Dimension.TOKENS_PER_MINUTE else 1
+    return charge > state.limit_value
 
 
 def _window(state: LimitState) -> int:
     if state.dimension is Dimension.BURST:
         return 60
+    if state.dimension in BUDGET_DIMENSIONS:
+        return int(BUDGET_WINDOW_SECONDS[state.dimension])
     return int(WINDOW_SECONDS[state.dimension])
 
 
@@ -103,11 +120,13 @@ class RateLimitView:
 
     __slots__ = ("_nearness", "rejected", "resets", "states")
 
-    def __init__(self, decision: Decision, shadow: Collection[str] = (), tokens: int | None = None) -> None:
+    def __init__(
+        self, decision: Decision, shadow: Collection[str] = (), tokens: int | None = None, cost: int = 0
+    ) -> None:
         self.states = tuple(
             s
             for s in decision.states
-            if s.limit not in shadow and not (tokens is not None and never_fits(s, tokens))
+            if s.limit not in shadow and not (tokens is not None and never_fits(s, tokens, cost))
         )
         rejected = decision.rejected
         self.rejected = rejected if rejected is not None and rejected in self.states else None
@@ -164,7 +183,7 @@ def _policy_header(states: tuple[LimitState, ...]) -> str:
 
 
 def rate_limit_headers(
-    decision: Decision, shadow: Collection[str] = (), tokens: int | None = None
+    decision: Decision, shadow: Collection[str] = (), tokens: int | None = None, cost: int = 0
 ) -> dict[str, str]:
     """Every rate-limit header of a response, all describing the same states in agreement.
 
@@ -173,11 +192,12 @@ def rate_limit_headers(
     - OpenAI's ``x-ratelimit-{limit,remaining,reset}-{requests,tokens}``: the binding request limit
       (requestsPerMinute, requestsPerHour, burst) and the binding token limit (tokensPerMinute).
     - IETF ``RateLimit-Policy`` (every visible limit) and ``RateLimit`` (binding first, then the rest).
-    ``shadow`` names limits in shadow mode (never shown); ``tokens`` is the request's reservation.
+    ``shadow`` names limits in shadow mode (never shown); ``tokens`` is the request's reservation,
+    ``cost`` its reserved cost (micro-units).
     """
     if not decision.states:
         return {}
-    view = RateLimitView(decision, shadow, tokens)
+    view = RateLimitView(decision, shadow, tokens, cost)
     binding = view.binding()
     if binding is None:
         return {}
@@ -210,7 +230,9 @@ def _name(state: LimitState) -> str:
 def _policy(state: LimitState) -> str:
     if state.dimension is Dimension.CONCURRENT_REQUESTS:
         return f'{_name(state)};q={state.limit_value};qu="concurrent-requests"'
-    unit = ';qu="tokens"' if state.dimension is Dimension.TOKENS_PER_MINUTE else ""
+    unit = ';qu="tokens"' if state.dimension in TOKEN_UNITS else ""
+    if state.dimension in COST_DIMENSIONS:
+        unit = ';qu="micro-units"'
     return f"{_name(state)};q={state.limit_value};w={_window(state)}{unit}"
 
 

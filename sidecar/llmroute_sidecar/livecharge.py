@@ -5,8 +5,9 @@ decides when the store should hear about it: only above the reservation (below i
 already counts), then every ``streamChargeIntervalTokens`` of growth or ``streamChargeIntervalMs``,
 whichever comes first — never per chunk. The charge itself runs in a background task, at most one in
 flight per stream, so a slow or failing store never delays a chunk or breaks the stream; a failure is
-reported to ``on_error`` and the next charge (or the settlement) carries on. ``aclose`` waits for the
-charge in flight, so the settlement that follows is the last write to the lease.
+reported to ``on_error`` and the next charge (or the settlement) carries on. Day and month budgets
+are raised by the same charge (cost budgets at the model's ``price``, cached tokens not known yet).
+``aclose`` waits for the charge in flight, so the settlement that follows is the last write to the lease.
 
 With ``cutOverReservation`` the stream is cut (``observe`` raises the ProxyError the proxy turns into
 a final SSE error event) once its completion passes ``CUT_MARGIN`` times the completion it reserved:
@@ -22,7 +23,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from llmroute_sidecar.api.spec import TokenAccounting
+from llmroute_sidecar.api.spec import ModelPrice, TokenAccounting
+from llmroute_sidecar.cost import cost_micros
 from llmroute_sidecar.errors import ProxyError
 from llmroute_sidecar.quota.base import Lease, QuotaStore
 
@@ -75,8 +77,11 @@ class LiveCharge:
         prompt_estimate: int,
         on_error: Callable[[BaseException], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
+        price: ModelPrice | None = None,
     ) -> None:
         self.store = store
+        self.price = price
+        """The model's price when the lease reserved a cost: cost budgets are charged live too."""
         self.lease = lease
         self.cut = tokens.cut_over_reservation
         self.reserved_completion = max(0, lease.reserved_tokens - prompt_estimate)
@@ -105,11 +110,14 @@ class LiveCharge:
         if self.cadence.due(tokens_so_far, now):
             self.cadence.mark(tokens_so_far, now)
             self.charges += 1
-            self._task = asyncio.create_task(self._send(tokens_so_far), name="live-charge")
+            self._task = asyncio.create_task(self._send(tokens_so_far, completion_so_far), name="live-charge")
 
-    async def _send(self, tokens: int) -> None:
+    async def _send(self, tokens: int, completion: int) -> None:
+        cost = None
+        if self.price is not None and self.lease.request.cost > 0:
+            cost = cost_micros(tokens - completion, completion, self.price)
         try:
-            await self.store.charge(self.lease, tokens)
+            await self.store.charge(self.lease, tokens, cost)
         except Exception as error:  # never the stream's problem: settlement charges the final usage
             if self._on_error is not None:
                 self._on_error(error)

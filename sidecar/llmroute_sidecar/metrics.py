@@ -145,6 +145,12 @@ class SidecarMetrics:
             ["route", "limit", "dimension"],
             registry=r,
         )
+        self.budget_near_limit_total = Counter(
+            "llmroute_budget_near_limit_total",
+            "Admitted requests that left a day or month budget at or above its warnAtPercent.",
+            ["route", "limit"],
+            registry=r,
+        )
         self.quota_shadow_rejections_total = Counter(
             "llmroute_quota_shadow_rejections_total",
             "Requests a shadow-mode limit would have rejected.",

@@ -7,7 +7,8 @@ completion tokens are the number of content chunks. Test-control request headers
 the first byte; ``X-Mock-Stream-Error-After: N`` close the connection after N content chunks;
 ``X-Mock-Tokens: N`` completion tokens (capped by the request's maximum, if it sets one);
 ``X-Mock-Token-Interval: S`` seconds between streamed tokens; ``X-Mock-No-Usage: 1`` never send
-usage in a stream;
+usage in a stream; ``X-Mock-Cached-Tokens: N`` report N of the prompt tokens as cached
+(``usage.prompt_tokens_details.cached_tokens``);
 ``X-Mock-Hold: 1`` hold the stream after its first content chunk until ``POST /mock/release``;
 ``X-Mock-Usage-Shape: S`` how a stream carries usage: ``openai`` (default: ``"usage": null`` on every
 chunk, then a ``choices: []`` usage chunk), ``litellm`` (no ``usage`` on content chunks, then a usage
@@ -166,7 +167,14 @@ async def _completion(request: web.Request) -> web.StreamResponse:
     completion = min(wanted, limit) if limit else wanted
     finish = "length" if limit is not None and limit < wanted else "stop"
     prompt = estimate_prompt_tokens(parsed)
-    usage = {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+    usage: dict[str, Any] = {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+    }
+    cached = int(_number(request, "X-Mock-Cached-Tokens", 0))
+    if cached:
+        usage["prompt_tokens_details"] = {"cached_tokens": min(cached, prompt)}
     chat = parsed.kind == "chat"
     head = {
         "id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}",
@@ -192,7 +200,7 @@ async def _stream(
     head: dict[str, Any],
     completion: int,
     finish: str,
-    usage: dict[str, int],
+    usage: dict[str, Any],
     include_usage: bool,
 ) -> web.StreamResponse:
     """Role chunk (chat), one word per chunk, finish chunk, optional usage-only chunk, [DONE]."""

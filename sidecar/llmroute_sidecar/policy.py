@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import fnmatch
 import hashlib
 import hmac
 import json
@@ -14,11 +15,15 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 
+import yaml
+from pydantic import ValidationError
+
 from llmroute_sidecar.api import LLMRoute
-from llmroute_sidecar.api.spec import Limit, LimitMode, TierLimits, WhenMissing
+from llmroute_sidecar.api.spec import Limit, LimitMode, ModelPrice, TierLimits, WhenMissing
+from llmroute_sidecar.config import CONFIGMAPS_SUBDIR
 from llmroute_sidecar.errors import ProxyError, bad_request, unauthorized
 from llmroute_sidecar.jwt_identity import KeySet, parse_jwks
-from llmroute_sidecar.quota.base import LimitCheck
+from llmroute_sidecar.quota.base import LimitCheck, micros
 
 log = logging.getLogger("llmroute.policy")
 SUBJECT_HEX = 32
@@ -61,6 +66,8 @@ class RoutePolicy:
     config_hash: str
     jwks: KeySet | None = None
     """identity.jwt's key set when it comes from jwksSecretRef (a jwksUrl is fetched by ``authn``)."""
+    pricing: tuple[ModelPrice, ...] = ()
+    """The price table: spec.pricing, then the entries of spec.pricingConfigMapRef."""
 
     @cached_property
     def key_index(self) -> dict[str, tuple[str, str]]:
@@ -74,6 +81,21 @@ class RoutePolicy:
     @property
     def uses_api_keys(self) -> bool:
         return self.keys is not None or any(limit.key == "apiKey" for limit in self.route.spec.limits)
+
+    @cached_property
+    def has_cost_budgets(self) -> bool:
+        """Some limit (or tier) sets costPerDay or costPerMonth: requests need a reserved cost."""
+        spec = self.route.spec
+        values: list[TierLimits] = [*spec.limits, *spec.tiers.values()]
+        return any(v.cost_per_day is not None or v.cost_per_month is not None for v in values)
+
+    @cached_property
+    def limits_by_name(self) -> dict[str, Limit]:
+        return {limit.name: limit for limit in self.route.spec.limits}
+
+    def limit(self, name: str) -> Limit | None:
+        """The route's limit of that name."""
+        return self.limits_by_name.get(name)
 
     @cached_property
     def limit_claims(self) -> tuple[str, ...]:
@@ -131,8 +153,40 @@ def load_policy(
             jwks = parse_jwks(document)
         except ValueError as error:
             raise ValueError(f"identity.jwt.jwksSecretRef: Secret {ref.name}/{ref.key}: {error}") from None
+    pricing = tuple(spec.pricing)
+    if spec.pricing_config_map_ref is not None:
+        pricing += read_price_table(pricing_file(route, secrets_dir))
     url = (upstream_override or spec.upstream.url).rstrip("/")
-    return RoutePolicy(route, url, vendor_key, keys, config_hash(route), jwks)
+    return RoutePolicy(route, url, vendor_key, keys, config_hash(route), jwks, pricing)
+
+
+def pricing_file(route: LLMRoute, secrets_dir: Path) -> Path:
+    """Where the ConfigMap key of spec.pricingConfigMapRef is mounted."""
+    ref = route.spec.pricing_config_map_ref
+    assert ref is not None
+    return secrets_dir / CONFIGMAPS_SUBDIR / ref.name / ref.key
+
+
+def read_price_table(path: Path) -> tuple[ModelPrice, ...]:
+    """A mounted price table: a YAML or JSON list of spec.pricing entries."""
+    what = "pricingConfigMapRef"
+    try:
+        document = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except OSError as error:
+        raise ValueError(f"{what}: cannot read mounted ConfigMap key {path}: {error.strerror}") from None
+    except yaml.YAMLError as error:
+        raise ValueError(f"{what}: {path} is not YAML: {error}") from None
+    if not isinstance(document, list):
+        raise ValueError(f"{what}: {path} must hold a list of prices (model, inputPerMillion, ...)")
+    prices = []
+    for index, entry in enumerate(document):
+        try:
+            prices.append(ModelPrice.model_validate(entry))
+        except ValidationError as error:
+            first = error.errors()[0]
+            where = ".".join(str(part) for part in (index, *first["loc"]))
+            raise ValueError(f"{what}: {path}: {where}: {first['msg']}") from None
+    return tuple(prices)
 
 
 def _inline_value(value: str, name: str, key: str) -> str:
@@ -150,7 +204,7 @@ def _where_to_put(secrets_dir: Path, name: str) -> str:
 
 
 def secret_files(route: LLMRoute, secrets_dir: Path) -> list[Path]:
-    """The mounted Secret files a route reads (vendor key, client key entries, JWKS)."""
+    """The mounted files a route reads (vendor key, client key entries, JWKS, price table)."""
     spec = route.spec
     files = []
     if spec.upstream.api_key_secret_ref is not None:
@@ -163,6 +217,8 @@ def secret_files(route: LLMRoute, secrets_dir: Path) -> list[Path]:
         directory = secrets_dir / spec.identity.keys_secret_ref.name
         if directory.is_dir():
             files.extend(sorted(p for p in directory.iterdir() if not p.name.startswith(".")))
+    if spec.pricing_config_map_ref is not None:
+        files.append(pricing_file(route, secrets_dir))
     return files
 
 
@@ -235,20 +291,43 @@ def identify(policy: RoutePolicy, headers: Mapping[str, str]) -> ClientIdentity:
     return ClientIdentity(digest, stored[1] or spec.identity.default_tier)
 
 
+_LIMIT_FIELDS = (
+    "requests_per_minute",
+    "requests_per_hour",
+    "tokens_per_minute",
+    "concurrent_requests",
+    "tokens_per_day",
+    "tokens_per_month",
+    "cost_per_day",
+    "cost_per_month",
+)
+_MONEY_FIELDS = frozenset({"cost_per_day", "cost_per_month"})
+
+
 def _merged(limit: Limit, tier: TierLimits | None) -> dict[str, int | None]:
-    fields = ("requests_per_minute", "requests_per_hour", "tokens_per_minute", "concurrent_requests")
-    values = {name: getattr(limit, name) for name in fields}
+    values: dict[str, int | float | None] = {name: getattr(limit, name) for name in _LIMIT_FIELDS}
     if tier is not None:
-        for name in fields:
+        for name in _LIMIT_FIELDS:
             if getattr(tier, name) is not None:
                 values[name] = getattr(tier, name)
-    return values
+    return {
+        name: (micros(value) if name in _MONEY_FIELDS else int(value)) if value is not None else None
+        for name, value in values.items()
+    }
+
+
+def model_matches(model: str | None, patterns: Iterable[str]) -> bool:
+    """True when ``model`` equals or matches (glob) one of ``patterns``; never for a missing model."""
+    return model is not None and any(model == p or fnmatch.fnmatchcase(model, p) for p in patterns)
 
 
 def build_checks(
-    policy: RoutePolicy, identity: ClientIdentity, headers: Mapping[str, str]
+    policy: RoutePolicy, identity: ClientIdentity, headers: Mapping[str, str], model: str | None = None
 ) -> tuple[LimitCheck, ...]:
-    """The limit checks that apply to one request.
+    """The limit checks that apply to one request (``model``: the body's model as the client sent it).
+
+    A limit with ``models`` applies only to requests whose model matches one of them; a
+    ``key: model`` limit counts each model name separately and leaves requests without one out.
 
     A header-keyed limit whose header is missing (or empty) follows its ``whenMissing``: 'reject'
     raises a 400 ProxyError (``missing_limit_header``), 'shared' counts the request in one common
@@ -259,8 +338,14 @@ def build_checks(
     checks = []
     for limit in spec.limits:
         tier = None
+        if limit.models and not model_matches(model, limit.models):
+            continue
         if limit.key == "route":
             subject = ""
+        elif limit.key == "model":
+            if not model:
+                continue
+            subject = sha256_hex(model)[:SUBJECT_HEX]
         elif limit.key == "apiKey":
             subject = (identity.key_hash or NO_HEADER_SUBJECT)[:SUBJECT_HEX]
             tier = spec.tiers.get(identity.tier) if identity.tier else None

@@ -24,6 +24,7 @@ from llmroute_sidecar.api.spec import PromptCounting
 from llmroute_sidecar.authn import Authenticator
 from llmroute_sidecar.breaker import BreakerState, CircuitBreaker
 from llmroute_sidecar.config import Settings
+from llmroute_sidecar.cost import reserved_cost
 from llmroute_sidecar.errors import ProxyError
 from llmroute_sidecar.exchange import Exchange
 from llmroute_sidecar.finish import Finisher
@@ -267,7 +268,7 @@ class Gateway:
                 parsed = await count_prompt(parsed)
             if ex.telemetry is not None:
                 ex.telemetry.request(parsed)
-            ex.stream, ex.model, ex.pricing = parsed.stream, parsed.model, spec.pricing
+            ex.stream, ex.model, ex.pricing = parsed.stream, parsed.model, policy.pricing
             injected = with_stream_usage(parsed)
             body = injected if injected is not None else raw
         else:
@@ -275,6 +276,8 @@ class Gateway:
             injected = None
         tokens = estimate_cost(parsed, spec.tokens.default_reservation) if parsed is not None else 0
         ex.tokens_reserved = tokens
+        if parsed is not None and policy.has_cost_budgets:
+            ex.cost_reserved = reserved_cost(parsed, tokens, policy.pricing)
         if self.breaker.state is BreakerState.OPEN:  # fail fast, before the request consumes quota
             raise breaker_open()
         await self.admission.admit(policy, identity, request.headers, ex, tokens)  # headers into ex

@@ -13,6 +13,7 @@ from aiohttp import web
 
 from llmroute_sidecar import errors
 from llmroute_sidecar.config import Settings
+from llmroute_sidecar.cost import price_of
 from llmroute_sidecar.exchange import Exchange
 from llmroute_sidecar.headers import end_to_end
 from llmroute_sidecar.livecharge import LiveCharge
@@ -21,6 +22,7 @@ from llmroute_sidecar.openai.requests import ParsedRequest
 from llmroute_sidecar.openai.sse import (
     SSEParser,
     StreamUsage,
+    cached_tokens_from_json,
     heartbeat,
     is_terminal_event,
     usage_from_json,
@@ -143,7 +145,8 @@ class Relay:
         def failed(error: BaseException) -> None:
             self.metrics.store_errors_total.labels(policy.name, "charge").inc()
 
-        return LiveCharge(ex.lease_store, ex.lease, policy.route.spec.tokens, prompt, failed)
+        price = price_of(ex.model, ex.pricing) if ex.model and ex.lease.request.cost > 0 else None
+        return LiveCharge(ex.lease_store, ex.lease, policy.route.spec.tokens, prompt, failed, price=price)
 
     async def _chunks(
         self,
@@ -189,6 +192,7 @@ def _stream_usage_into(ex: Exchange, usage: StreamUsage, prompt: int) -> None:
     ex.tokens_actual = usage.actual_tokens(prompt)
     ex.prompt_tokens = usage.prompt_tokens if usage.saw_usage else prompt
     ex.completion_tokens = ex.tokens_actual - ex.prompt_tokens
+    ex.cached_tokens = usage.cached_tokens
 
 
 def _charge_live(live: LiveCharge | None, ex: Exchange) -> None:
@@ -206,3 +210,4 @@ def _json_usage_into(ex: Exchange, body: bytes) -> None:
         ex.telemetry.observe(document)
     if found is not None:
         ex.prompt_tokens, ex.completion_tokens, ex.tokens_actual = found
+        ex.cached_tokens = cached_tokens_from_json(document)

@@ -42,6 +42,7 @@ class Pending:
     lease: Lease
     actual_tokens: int
     since: float
+    actual_cost: int | None = None
     attempts: int = 0
     due: float = 0.0
 
@@ -50,7 +51,9 @@ class Pending:
 class SettlesMany(Protocol):
     """A store that settles a round's leases together (``RedisQuotaStore``)."""
 
-    async def settle_many(self, settlements: Sequence[tuple[Lease, int]]) -> list[Exception | None]: ...
+    async def settle_many(
+        self, settlements: Sequence[tuple[Lease, int, int | None]]
+    ) -> list[Exception | None]: ...
 
 
 class Settler:
@@ -78,11 +81,13 @@ class Settler:
         """Settlements not yet known to have reached their store."""
         return len(self._fresh) + len(self._retry) + len(self._inflight)
 
-    def submit(self, store: QuotaStore, lease: Lease, actual_tokens: int) -> None:
+    def submit(
+        self, store: QuotaStore, lease: Lease, actual_tokens: int, actual_cost: int | None = None
+    ) -> None:
         """Queue a settlement; returns at once."""
         if self._task is None:
             self._task = asyncio.create_task(self._run(), name="settler")
-        self._fresh.append(Pending(store, lease, actual_tokens, time.monotonic()))
+        self._fresh.append(Pending(store, lease, actual_tokens, time.monotonic(), actual_cost))
         self._idle.clear()
         self._wake.set()
 
@@ -134,7 +139,9 @@ class Settler:
     ) -> None:
         errors: list[Exception | None]
         try:
-            errors = await store.settle_many([(item.lease, item.actual_tokens) for item in items])
+            errors = await store.settle_many(
+                [(item.lease, item.actual_tokens, item.actual_cost) for item in items]
+            )
         except Exception as escaped:  # a store that let something escape: every item failed
             errors = [escaped] * len(items)
         for index, item, failure in zip(indexes, items, errors, strict=True):
@@ -147,7 +154,7 @@ class Settler:
 
     async def _attempt(self, item: Pending) -> bool:
         try:
-            await item.store.settle(item.lease, item.actual_tokens)
+            await item.store.settle(item.lease, item.actual_tokens, item.actual_cost)
         except Exception as error:  # StoreUnavailableError, or anything a store let escape
             _first_failure(item, error)
             return False

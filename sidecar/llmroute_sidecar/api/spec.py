@@ -25,8 +25,10 @@ SHORT_NAMES = ("llmr",)
 HEADER_NAME_PATTERN = r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$"
 #: A JWT claim name (top level; dots and colons are part of the name, as in URI-named claims).
 CLAIM_NAME_PATTERN = r"^[A-Za-z0-9_][-A-Za-z0-9_.:/]*$"
-#: ``route``, ``apiKey``, ``header:<Name>`` or ``claim:<name>``.
-LIMIT_KEY_PATTERN = r"^(route|apiKey|header:[!#$%&'*+.^_`|~0-9A-Za-z-]+|claim:[A-Za-z0-9_][-A-Za-z0-9_.:/]*)$"
+#: ``route``, ``apiKey``, ``model``, ``header:<Name>`` or ``claim:<name>``.
+LIMIT_KEY_PATTERN = (
+    r"^(route|apiKey|model|header:[!#$%&'*+.^_`|~0-9A-Za-z-]+|claim:[A-Za-z0-9_][-A-Za-z0-9_.:/]*)$"
+)
 #: A lower-case DNS label: limit and tier names appear in metrics and Redis keys.
 DNS_LABEL_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
 #: Kubernetes object names (Secrets) are DNS subdomains.
@@ -43,6 +45,10 @@ URL_PATTERN = r"^https?://[^\s/?#]+(/[^\s]*)?$"
 PATH_PATTERN = r"^/[^\s]*$"
 
 RateValue = Annotated[int, Field(ge=0, le=1_000_000_000)]
+#: Tokens of a day or month budget.
+BudgetTokens = Annotated[int, Field(ge=0, le=1_000_000_000_000)]
+#: Money of a day or month budget, in the pricing currency (stored as integer micro-units).
+BudgetMoney = Annotated[float, Field(ge=0, le=1_000_000_000)]
 #: Completion tokens reserved for a request that sets no maximum (spec.tokens.defaultReservation).
 DEFAULT_RESERVATION = 1024
 
@@ -118,6 +124,15 @@ class SecretKeyRef(ApiModel):
     """Name of the Secret."""
     key: str = Field(min_length=1, max_length=253, pattern=SECRET_KEY_PATTERN)
     """Key within the Secret's data."""
+
+
+class ConfigMapKeyRef(ApiModel):
+    """A key of a ConfigMap in the route's namespace."""
+
+    name: str = Field(min_length=1, max_length=253, pattern=DNS_SUBDOMAIN_PATTERN)
+    """Name of the ConfigMap."""
+    key: str = Field(min_length=1, max_length=253, pattern=SECRET_KEY_PATTERN)
+    """Key within the ConfigMap's data."""
 
 
 class SecretRef(ApiModel):
@@ -223,6 +238,21 @@ class TierLimits(ApiModel):
     """Tokens (prompt + completion) admitted per sliding minute."""
     concurrent_requests: RateValue | None = None
     """Requests in flight at once."""
+    tokens_per_day: BudgetTokens | None = None
+    """Token budget (prompt + completion) per UTC calendar day (resets at 00:00 UTC). Reserved at
+    admission like tokensPerMinute, settled to the actual usage. One counter per subject and day: exact
+    within the day, O(1) memory however many requests; the reservation of a request that never settles
+    (its pod died) stays charged until the day ends."""
+    tokens_per_month: BudgetTokens | None = None
+    """Token budget per UTC calendar month (resets on the 1st, 00:00 UTC); as tokensPerDay."""
+    cost_per_day: BudgetMoney | None = None
+    """Spend budget per UTC calendar day, in the currency of spec.pricing (decimals allowed; counted
+    in micro-units, so 0.000001 is the smallest step). Admission reserves the price of the reservation
+    (prompt estimate x input price + reserved completion tokens x output price), settlement charges
+    the actual cost (cached prompt tokens at cachedInputPerMillion). Requests of models without a
+    price cost 0. Same window, accuracy and memory as tokensPerDay."""
+    cost_per_month: BudgetMoney | None = None
+    """Spend budget per UTC calendar month (resets on the 1st, 00:00 UTC); as costPerDay."""
 
 
 class LimitMode(StrEnum):
@@ -243,8 +273,19 @@ class Limit(TierLimits):
     """Name, unique within the route; used in metrics, errors and 429 headers."""
     key: str = Field(default="route", max_length=300, pattern=LIMIT_KEY_PATTERN)
     """What the limit counts per: 'route' (one shared budget), 'apiKey' (each client key or token
-    subject, see identity), 'header:<Name>' (each value of that request header) or 'claim:<name>'
+    subject, see identity), 'model' (each model name the client sent; requests without a model are
+    not counted by it), 'header:<Name>' (each value of that request header) or 'claim:<name>'
     (each value of that claim of the client's JWT; needs identity.jwt)."""
+    models: list[Annotated[str, Field(min_length=1, max_length=256)]] = Field(
+        default_factory=list, max_length=64
+    )
+    """Only requests whose body 'model' (as the client sent it) matches one of these names or globs
+    (gpt-4o*, claude-*) count against the limit; requests without a model never match. Empty: all
+    requests."""
+    warn_at_percent: int = Field(default=80, ge=1, le=100)
+    """Day and month budgets: once an admitted request leaves this share (percent) of the budget used,
+    the response carries 'x-llmroute-budget-warning: <limit>; used=<ratio>' and
+    llmroute_budget_near_limit_total{route, limit} counts it."""
     burst: RateValue | None = Field(default=None, ge=1, le=1_000_000_000)
     """Pacing on top of requestsPerMinute: at most this many requests back to back, refilled at
     requestsPerMinute/60 per second (a token bucket). Unset: only the sliding-minute cap applies."""
@@ -306,7 +347,7 @@ class TokenAccounting(ApiModel):
 
 class ModelPrice(ApiModel):
     """What one model's tokens cost, per million, in the currency your bills use (llmroute adds
-    them up; it never converts). Cached prompt tokens are priced as input tokens."""
+    them up; it never converts)."""
 
     model: str = Field(min_length=1, max_length=256)
     """The request's model name, or a glob (gpt-4o*, claude-*); the first matching entry prices it."""
@@ -314,6 +355,9 @@ class ModelPrice(ApiModel):
     """Price of one million prompt (input) tokens."""
     output_per_million: float = Field(ge=0, le=1_000_000)
     """Price of one million completion (output) tokens."""
+    cached_input_per_million: float | None = Field(default=None, ge=0, le=1_000_000)
+    """Price of one million cached prompt tokens (usage.prompt_tokens_details.cached_tokens). Unset:
+    the input price."""
 
 
 class StoreFailurePolicy(StrEnum):
@@ -405,7 +449,13 @@ class LLMRouteSpec(ApiModel):
     streams)."""
     pricing: list[ModelPrice] = Field(default_factory=list, max_length=256)
     """Prices per model: each request's cost (its tokens at its model's price) is counted in
-    llmroute_cost_total{route, model}; requests of unpriced models cost nothing there."""
+    llmroute_cost_total{route, model} and in costPerDay/costPerMonth budgets; requests of unpriced
+    models cost nothing there."""
+    pricing_config_map_ref: ConfigMapKeyRef | None = None
+    """A ConfigMap key holding a shared price table: a YAML (or JSON) list of entries shaped like
+    spec.pricing's (model, inputPerMillion, outputPerMillion, cachedInputPerMillion). Mounted into the
+    sidecar by the operator and read again when it changes; its entries come after spec.pricing (the
+    first matching entry prices a model)."""
     on_store_failure: StoreFailurePolicy = StoreFailurePolicy.ALLOW
     """When the quota store is unreachable: 'allow' falls back to a local limiter at each limit's share
     per replica; 'deny' answers 503 and reports not ready."""
@@ -442,12 +492,17 @@ class LLMRouteSpec(ApiModel):
                     limit.requests_per_hour,
                     limit.tokens_per_minute,
                     limit.concurrent_requests,
+                    limit.tokens_per_day,
+                    limit.tokens_per_month,
+                    limit.cost_per_day,
+                    limit.cost_per_month,
                 )
             )
             if not has_value and not (limit.key == "apiKey" and self.tiers):
                 raise ValueError(
                     f"limit {limit.name!r} sets none of requestsPerMinute, requestsPerHour, "
-                    "tokensPerMinute, concurrentRequests"
+                    "tokensPerMinute, concurrentRequests, tokensPerDay, tokensPerMonth, costPerDay, "
+                    "costPerMonth"
                 )
             if limit.burst is not None and limit.requests_per_minute is None:
                 raise ValueError(f"limit {limit.name!r} sets burst without requestsPerMinute")

@@ -43,6 +43,32 @@ class PodCounts(ApiModel):
     """Injected pods that are ready."""
 
 
+class BudgetConsumer(ApiModel):
+    """One of a budget's top consumers in its current window."""
+
+    id: str = Field(max_length=64)
+    """A prefix of the client's hashed id (the sha256 of its key, header or claim value, or model)."""
+    spend: float = Field(ge=0)
+    """What it used in the window: money (pricing currency) for cost budgets, else tokens."""
+
+
+class BudgetStatus(ApiModel):
+    """A day or month budget's use in its current UTC window, read from the sidecars' Redis."""
+
+    limit: str = Field(max_length=63)
+    """The limit's name."""
+    dimension: str = Field(max_length=32)
+    """tokensPerDay, tokensPerMonth, costPerDay or costPerMonth."""
+    window: str = Field(max_length=16)
+    """The UTC window counted: 2026-12-03 (a day) or 2026-12 (a month)."""
+    budget: float | None = Field(default=None, ge=0)
+    """The limit's value (per client for per-client limits; tiers may differ)."""
+    used: float | None = Field(default=None, ge=0)
+    """Used in the window (route-scoped limits)."""
+    top_consumers: list[BudgetConsumer] = Field(default_factory=list, max_length=5)
+    """Per-client limits: the five clients that used most of their budget in the window, most first."""
+
+
 class LLMRouteStatus(ApiModel):
     """Observed state of an LLMRoute."""
 
@@ -60,3 +86,6 @@ class LLMRouteStatus(ApiModel):
     """Replicas the observed load needs, from the sidecars' autoscaling hints."""
     pods_needing_rollout: list[str] = Field(default_factory=list)
     """Matched pods without the current sidecar (listed under rollout: manual, or while rolling out)."""
+    budgets: list[BudgetStatus] = Field(default_factory=list, max_length=256)
+    """Day and month budgets: use and top consumers in the current window (needs the operator's Redis
+    URL; refreshed by the periodic status pass)."""

@@ -116,6 +116,8 @@ class StreamUsage:
     completion_tokens: int = 0
     total_tokens: int = 0
     saw_usage: bool = False
+    cached_tokens: int = 0
+    """Cached prompt tokens of the usage seen (``prompt_tokens_details.cached_tokens``)."""
     done: bool = False
     on_document: Callable[[dict[str, Any]], None] | None = field(default=None, repr=False)
     """Also given every JSON chunk parsed here (telemetry reads the model and finish reasons)."""
@@ -136,10 +138,12 @@ class StreamUsage:
             self.on_document(document)
         response = document.get("response")
         found = usage_from_json(document)
+        carrier = document
         if found is None and isinstance(response, dict):
-            found = usage_from_json(response)
+            found, carrier = usage_from_json(response), response
         if found is not None:
             self.prompt_tokens, self.completion_tokens, self.total_tokens = found
+            self.cached_tokens = cached_tokens_from_json(carrier)
             self.saw_usage = True
         self._chars += _streamed_chars(document)
 
@@ -203,6 +207,21 @@ def usage_from_json(document: dict[str, Any]) -> tuple[int, int, int] | None:
         return None
     prompt, completion = prompt or 0, completion or 0
     return prompt, completion, max(total or 0, prompt + completion)
+
+
+def cached_tokens_from_json(document: dict[str, Any]) -> int:
+    """Cached prompt tokens of a response's usage (``prompt_tokens_details.cached_tokens``, or
+    ``input_tokens_details`` for /v1/responses); 0 when not reported."""
+    usage = document.get("usage")
+    if not isinstance(usage, dict):
+        return 0
+    for name in ("prompt_tokens_details", "input_tokens_details"):
+        details = usage.get(name)
+        if isinstance(details, dict):
+            found = _count(details, "cached_tokens")
+            if found is not None:
+                return found
+    return 0
 
 
 #: Top-level chunk fields that describe a chunk rather than carry content.

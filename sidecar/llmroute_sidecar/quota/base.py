@@ -23,6 +23,20 @@ class Dimension(StrEnum):
     TOKENS_PER_MINUTE = "tokensPerMinute"
     CONCURRENT_REQUESTS = "concurrentRequests"
     BURST = "burst"
+    TOKENS_PER_DAY = "tokensPerDay"
+    TOKENS_PER_MONTH = "tokensPerMonth"
+    COST_PER_DAY = "costPerDay"
+    COST_PER_MONTH = "costPerMonth"
+
+
+#: Budgets: one counter per UTC calendar day or month (``windows.py``), reserved and settled.
+BUDGET_DIMENSIONS = frozenset(
+    {Dimension.TOKENS_PER_DAY, Dimension.TOKENS_PER_MONTH, Dimension.COST_PER_DAY, Dimension.COST_PER_MONTH}
+)
+#: Budgets counted in money (integer micro-units of the pricing currency).
+COST_DIMENSIONS = frozenset({Dimension.COST_PER_DAY, Dimension.COST_PER_MONTH})
+#: Budgets whose window is a calendar month (the others: a day).
+MONTH_DIMENSIONS = frozenset({Dimension.TOKENS_PER_MONTH, Dimension.COST_PER_MONTH})
 
 
 #: Window length of each rate dimension, in seconds.
@@ -30,6 +44,13 @@ WINDOW_SECONDS = {
     Dimension.REQUESTS_PER_MINUTE: 60.0,
     Dimension.REQUESTS_PER_HOUR: 3600.0,
     Dimension.TOKENS_PER_MINUTE: 60.0,
+}
+#: Nominal window length of the budgets (headers' ``w=``; their windows are calendar days and months).
+BUDGET_WINDOW_SECONDS = {
+    Dimension.TOKENS_PER_DAY: 86_400.0,
+    Dimension.COST_PER_DAY: 86_400.0,
+    Dimension.TOKENS_PER_MONTH: 2_592_000.0,
+    Dimension.COST_PER_MONTH: 2_592_000.0,
 }
 
 
@@ -50,6 +71,11 @@ class LimitCheck:
     tokens_per_minute: int | None = None
     concurrent_requests: int | None = None
     burst: int | None = None
+    tokens_per_day: int | None = None
+    tokens_per_month: int | None = None
+    cost_per_day: int | None = None
+    """Micro-units of the pricing currency, like ``cost_per_month``."""
+    cost_per_month: int | None = None
     shadow: bool = False
 
     def values(self) -> dict[Dimension, int]:
@@ -60,6 +86,10 @@ class LimitCheck:
             Dimension.TOKENS_PER_MINUTE: self.tokens_per_minute,
             Dimension.CONCURRENT_REQUESTS: self.concurrent_requests,
             Dimension.BURST: self.burst,
+            Dimension.TOKENS_PER_DAY: self.tokens_per_day,
+            Dimension.TOKENS_PER_MONTH: self.tokens_per_month,
+            Dimension.COST_PER_DAY: self.cost_per_day,
+            Dimension.COST_PER_MONTH: self.cost_per_month,
         }
         return {dimension: value for dimension, value in pairs.items() if value is not None}
 
@@ -75,6 +105,18 @@ class AdmissionRequest:
     lease_seconds: float
     """Lease expiry: concurrency slots of a lease nobody settles return after this long."""
     request_id: str = ""
+    cost: int = 0
+    """Reserved cost in micro-units of the pricing currency (costPerDay/Month budgets); 0 unpriced."""
+
+
+def micros(money: float) -> int:
+    """Money in integer micro-units (the quota stores count cost budgets in them)."""
+    return round(money * 1_000_000)
+
+
+def budget_charge(dimension: Dimension, tokens: int, cost: int) -> int:
+    """What one request charges a budget dimension: its cost for cost budgets, else its tokens."""
+    return cost if dimension in COST_DIMENSIONS else tokens
 
 
 @dataclass(frozen=True)
@@ -87,7 +129,8 @@ class LimitState:
     limit_value: int
     remaining: int
     reset_seconds: float
-    """Seconds until the window fully frees what is used now (0 when nothing is used)."""
+    """Seconds until the window fully frees what is used now (0 when nothing is used); for day and
+    month budgets the time until the window ends."""
 
 
 @dataclass(frozen=True)
@@ -97,6 +140,14 @@ class Lease:
     lease_id: str
     request: AdmissionRequest
     reserved_tokens: int
+    day: int = 0
+    """The UTC day (days since the epoch) of the admission: budgets settle in its window."""
+    month: int = 0
+    """The UTC month (year x 12 + month - 1) of the admission."""
+
+    def window(self, dimension: Dimension) -> int:
+        """The window id a budget dimension of this lease was charged in."""
+        return self.month if dimension in MONTH_DIMENSIONS else self.day
 
 
 @dataclass(frozen=True)
@@ -144,12 +195,19 @@ class QuotaStore(Protocol):
         """Check every limit of ``request``; consume all of them or none."""
         ...
 
-    async def settle(self, lease: Lease, actual_tokens: int) -> None:
-        """Release the lease's slots and charge ``actual_tokens`` in place of the reservation."""
+    async def settle(self, lease: Lease, actual_tokens: int, actual_cost: int | None = None) -> None:
+        """Release the lease's slots and charge ``actual_tokens`` in place of the reservation.
+
+        ``actual_cost`` (micro-units) replaces the reserved cost of cost budgets; None: 0 when
+        ``actual_tokens`` is 0, else the reservation stays charged.
+        """
         ...
 
-    async def charge(self, lease: Lease, tokens_so_far: int) -> None:
+    async def charge(self, lease: Lease, tokens_so_far: int, cost_so_far: int | None = None) -> None:
         """Raise the lease's tokensPerMinute charges to ``max(current charge, tokens_so_far)``.
+
+        Day and month budgets too, in the window the lease was charged in: token budgets to
+        ``tokens_so_far``, cost budgets to ``cost_so_far`` (micro-units; None leaves them alone).
 
         Live usage of an unsettled lease (a stream outgrowing its reservation), so concurrent
         admissions see it; never lowers a charge. Call it only before ``settle`` (the sidecar waits
@@ -164,3 +222,10 @@ class QuotaStore(Protocol):
     async def close(self) -> None:
         """Release connections and background tasks."""
         ...
+
+
+def settled_cost(lease: Lease, actual_tokens: int, actual_cost: int | None) -> int:
+    """The cost a settlement charges: ``actual_cost``, else 0 for no usage, else the reservation."""
+    if actual_cost is not None:
+        return max(0, actual_cost)
+    return 0 if actual_tokens <= 0 else lease.request.cost

@@ -36,9 +36,21 @@ The Redis store is property-tested against this one, so the semantics here are t
   (ties: the shorter window, concurrency counting as 0 s and burst as 60 s).
 - ``settle`` releases the slots and settles the tokens; it is idempotent and ignores unknown leases.
   After its lease expired, a lease's token entries can still be settled while they are in the window.
+- Day and month budgets (tokensPerDay/Month, costPerDay/Month) are one counter per subject and UTC
+  calendar window (``windows.py``, from the ``wall_clock``): a request passes if the window's total
+  plus its charge (tokens, or ``request.cost`` micro-units for cost budgets) stays within N; the
+  counter starts at 0 in each new window. A charge larger than N never passes (remaining 0). When
+  rejected, ``retry_after`` is the time until the window ends; ``reset_seconds`` likewise (0 when
+  nothing is used). ``settle`` adds (actual - charged) to the counter of the window the lease was
+  charged in, if that window is still current (a reservation settled after its window ended is left
+  alone; a lease stays settleable until its windows end); cost settles to ``settled_cost``.
+  ``charge`` raises an unsettled lease's budget charges the same way (tokens, or ``cost_so_far``
+  when given; never lower). Per limit and dimension, each non-route subject's spend in the current
+  window is kept for ``top_consumers``.
 - ``wait_for_capacity`` returns when a lease is settled or expires, or after ``timeout``.
 - Memory stays bounded: logs are pruned on access and swept every minute, empty counters and full
-  buckets are dropped, lease records go once their slots expired and their entries left the window.
+  buckets are dropped, lease records go once their slots expired and their entries left the window
+  (with budgets: once their windows ended); budget counters and spends go when their window ends.
 """
 
 from __future__ import annotations
@@ -54,6 +66,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from llmroute_sidecar.quota.base import (
+    BUDGET_DIMENSIONS,
+    BUDGET_WINDOW_SECONDS,
+    COST_DIMENSIONS,
+    MONTH_DIMENSIONS,
     WINDOW_SECONDS,
     AdmissionRequest,
     Decision,
@@ -61,7 +77,10 @@ from llmroute_sidecar.quota.base import (
     Lease,
     LimitCheck,
     LimitState,
+    budget_charge,
+    settled_cost,
 )
+from llmroute_sidecar.quota.windows import day_window, month_window
 
 #: ``retry_after`` of a concurrency rejection: slots free when other requests finish.
 CONCURRENCY_RETRY_SECONDS = 1.0
@@ -74,6 +93,7 @@ RANK_WINDOWS = {
     **WINDOW_SECONDS,
     Dimension.BURST: 60.0,
     Dimension.CONCURRENT_REQUESTS: 0.0,
+    **BUDGET_WINDOW_SECONDS,
 }
 TOKEN_WINDOW = WINDOW_SECONDS[Dimension.TOKENS_PER_MINUTE]
 
@@ -123,13 +143,46 @@ class _Bucket:
 
 
 @dataclass
+class _Budget:
+    """One subject's counter in one calendar window."""
+
+    window: int
+    end: float
+    """Unix seconds."""
+    used: int = 0
+
+
+TopKey = tuple[str, str, Dimension]
+"""(route, limit name, budget dimension)."""
+
+
+@dataclass
+class _Top:
+    """Spend per subject of one budget in one window."""
+
+    window: int
+    end: float
+    spend: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass
 class _Hold:
-    """What a lease holds until settled: concurrency slots and token-log entries."""
+    """What a lease holds until settled: concurrency slots, token-log entries, budget charges."""
 
     expires_at: float
     drop_at: float
     slots: list[Key] = field(default_factory=list)
+    recheck_at: float = 0.0
+    """When the hold is looked at again after its slots expired (its last deadline queued so far)."""
     charges: list[tuple[Key, _Entry]] = field(default_factory=list)
+    budgets: list[_BudgetCharge] = field(default_factory=list)
+    """What each budget dimension holds for the lease, charged in the lease's windows."""
+
+
+@dataclass
+class _BudgetCharge:
+    item: _Item
+    charge: int
 
 
 @dataclass(frozen=True)
@@ -169,6 +222,15 @@ def _items(request: AdmissionRequest) -> list[_Item]:
     ]
 
 
+def _window(dimension: Dimension, wall: float) -> tuple[int, float]:
+    """(window id, end) of a budget dimension at unix time ``wall``."""
+    return month_window(wall) if dimension in MONTH_DIMENSIONS else day_window(wall)
+
+
+def _top_key(item: _Item) -> TopKey:
+    return (item.key[0], item.check.limit, item.dimension)
+
+
 def _cost(item: _Item, tokens: int) -> int:
     return tokens if item.dimension is Dimension.TOKENS_PER_MINUTE else 1
 
@@ -176,8 +238,14 @@ def _cost(item: _Item, tokens: int) -> int:
 class MemoryQuotaStore:
     """Quota state in this process's memory; ``clock`` returns seconds (injectable for tests)."""
 
-    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self, clock: Callable[[], float] = time.monotonic, wall_clock: Callable[[], float] = time.time
+    ) -> None:
         self._clock = clock
+        self._wall = wall_clock
+        """Unix seconds: what calendar windows (budgets) are read from."""
+        self._budgets: dict[Key, _Budget] = {}
+        self._tops: dict[TopKey, _Top] = {}
         self._logs: dict[Key, _Log] = {}
         self._buckets: dict[Key, _Bucket] = {}
         self._slots: dict[Key, set[str]] = {}
@@ -194,7 +262,8 @@ class MemoryQuotaStore:
         self._maintain(now)
         tokens = max(0, request.tokens)
         items = _items(request)
-        retries = [self._verdict(item, tokens, now) for item in items]
+        wall = self._wall() if any(item.dimension in BUDGET_DIMENSIONS for item in items) else 0.0
+        retries = [self._verdict(item, tokens, now, request.cost, wall) for item in items]
         failing = [
             (index, retry)
             for index, retry in enumerate(retries)
@@ -202,9 +271,10 @@ class MemoryQuotaStore:
         ]
         lease = None
         if not failing:
-            lease = Lease(uuid.uuid4().hex, request, tokens)
-            self._consume(items, lease, now)
-        states = tuple(self._state(item, tokens, now) for item in items)
+            day, month = (day_window(wall)[0], month_window(wall)[0]) if wall else (0, 0)
+            lease = Lease(uuid.uuid4().hex, request, tokens, day, month)
+            self._consume(items, lease, now, wall)
+        states = tuple(self._state(item, tokens, now, request.cost, wall) for item in items)
         enforced = [state for item, state in zip(items, states, strict=True) if not item.check.shadow]
         tightest = min(enforced, key=lambda s: (s.remaining, RANK_WINDOWS[s.dimension]), default=None)
         if failing:
@@ -217,11 +287,11 @@ class MemoryQuotaStore:
         )
         return Decision(True, lease, None, 0.0, tightest, states, shadow)
 
-    async def settle(self, lease: Lease, actual_tokens: int) -> None:
+    async def settle(self, lease: Lease, actual_tokens: int, actual_cost: int | None = None) -> None:
         """Release the lease's slots and charge ``actual_tokens``; a no-op for unknown or settled leases."""
-        self.settle_now(lease, actual_tokens)
+        self.settle_now(lease, actual_tokens, actual_cost)
 
-    def settle_now(self, lease: Lease, actual_tokens: int) -> None:
+    def settle_now(self, lease: Lease, actual_tokens: int, actual_cost: int | None = None) -> None:
         """``settle`` without awaiting anything (the request path's finish calls it directly)."""
         now = self._clock()
         self._maintain(now)
@@ -236,10 +306,41 @@ class MemoryQuotaStore:
                 continue
             log.total += actual - entry.charge
             entry.charge = actual
+        cost = settled_cost(lease, actual, actual_cost)
+        for held in hold.budgets:
+            self._recharge(lease, held, budget_charge(held.item.dimension, actual, cost))
         self._signal()
 
-    async def charge(self, lease: Lease, tokens_so_far: int) -> None:
-        """Raise the unsettled lease's token charges to ``tokens_so_far``; never lower them."""
+    def _recharge(self, lease: Lease, held: _BudgetCharge, charge: int, raise_only: bool = False) -> None:
+        """Replace a lease's charge of a budget (in the window it was made in; else leave it)."""
+        item = held.item
+        window = lease.window(item.dimension)
+        budget = self._budgets.get(item.key)
+        if budget is None or budget.window != window or (raise_only and charge <= held.charge):
+            return
+        delta, held.charge = charge - held.charge, charge
+        budget.used += delta
+        top = self._tops.get(_top_key(item))
+        if item.check.scope != "route" and top is not None and top.window == window:
+            top.spend[item.check.subject] = top.spend.get(item.check.subject, 0) + delta
+
+    def budget_used(self, route: str, limit: str, subject: str, dimension: Dimension) -> int:
+        """What a budget counts in its current window (0 when nothing is counted)."""
+        budget = self._budgets.get((route, limit, subject, dimension))
+        return 0 if budget is None or budget.end <= self._wall() else budget.used
+
+    def top_consumers(
+        self, route: str, limit: str, dimension: Dimension, count: int = 5
+    ) -> list[tuple[str, int]]:
+        """The ``count`` subjects that spent most of a budget in its current window, most first."""
+        top = self._tops.get((route, limit, dimension))
+        if top is None or top.end <= self._wall():
+            return []
+        return sorted(top.spend.items(), key=lambda pair: (-pair[1], pair[0]))[:count]
+
+    async def charge(self, lease: Lease, tokens_so_far: int, cost_so_far: int | None = None) -> None:
+        """Raise the unsettled lease's token charges to ``tokens_so_far`` (and budgets' to it or to
+        ``cost_so_far``); never lower them."""
         now = self._clock()
         self._maintain(now)
         hold = self._holds.get(lease.lease_id)
@@ -251,6 +352,12 @@ class MemoryQuotaStore:
                 continue
             log.total += tokens_so_far - entry.charge
             entry.charge = tokens_so_far
+        for held in hold.budgets:
+            cost = held.item.dimension in COST_DIMENSIONS
+            if cost and cost_so_far is None:
+                continue
+            want = max(0, cost_so_far or 0) if cost else max(0, tokens_so_far)
+            self._recharge(lease, held, want, raise_only=True)
 
     async def wait_for_capacity(self, timeout: float) -> None:
         """Return when a lease is settled or expires, or after ``timeout`` seconds."""
@@ -270,8 +377,15 @@ class MemoryQuotaStore:
 
     # -- evaluation ------------------------------------------------------------------------------
 
-    def _verdict(self, item: _Item, tokens: int, now: float) -> float | None:
+    def _verdict(
+        self, item: _Item, tokens: int, now: float, cost: int = 0, wall: float = 0.0
+    ) -> float | None:
         """None when ``item`` admits the request, else the seconds until it would."""
+        if item.dimension in BUDGET_DIMENSIONS:
+            window, end = _window(item.dimension, wall)
+            used = self._used(item.key, window)
+            charge = budget_charge(item.dimension, tokens, cost)
+            return None if used + charge <= item.value else end - wall
         if item.dimension is Dimension.CONCURRENT_REQUESTS:
             held = len(self._slots.get(item.key, ()))
             return None if held < item.value else CONCURRENCY_RETRY_SECONDS
@@ -294,7 +408,16 @@ class MemoryQuotaStore:
             return None
         return (1.0 - level) / item.rate if item.rate > 0 else item.window
 
-    def _state(self, item: _Item, tokens: int, now: float) -> LimitState:
+    def _used(self, key: Key, window: int) -> int:
+        budget = self._budgets.get(key)
+        return budget.used if budget is not None and budget.window == window else 0
+
+    def _state(self, item: _Item, tokens: int, now: float, cost: int = 0, wall: float = 0.0) -> LimitState:
+        if item.dimension in BUDGET_DIMENSIONS:
+            window, end = _window(item.dimension, wall)
+            used = self._used(item.key, window)
+            oversize = budget_charge(item.dimension, tokens, cost) > item.value
+            return item.state(0 if oversize else item.value - used, end - wall if used > 0 else 0.0)
         if item.dimension is Dimension.CONCURRENT_REQUESTS:
             return item.state(item.value - len(self._slots.get(item.key, ())), 0.0)
         if item.dimension is Dimension.BURST:
@@ -327,11 +450,15 @@ class MemoryQuotaStore:
 
     # -- consumption -----------------------------------------------------------------------------
 
-    def _consume(self, items: list[_Item], lease: Lease, now: float) -> None:
+    def _consume(self, items: list[_Item], lease: Lease, now: float, wall: float = 0.0) -> None:
         expires_at = now + lease.request.lease_seconds
         hold = _Hold(expires_at, expires_at)
         for item in items:
-            if item.dimension is Dimension.CONCURRENT_REQUESTS:
+            if item.dimension in BUDGET_DIMENSIONS:
+                charge = budget_charge(item.dimension, lease.reserved_tokens, lease.request.cost)
+                self._charge_budget(item, charge, wall)
+                hold.budgets.append(_BudgetCharge(item, charge))
+            elif item.dimension is Dimension.CONCURRENT_REQUESTS:
                 self._slots.setdefault(item.key, set()).add(lease.lease_id)
                 hold.slots.append(item.key)
             elif item.dimension is Dimension.BURST:
@@ -341,13 +468,32 @@ class MemoryQuotaStore:
                 self._logs.setdefault(item.key, _Log()).append(entry)
                 if item.dimension is Dimension.TOKENS_PER_MINUTE:
                     hold.charges.append((item.key, entry))
-        if hold.charges:
+        if hold.charges or hold.budgets:
             hold.drop_at = max(expires_at, now + TOKEN_WINDOW)
-        if hold.slots or hold.charges:
+        hold.recheck_at = hold.drop_at
+        if hold.budgets:  # settleable until its windows end, as in Redis (only leaked leases stay)
+            end = max(_window(held.item.dimension, wall)[1] for held in hold.budgets)
+            hold.drop_at = max(hold.drop_at, now + (end - wall))
+        if hold.slots or hold.charges or hold.budgets:
             self._holds[lease.lease_id] = hold
             heapq.heappush(self._deadlines, (expires_at, lease.lease_id))
-            if hold.drop_at > expires_at:
-                heapq.heappush(self._deadlines, (hold.drop_at, lease.lease_id))
+            # The far end of a budget hold is queued only if it is still held then (``_expire``):
+            # settled leases must not leave a deadline per request for a month.
+            if hold.recheck_at > expires_at:
+                heapq.heappush(self._deadlines, (hold.recheck_at, lease.lease_id))
+
+    def _charge_budget(self, item: _Item, charge: int, wall: float) -> None:
+        window, end = _window(item.dimension, wall)
+        budget = self._budgets.get(item.key)
+        if budget is None or budget.window != window:
+            budget = self._budgets[item.key] = _Budget(window, end)
+        budget.used += charge
+        if item.check.scope == "route":
+            return
+        top = self._tops.get(_top_key(item))
+        if top is None or top.window != window:
+            top = self._tops[_top_key(item)] = _Top(window, end)
+        top.spend[item.check.subject] = top.spend.get(item.check.subject, 0) + charge
 
     def _take(self, item: _Item, now: float) -> None:
         level = max(0.0, self._level(item, now) - 1.0)
@@ -376,7 +522,7 @@ class MemoryQuotaStore:
         """Return the slots of expired leases; forget leases with nothing left to settle."""
         freed = False
         while self._deadlines and self._deadlines[0][0] <= now:
-            _, lease_id = heapq.heappop(self._deadlines)
+            due, lease_id = heapq.heappop(self._deadlines)
             hold = self._holds.get(lease_id)
             if hold is None:
                 continue
@@ -385,6 +531,8 @@ class MemoryQuotaStore:
                 freed = True
             if hold.drop_at <= now:
                 del self._holds[lease_id]
+            elif due >= hold.recheck_at:  # a budget hold still unsettled: forget it at its window's end
+                heapq.heappush(self._deadlines, (hold.drop_at, lease_id))
         if freed:
             self._signal()
 
@@ -393,6 +541,11 @@ class MemoryQuotaStore:
             self._log(key, now)
         for key in [key for key, bucket in self._buckets.items() if bucket.full_at <= now]:
             del self._buckets[key]
+        wall = self._wall()
+        for key in [key for key, budget in self._budgets.items() if budget.end <= wall]:
+            del self._budgets[key]
+        for top_key in [key for key, top in self._tops.items() if top.end <= wall]:
+            del self._tops[top_key]
 
     def _event(self) -> asyncio.Event:
         if self._freed is None:

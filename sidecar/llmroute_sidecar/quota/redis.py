@@ -42,6 +42,7 @@ from redis.backoff import NoBackoff
 from redis.exceptions import NoScriptError, ResponseError
 
 from llmroute_sidecar.quota.base import (
+    BUDGET_DIMENSIONS,
     AdmissionRequest,
     Decision,
     Dimension,
@@ -50,6 +51,7 @@ from llmroute_sidecar.quota.base import (
     LimitState,
     StoreState,
     StoreUnavailableError,
+    settled_cost,
 )
 from llmroute_sidecar.quota.batching import (
     AnswerTimeout,
@@ -83,13 +85,23 @@ ORDER = (
     Dimension.TOKENS_PER_MINUTE,
     Dimension.CONCURRENT_REQUESTS,
     Dimension.BURST,
+    Dimension.TOKENS_PER_DAY,
+    Dimension.TOKENS_PER_MONTH,
+    Dimension.COST_PER_DAY,
+    Dimension.COST_PER_MONTH,
 )
+#: Dimensions a settlement touches.
+SETTLED = frozenset({Dimension.TOKENS_PER_MINUTE, Dimension.CONCURRENT_REQUESTS}) | BUDGET_DIMENSIONS
 _SHORT = {
     Dimension.REQUESTS_PER_MINUTE: "rpm",
     Dimension.REQUESTS_PER_HOUR: "rph",
     Dimension.TOKENS_PER_MINUTE: "tpm",
     Dimension.CONCURRENT_REQUESTS: "conc",
     Dimension.BURST: "burst",
+    Dimension.TOKENS_PER_DAY: "tpd",
+    Dimension.TOKENS_PER_MONTH: "tpmo",
+    Dimension.COST_PER_DAY: "cpd",
+    Dimension.COST_PER_MONTH: "cpmo",
 }
 
 Client = aioredis.Redis | RedisCluster
@@ -126,15 +138,30 @@ def _encoded_item(
     bytes pass straight through, and an item's keys and values only change with its configuration.
     """
     key, hkey = _keys(route, check, dimension)
-    extra = (check.requests_per_minute or 0) if dimension is Dimension.BURST else 0
+    if dimension in BUDGET_DIMENSIONS:
+        extra = _member(check).encode()
+    else:
+        extra = b"%d" % ((check.requests_per_minute or 0) if dimension is Dimension.BURST else 0)
     code = DIMENSION_CODES[dimension.value]
-    args = (b"%d" % code, b"%d" % value, b"%d" % int(check.shadow), b"%d" % extra)
+    args = (b"%d" % code, b"%d" % value, b"%d" % int(check.shadow), extra)
     return (key.encode(), hkey.encode()), args
 
 
 def _keys(route: str, check: LimitCheck, dimension: Dimension) -> tuple[str, str]:
     base = f"{key_prefix(route)}:{check.limit}:{check.subject or '_'}:{_SHORT[dimension]}"
+    if dimension in BUDGET_DIMENSIONS:
+        return base, top_key(route, check.limit, dimension)
     return base, f"{base}:c"
+
+
+def top_key(route: str, limit: str, dimension: Dimension) -> str:
+    """The sorted set of each subject's spend in a budget's current window (member ``_w``: -window)."""
+    return f"{key_prefix(route)}:{limit}:{_SHORT[dimension]}:top"
+
+
+def _member(check: LimitCheck) -> str:
+    """A budget's subject in its top-consumers set; '' (not tracked) for route-scoped limits."""
+    return "" if check.scope == "route" else check.subject
 
 
 def redis_password(env: dict[str, str] | None = None) -> str | None:
@@ -418,7 +445,13 @@ class RedisQuotaStore:
             return Decision(admitted=True)
         lease_id = uuid.uuid4().hex
         keys: list[Any] = []
-        args: list[Any] = [lease_id, request.tokens, int(request.lease_seconds * 1_000_000), len(items)]
+        args: list[Any] = [
+            lease_id,
+            request.tokens,
+            int(request.lease_seconds * 1_000_000),
+            len(items),
+            max(0, request.cost),
+        ]
         for check, dimension, value in items:
             item_keys, item_args = _encoded_item(request.route, check, dimension, value)
             keys.extend(item_keys)
@@ -426,18 +459,22 @@ class RedisQuotaStore:
 
         def orphaned(raw: Any) -> None:  # admitted for a caller that went away: release at once
             if raw and int(raw[0]) == 1:
-                self._in_background(self.settle(Lease(lease_id, request, request.tokens), 0))
+                day, month = int(raw[-2]), int(raw[-1])
+                lease = Lease(lease_id, request, request.tokens, day, month)
+                self._in_background(self.settle(lease, 0))
 
         raw = await self._call(self._admit, keys, args, orphaned)
         return _decision(request, items, [int(v) for v in raw], lease_id)
 
-    async def settle(self, lease: Lease, actual_tokens: int) -> None:
+    async def settle(self, lease: Lease, actual_tokens: int, actual_cost: int | None = None) -> None:
         """One attempt (batched with others); the caller retries (``settlement.Settler``)."""
-        (outcome,) = await self.settle_many([(lease, actual_tokens)])
+        (outcome,) = await self.settle_many([(lease, actual_tokens, actual_cost)])
         if outcome is not None:
             raise outcome
 
-    async def settle_many(self, settlements: Sequence[tuple[Lease, int]]) -> list[Exception | None]:
+    async def settle_many(
+        self, settlements: Sequence[tuple[Lease, int, int | None] | tuple[Lease, int]]
+    ) -> list[Exception | None]:
         """Settle many leases in the same batches (one attempt each): per lease None or its error.
 
         Queued at once and awaited as plain futures, so a round of the settler costs one pipelined
@@ -450,8 +487,10 @@ class RedisQuotaStore:
         except StoreUnavailableError as error:
             return [error] * len(settlements)
         deadline = time.monotonic() + QUEUE_BUDGET_SECONDS
-        for index, (lease, actual_tokens) in enumerate(settlements):
-            operation = self._settle_operation(lease, actual_tokens, deadline)
+        for index, settlement in enumerate(settlements):
+            lease, actual_tokens = settlement[0], settlement[1]
+            actual_cost = settlement[2] if len(settlement) > 2 else None
+            operation = self._settle_operation(lease, actual_tokens, actual_cost, deadline)
             if operation is not None:
                 self._batcher.submit(operation)
                 waiting.append((index, operation.future))
@@ -463,12 +502,10 @@ class RedisQuotaStore:
                 raise result
         return outcomes
 
-    def _settle_operation(self, lease: Lease, actual_tokens: int, deadline: float) -> Operation | None:
-        items = [
-            (check, dimension)
-            for check, dimension, _ in _items(lease.request)
-            if dimension in (Dimension.TOKENS_PER_MINUTE, Dimension.CONCURRENT_REQUESTS)
-        ]
+    def _settle_operation(
+        self, lease: Lease, actual_tokens: int, actual_cost: int | None, deadline: float
+    ) -> Operation | None:
+        items = [(check, dimension) for check, dimension, _ in _items(lease.request) if dimension in SETTLED]
         if not items:
             return None
         keys: list[str] = []
@@ -476,21 +513,33 @@ class RedisQuotaStore:
         for check, dimension in items:
             keys.extend(_keys(lease.request.route, check, dimension))
             args.append(DIMENSION_CODES[dimension.value])
+        args.extend((settled_cost(lease, actual_tokens, actual_cost), lease.day, lease.month))
+        args.extend(_member(check) if dimension in BUDGET_DIMENSIONS else "" for check, dimension in items)
         script: Any = self._settle
         return Operation(script.sha, script.script, keys, args, deadline)
 
     # -- live charges: streams outgrowing their reservation ----------------------------------------
 
-    async def charge(self, lease: Lease, tokens_so_far: int) -> None:
-        """One EVALSHA (batched) raising the lease's tokensPerMinute entries to ``tokens_so_far``."""
+    async def charge(self, lease: Lease, tokens_so_far: int, cost_so_far: int | None = None) -> None:
+        """One EVALSHA (batched) raising the lease's tokensPerMinute entries to ``tokens_so_far`` and
+        its day/month budget charges to ``tokens_so_far`` / ``cost_so_far``."""
+        items = _items(lease.request)
         keys = [
             key
-            for check, dimension, _ in _items(lease.request)
+            for check, dimension, _ in items
             if dimension is Dimension.TOKENS_PER_MINUTE
             for key in _keys(lease.request.route, check, dimension)
         ]
+        tpm_items = len(keys) // 2
+        budget_args: list[Any] = []
+        for check, dimension, _ in items:
+            if dimension in BUDGET_DIMENSIONS:
+                keys.extend(_keys(lease.request.route, check, dimension))
+                budget_args.extend((DIMENSION_CODES[dimension.value], _member(check)))
         if keys:
-            await self._call(self._charge, keys, [lease.lease_id, max(0, tokens_so_far)])
+            cost = -1 if cost_so_far is None else max(0, cost_so_far)
+            args = [lease.lease_id, max(0, tokens_so_far), tpm_items, cost, lease.day, lease.month]
+            await self._call(self._charge, keys, [*args, *budget_args])
 
     async def ping(self) -> bool:
         """True when Redis answers; ends the failure pause so exact limiting resumes at once."""
@@ -585,7 +634,7 @@ def _decision(
             failing.append((state, retry_us / 1_000_000))
     tightest = min(enforce_states, key=lambda s: (s.remaining, s.reset_seconds), default=None)
     if admitted:
-        lease = Lease(lease_id, request, request.tokens)
+        lease = Lease(lease_id, request, request.tokens, raw[-2], raw[-1])
         return Decision(True, lease, None, 0.0, tightest, tuple(states), tuple(shadow))
     rejected, retry = max(failing, key=lambda pair: pair[1])
     return Decision(False, None, rejected, retry, rejected, tuple(states), ())

@@ -3,8 +3,10 @@
 Admission checks every (limit, dimension) item of a request and consumes all of them only when
 every enforced item passes. Time comes from Redis (``TIME``), never from pod clocks.
 
-Each item uses two KEYS (the second only for tokens) and four ARGV values:
-``dimension code, limit value, shadow flag, extra`` (extra: the refill rate for burst buckets).
+Each item uses two KEYS (the second only for tokens and budgets) and four ARGV values:
+``dimension code, limit value, shadow flag, extra`` (extra: the refill rate for burst buckets, the
+subject for budgets, '' for route-scoped ones). The ARGV head is ``lease id, tokens, lease
+microseconds, item count, cost`` (cost: the reserved micro-units of cost budgets).
 
 Data structures, all under the route's hash tag so one admission touches one Cluster slot:
 - requests per minute / hour: a sorted set of admitted request ids scored by admission time — a
@@ -12,7 +14,14 @@ Data structures, all under the route's hash tag so one admission touches one Clu
 - tokens per minute: the same sliding log plus a hash of each entry's charge and the running total
   (field ``_total``); settlement rewrites an entry's charge in place;
 - concurrent requests: a sorted set of lease ids scored by lease expiry;
-- burst: a token bucket hash (``tokens``, ``ts``).
+- burst: a token bucket hash (``tokens``, ``ts``);
+- day / month budgets (tokens or cost): a hash per subject holding the window id ``w``, the window's
+  total ``u`` and one field per unsettled lease (its charge), expiring a minute after the window's
+  end (UTC calendar windows, ``WINDOW_LUA``); the first admission of a new window starts it afresh.
+  Settlement adds (actual - charged) to ``u`` when the lease's field is still there in the window it
+  was charged in (idempotent: the field is removed). Beside it, per limit and dimension, a sorted set
+  of each subject's spend in the window (member ``_w`` scored ``-window id`` marks the window), read
+  by the operator for status.budgets' top consumers.
 """
 
 from __future__ import annotations
@@ -23,17 +32,65 @@ DIMENSION_CODES = {
     "tokensPerMinute": 3,
     "concurrentRequests": 4,
     "burst": 5,
+    "tokensPerDay": 6,
+    "tokensPerMonth": 7,
+    "costPerDay": 8,
+    "costPerMonth": 9,
 }
 
-ADMIT = r"""
+#: Budget keys live this long past their window's end (milliseconds).
+BUDGET_GRACE_MS = 60_000
+
+#: UTC calendar windows from a time in microseconds: day id, day end, month id, month end (us).
+#: Mirrors ``windows.py`` (Hinnant's civil-date algorithms).
+WINDOW_LUA = r"""
+local function days_from_civil(y, m, d)
+  if m <= 2 then y = y - 1 end
+  local era = math.floor(y / 400)
+  local yoe = y - era * 400
+  local mm = m + 9
+  if m > 2 then mm = m - 3 end
+  local doy = math.floor((153 * mm + 2) / 5) + d - 1
+  local doe = yoe * 365 + math.floor(yoe / 4) - math.floor(yoe / 100) + doy
+  return era * 146097 + doe - 719468
+end
+
+local function windows(now_us)
+  local days = math.floor(math.floor(now_us / 1000000) / 86400)
+  local z = days + 719468
+  local era = math.floor(z / 146097)
+  local doe = z - era * 146097
+  local leap = math.floor(doe / 1460) - math.floor(doe / 36524) + math.floor(doe / 146096)
+  local yoe = math.floor((doe - leap) / 365)
+  local doy = doe - (365 * yoe + math.floor(yoe / 4) - math.floor(yoe / 100))
+  local mp = math.floor((5 * doy + 2) / 153)
+  local m = mp - 9
+  if mp < 10 then m = mp + 3 end
+  local y = yoe + era * 400
+  if m <= 2 then y = y + 1 end
+  local ny, nm = y, m + 1
+  if m == 12 then ny, nm = y + 1, 1 end
+  return days, (days + 1) * 86400000000, y * 12 + m - 1, days_from_civil(ny, nm, 1) * 86400000000
+end
+"""
+
+#: Evaluates ``windows(ARGV[1])`` (tests compare it with ``windows.py``).
+WINDOWS_PROBE = WINDOW_LUA + "return {windows(tonumber(ARGV[1]))}"
+
+ADMIT = (
+    WINDOW_LUA
+    + r"""
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local lease_id = ARGV[1]
 local tokens = tonumber(ARGV[2])
 local lease_us = tonumber(ARGV[3])
 local n = tonumber(ARGV[4])
+local cost = tonumber(ARGV[5])
+local GRACE_MS = 60000 -- BUDGET_GRACE_MS
 local MINUTE = 60000000
 local HOUR = 3600000000
+local day, day_end, month, month_end
 local out = {0, now}
 local state = {}
 local admitted = 1
@@ -82,11 +139,11 @@ end
 for i = 1, n do
   local key = KEYS[2 * i - 1]
   local hkey = KEYS[2 * i]
-  local base = 4 + (i - 1) * 4
+  local base = 5 + (i - 1) * 4
   local dim = tonumber(ARGV[base + 1])
   local limit = tonumber(ARGV[base + 2])
   local shadow = tonumber(ARGV[base + 3])
-  local extra = tonumber(ARGV[base + 4])
+  local extra = ARGV[base + 4]
   local pass, remaining, retry, reset = 1, 0, 0, 0
   if dim == 1 or dim == 2 then
     local window = (dim == 1) and MINUTE or HOUR
@@ -138,7 +195,7 @@ for i = 1, n do
       remaining = limit - count - 1
     end
   elseif dim == 5 then
-    local rate = extra / MINUTE
+    local rate = tonumber(extra) / MINUTE
     local bucket = redis.call('HMGET', key, 'tokens', 'ts')
     local level = tonumber(bucket[1]) or limit
     local ts = tonumber(bucket[2]) or now
@@ -152,6 +209,24 @@ for i = 1, n do
       remaining = math.floor(level - 1)
     end
     if rate > 0 then reset = math.ceil((limit - level + pass) / rate) end
+  elseif dim >= 6 then
+    if day == nil then day, day_end, month, month_end = windows(now) end
+    local wid, wend = day, day_end
+    if dim == 7 or dim == 9 then wid, wend = month, month_end end
+    local charge = tokens
+    if dim >= 8 then charge = cost end
+    local cur = redis.call('HMGET', key, 'w', 'u')
+    local used = 0
+    if tonumber(cur[1]) == wid then used = tonumber(cur[2]) or 0 end
+    if used + charge > limit then
+      pass = 0
+      remaining = limit - used
+      if charge > limit then remaining = 0 end
+      retry = wend - now
+    else
+      remaining = limit - used - charge
+    end
+    if used + pass * charge > 0 then reset = wend - now end
   end
   if remaining < 0 then remaining = 0 end
   if pass == 0 and shadow == 0 then admitted = 0 end
@@ -160,12 +235,14 @@ for i = 1, n do
   table.insert(out, retry)
   table.insert(out, reset)
 end
+table.insert(out, day or 0)
+table.insert(out, month or 0)
 
 if admitted == 1 then
   for i = 1, n do
     local key = KEYS[2 * i - 1]
     local hkey = KEYS[2 * i]
-    local base = 4 + (i - 1) * 4
+    local base = 5 + (i - 1) * 4
     local dim = tonumber(ARGV[base + 1])
     if dim == 1 then
       redis.call('ZADD', key, now, lease_id)
@@ -191,17 +268,45 @@ if admitted == 1 then
       local refill_ms = 1000
       if rate > 0 then refill_ms = math.ceil(limit / rate / 1000) + 1000 end
       redis.call('PEXPIRE', key, refill_ms)
+    elseif dim >= 6 then
+      local wid, wend = day, day_end
+      if dim == 7 or dim == 9 then wid, wend = month, month_end end
+      local charge = tokens
+      if dim >= 8 then charge = cost end
+      local expire_at = math.floor(wend / 1000) + GRACE_MS
+      if tonumber(redis.call('HGET', key, 'w')) ~= wid then
+        redis.call('DEL', key)
+        redis.call('HSET', key, 'w', wid)
+      end
+      redis.call('HINCRBY', key, 'u', charge)
+      redis.call('HSET', key, lease_id, charge)
+      redis.call('PEXPIREAT', key, expire_at)
+      local member = ARGV[base + 4]
+      if member ~= '' then
+        if tonumber(redis.call('ZSCORE', hkey, '_w')) ~= -wid then
+          redis.call('DEL', hkey)
+          redis.call('ZADD', hkey, -wid, '_w')
+        end
+        redis.call('ZINCRBY', hkey, charge, member)
+        redis.call('PEXPIREAT', hkey, expire_at)
+      end
     end
   end
   out[1] = 1
 end
 return out
 """
+)
 
+#: ARGV: lease id, actual tokens, item count, the items' dimension codes, then actual cost, the
+#: lease's day and month ids and the items' budget subjects ('' for none).
 SETTLE = r"""
 local lease_id = ARGV[1]
 local actual = tonumber(ARGV[2])
 local n = tonumber(ARGV[3])
+local cost = tonumber(ARGV[4 + n])
+local day = tonumber(ARGV[5 + n])
+local month = tonumber(ARGV[6 + n])
 for i = 1, n do
   local key = KEYS[2 * i - 1]
   local hkey = KEYS[2 * i]
@@ -214,24 +319,68 @@ for i = 1, n do
     end
   elseif dim == 4 then
     redis.call('ZREM', key, lease_id)
+  elseif dim >= 6 then
+    local wid = day
+    if dim == 7 or dim == 9 then wid = month end
+    local spent = actual
+    if dim >= 8 then spent = cost end
+    local cur = redis.call('HMGET', key, 'w', lease_id)
+    if tonumber(cur[1]) == wid and cur[2] then
+      local delta = spent - tonumber(cur[2])
+      redis.call('HDEL', key, lease_id)
+      redis.call('HINCRBY', key, 'u', delta)
+      local member = ARGV[6 + n + i]
+      if member ~= '' and tonumber(redis.call('ZSCORE', hkey, '_w')) == -wid then
+        redis.call('ZINCRBY', hkey, delta, member)
+      end
+    end
   end
 end
 return 1
 """
 
-#: Live usage of a stream: raise each tokensPerMinute entry of the lease to ARGV[2] (never lower it).
-#: KEYS: (log, charges) per tokensPerMinute item; ARGV: lease id, tokens so far. Returns the entries raised.
+#: Live usage of a stream: raise each tokensPerMinute entry of the lease to ARGV[2] (never lower it),
+#: and the lease's charge of each day/month budget (tokens: ARGV[2], cost: ARGV[4] unless it is -1)
+#: in the window it was admitted in. KEYS: (log, charges) per tokensPerMinute item, then (budget,
+#: top) per budget item; ARGV: lease id, tokens so far, tokensPerMinute items, cost so far, the
+#: lease's day and month, then (dimension code, subject) per budget item. Returns the charges raised.
 CHARGE = r"""
 local lease_id = ARGV[1]
 local tokens = tonumber(ARGV[2])
+local tpm_items = tonumber(ARGV[3])
+local cost = tonumber(ARGV[4])
+local day = tonumber(ARGV[5])
+local month = tonumber(ARGV[6])
 local raised = 0
-for i = 2, #KEYS, 2 do
-  local hkey = KEYS[i]
+for i = 1, tpm_items do
+  local hkey = KEYS[2 * i]
   local charged = tonumber(redis.call('HGET', hkey, lease_id))
   if charged and tokens > charged then
     redis.call('HSET', hkey, lease_id, tokens)
     redis.call('HINCRBY', hkey, '_total', tokens - charged)
     raised = raised + 1
+  end
+end
+for j = 1, #KEYS / 2 - tpm_items do
+  local key = KEYS[2 * (tpm_items + j) - 1]
+  local top = KEYS[2 * (tpm_items + j)]
+  local dim = tonumber(ARGV[5 + 2 * j])
+  local member = ARGV[6 + 2 * j]
+  local want = tokens
+  if dim >= 8 then want = cost end
+  local wid = day
+  if dim == 7 or dim == 9 then wid = month end
+  if want >= 0 then
+    local cur = redis.call('HMGET', key, 'w', lease_id)
+    local charged = tonumber(cur[2])
+    if tonumber(cur[1]) == wid and charged and want > charged then
+      redis.call('HSET', key, lease_id, want)
+      redis.call('HINCRBY', key, 'u', want - charged)
+      if member ~= '' and tonumber(redis.call('ZSCORE', top, '_w')) == -wid then
+        redis.call('ZINCRBY', top, want - charged, member)
+      end
+      raised = raised + 1
+    end
   end
 end
 return raised
