@@ -91,6 +91,30 @@ class Admission:
             return decision
         raise self._rejected(policy, ex, decision, tokens)
 
+    async def admit_upstream(
+        self, policy: RoutePolicy, checks: tuple[LimitCheck, ...], ex: Exchange, tokens: int
+    ) -> Decision:
+        """Admit the limits attached to one upstream (``limit.upstream``), once and without queueing:
+        a rejection sends the request to the next candidate upstream. An admitting decision's lease
+        joins ``ex.upstream_leases``."""
+        admission = AdmissionRequest(
+            route=policy.name,
+            checks=checks,
+            tokens=tokens,
+            lease_seconds=policy.route.spec.deadline_seconds + self.settings.lease_margin_seconds,
+            request_id=ex.request_id,
+        )
+        decision, store = await self._store_admit(policy, admission)
+        self._count_shadow(policy, decision)
+        self.utilization.record(policy.name, decision)
+        if decision.admitted and decision.lease is not None:
+            ex.upstream_leases.append((store, decision.lease))
+        return decision
+
+    def rejected(self, policy: RoutePolicy, ex: Exchange, decision: Decision, tokens: int) -> ProxyError:
+        """The 429 (or 400) of a rejecting decision, counted like any other rejection."""
+        return self._rejected(policy, ex, decision, tokens)
+
     def _rejected(self, policy: RoutePolicy, ex: Exchange, decision: Decision, tokens: int) -> ProxyError:
         """The 429 of a rejection; a non-retryable 400 when the request alone exceeds a limit."""
         rejected = decision.rejected

@@ -18,7 +18,7 @@ from llmroute_sidecar.cost import CostMeter
 from llmroute_sidecar.exchange import Exchange
 from llmroute_sidecar.health import HealthState
 from llmroute_sidecar.metrics import SidecarMetrics
-from llmroute_sidecar.quota.base import QuotaStore, StoreUnavailableError
+from llmroute_sidecar.quota.base import Lease, QuotaStore, StoreUnavailableError
 from llmroute_sidecar.settlement import Settler
 from llmroute_sidecar.token_timing import TokenTiming
 
@@ -58,7 +58,11 @@ class Finisher:
         settle_now = getattr(store, "settle_now", None)
         if ex.lease is not None and not background and settle_now is None:
             return False
+        if any(not _settles_without_waiting(extra) for extra, _ in ex.upstream_leases):
+            return False
         try:
+            for extra, lease in ex.upstream_leases:
+                self.settle_early(extra, lease, tokens_to_charge(ex), ex)
             if ex.lease is not None:
                 lease, actual = ex.lease, tokens_to_charge(ex)
                 try:
@@ -79,16 +83,41 @@ class Finisher:
         if self.finish_now(ex):
             return
         try:
-            assert ex.lease is not None
             actual = tokens_to_charge(ex)
-            try:
-                await (ex.lease_store or self.store).settle(ex.lease, actual)
-            except Exception as error:
-                self._settle_failed(ex, error)
-            self._count_settled(ex, actual)
+            leases = list(ex.upstream_leases)
+            if ex.lease is not None:
+                leases.append((ex.lease_store or self.store, ex.lease))
+            for store, lease in leases:
+                try:
+                    await store.settle(lease, actual)
+                except Exception as error:
+                    self._settle_failed(ex, error)
+            if ex.lease is not None:
+                self._count_settled(ex, actual)
             self._count(ex)
         finally:
             self._leave(ex.route)
+
+    async def settle_lease(self, store: QuotaStore, lease: Lease, actual: int, ex: Exchange) -> None:
+        """Settle one lease now: without waiting where the store allows it, else awaited."""
+        if _settles_without_waiting(store):
+            self.settle_early(store, lease, actual, ex)
+            return
+        try:
+            await store.settle(lease, actual)
+        except Exception as error:  # the lease expires on its own
+            self._settle_failed(ex, error)
+
+    def settle_early(self, store: QuotaStore, lease: Lease, actual: int, ex: Exchange) -> None:
+        """Settle one lease without waiting (background or inline); for stores that allow it."""
+        try:
+            settle_now = getattr(store, "settle_now", None)
+            if settle_now is not None and not getattr(store, "settles_in_background", False):
+                settle_now(lease, actual)
+            else:
+                self.settler.submit(store, lease, actual)
+        except Exception as error:
+            self._settle_failed(ex, error)
 
     def _settle_failed(self, ex: Exchange, error: Exception) -> None:
         if isinstance(error, StoreUnavailableError):
@@ -135,6 +164,10 @@ class Finisher:
         self.metrics.inflight_requests.labels(route).set(self.health.inflight)
         if self.health.inflight == 0:
             self.idle.set()
+
+
+def _settles_without_waiting(store: QuotaStore) -> bool:
+    return bool(getattr(store, "settles_in_background", False)) or hasattr(store, "settle_now")
 
 
 def tokens_to_charge(ex: Exchange) -> int:

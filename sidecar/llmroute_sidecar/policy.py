@@ -15,7 +15,7 @@ from functools import cached_property
 from pathlib import Path
 
 from llmroute_sidecar.api import LLMRoute
-from llmroute_sidecar.api.spec import Limit, LimitMode, TierLimits, WhenMissing
+from llmroute_sidecar.api.spec import Limit, LimitMode, RoutedUpstream, SecretKeyRef, TierLimits, WhenMissing
 from llmroute_sidecar.errors import ProxyError, bad_request, unauthorized
 from llmroute_sidecar.jwt_identity import KeySet, parse_jwks
 from llmroute_sidecar.quota.base import LimitCheck
@@ -50,6 +50,19 @@ class ClientIdentity:
 
 
 @dataclass(frozen=True)
+class UpstreamTarget:
+    """One upstream as the request path uses it: its spec entry, URL (override applied), vendor key."""
+
+    spec: RoutedUpstream
+    url: str
+    vendor_key: str | None
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+
+@dataclass(frozen=True)
 class RoutePolicy:
     """One route's configuration as the proxy uses it; swapped whole on reload."""
 
@@ -61,6 +74,13 @@ class RoutePolicy:
     config_hash: str
     jwks: KeySet | None = None
     """identity.jwt's key set when it comes from jwksSecretRef (a jwksUrl is fetched by ``authn``)."""
+    upstreams: tuple[UpstreamTarget, ...] = ()
+    """spec.upstreams (or spec.upstream as the one entry 'default'), in spec order."""
+
+    @cached_property
+    def limited_upstreams(self) -> frozenset[str]:
+        """Names of the upstreams that limits are attached to (``limit.upstream``)."""
+        return frozenset(limit.upstream for limit in self.route.spec.limits if limit.upstream is not None)
 
     @cached_property
     def key_index(self) -> dict[str, tuple[str, str]]:
@@ -100,14 +120,14 @@ def load_policy(
     """
     spec = route.spec
     inline = file_secrets or {}
-    vendor_key = None
-    if spec.upstream.api_key_secret_ref is not None:
-        ref = spec.upstream.api_key_secret_ref
-        path = secrets_dir / ref.name / ref.key
-        if not path.exists() and ref.key in inline.get(ref.name, {}):
-            vendor_key = _inline_value(inline[ref.name][ref.key], ref.name, ref.key)
-        else:
-            vendor_key = _read_secret_file(path, "upstream.apiKeySecretRef", secrets_dir)
+    upstreams = tuple(
+        UpstreamTarget(
+            upstream,
+            (upstream_override or upstream.url).rstrip("/"),
+            _vendor_key(upstream.api_key_secret_ref, secrets_dir, inline),
+        )
+        for upstream in spec.routed_upstreams
+    )
     keys = None
     if spec.identity.keys_secret_ref is not None:
         name = spec.identity.keys_secret_ref.name
@@ -131,8 +151,20 @@ def load_policy(
             jwks = parse_jwks(document)
         except ValueError as error:
             raise ValueError(f"identity.jwt.jwksSecretRef: Secret {ref.name}/{ref.key}: {error}") from None
-    url = (upstream_override or spec.upstream.url).rstrip("/")
-    return RoutePolicy(route, url, vendor_key, keys, config_hash(route), jwks)
+    first = upstreams[0]
+    return RoutePolicy(route, first.url, first.vendor_key, keys, config_hash(route), jwks, upstreams)
+
+
+def _vendor_key(
+    ref: SecretKeyRef | None, secrets_dir: Path, inline: Mapping[str, Mapping[str, str]]
+) -> str | None:
+    """An upstream's apiKeySecretRef: the mounted file, else the route file's Secret document."""
+    if ref is None:
+        return None
+    path = secrets_dir / ref.name / ref.key
+    if not path.exists() and ref.key in inline.get(ref.name, {}):
+        return _inline_value(inline[ref.name][ref.key], ref.name, ref.key)
+    return _read_secret_file(path, "upstream.apiKeySecretRef", secrets_dir)
 
 
 def _inline_value(value: str, name: str, key: str) -> str:
@@ -153,9 +185,10 @@ def secret_files(route: LLMRoute, secrets_dir: Path) -> list[Path]:
     """The mounted Secret files a route reads (vendor key, client key entries, JWKS)."""
     spec = route.spec
     files = []
-    if spec.upstream.api_key_secret_ref is not None:
-        ref = spec.upstream.api_key_secret_ref
-        files.append(secrets_dir / ref.name / ref.key)
+    for upstream in spec.routed_upstreams:
+        if upstream.api_key_secret_ref is not None:
+            ref = upstream.api_key_secret_ref
+            files.append(secrets_dir / ref.name / ref.key)
     if spec.identity.jwt is not None and spec.identity.jwt.jwks_secret_ref is not None:
         ref = spec.identity.jwt.jwks_secret_ref
         files.append(secrets_dir / ref.name / ref.key)
@@ -246,9 +279,10 @@ def _merged(limit: Limit, tier: TierLimits | None) -> dict[str, int | None]:
 
 
 def build_checks(
-    policy: RoutePolicy, identity: ClientIdentity, headers: Mapping[str, str]
+    policy: RoutePolicy, identity: ClientIdentity, headers: Mapping[str, str], upstream: str | None = None
 ) -> tuple[LimitCheck, ...]:
-    """The limit checks that apply to one request.
+    """The limit checks that apply to one request: the route's (``upstream`` None), or those attached
+    to the upstream named ``upstream`` (``limit.upstream``).
 
     A header-keyed limit whose header is missing (or empty) follows its ``whenMissing``: 'reject'
     raises a 400 ProxyError (``missing_limit_header``), 'shared' counts the request in one common
@@ -258,6 +292,8 @@ def build_checks(
     spec = policy.route.spec
     checks = []
     for limit in spec.limits:
+        if limit.upstream != upstream:
+            continue
         tier = None
         if limit.key == "route":
             subject = ""

@@ -86,7 +86,7 @@ class Relay:
             kept = bytearray() if (parsed is not None and not is_sse) else None
             prompt = estimate_prompt_tokens(parsed) if parsed is not None else 0
             live = self._live_charge(policy, ex, prompt) if usage is not None else None
-            timeout = policy.route.spec.upstream.timeout_seconds
+            timeout = ex.upstream_timeout
             chars = 0
             async for chunk in self._chunks(upstream, response, timeout, parser, is_sse, policy.name):
                 if ex.first_byte is None:
