@@ -88,6 +88,8 @@ class Dispatcher:
                 await self._release(ex, leased)
                 continue
             ex.upstream, ex.upstream_timeout = target.name, target.spec.timeout_seconds
+            if ex.telemetry is not None:
+                ex.telemetry.upstream = target.url  # server.address of the span and GenAI metrics
             return response
         if failure is not None:
             raise failure.error

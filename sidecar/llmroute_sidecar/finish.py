@@ -199,4 +199,5 @@ def _record(ex: Exchange, duration: float) -> AccessRecord:
         queue_wait_ms=round(ex.queue_wait * 1000, 2),
         client_disconnected=ex.client_disconnected,
         error=ex.error,
+        upstream=ex.upstream or None,
     )
