@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from llmroute_operator import render, status
+from llmroute_operator.route_status_view import upstream_summary
 from llmroute_sidecar.api.status import LLMRouteStatus
 from tests.test_operator_render import NOW, route
 
@@ -55,3 +56,11 @@ def test_route_status_reports_upstreams_only_for_spec_upstreams_and_keeps_them_w
     kept = status.route_status(multi(), status.Observation(), reported, NOW)
     assert kept["upstreams"] == reported["upstreams"]
     assert "upstreams" not in status.route_status(route(), observed, None, NOW)
+
+
+def test_the_status_command_names_every_upstream() -> None:
+    assert (
+        upstream_summary({"upstreams": UPSTREAMS}) == "azure=https://azure.test, openai=https://openai.test"
+    )
+    assert upstream_summary({"upstream": {"url": "http://up:8000"}}) == "http://up:8000"
+    assert upstream_summary({}) is None
