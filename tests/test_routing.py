@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import random
 from collections import Counter
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -12,8 +13,11 @@ import pytest
 from llmroute_sidecar.api import parse_route
 from llmroute_sidecar.api.manifest import ManifestError
 from llmroute_sidecar.api.spec import RoutedUpstream
-from llmroute_sidecar.policy import UpstreamTarget
+from llmroute_sidecar.health import HealthState
+from llmroute_sidecar.metrics import SidecarMetrics
+from llmroute_sidecar.policy import ClientIdentity, RoutePolicy, UpstreamTarget, build_checks, load_policy
 from llmroute_sidecar.routing import candidates, eligible, model_listing, upstream_model, with_model
+from llmroute_sidecar.upstream_state import UpstreamStates
 
 
 def _target(name: str, **fields: Any) -> UpstreamTarget:
@@ -150,3 +154,49 @@ def test_the_one_upstream_form_is_the_entry_named_default() -> None:
         [],
         0,
     )
+
+
+def _policy(upstreams: list[dict[str, Any]], tmp_path: Path, **spec: Any) -> RoutePolicy:
+    return load_policy(parse_route(_route({"upstreams": upstreams, **spec})), tmp_path)
+
+
+def test_upstream_states_follow_reloads_and_aggregate_readiness(tmp_path: Path) -> None:
+    metrics, health = SidecarMetrics(), HealthState()
+    states = UpstreamStates(metrics, health)
+    breaker = {"consecutiveFailures": 1, "openSeconds": 600}
+    both = [
+        {"name": "a", "url": "http://a:1", "circuitBreaker": breaker},
+        {"name": "b", "url": "http://b:1", "circuitBreaker": breaker},
+    ]
+    states.sync(_policy(both, tmp_path))
+    gauge = metrics.registry.get_sample_value
+    states.breaker("a").record_failure()
+    assert states.open_names() == {"a"} and health.breaker_open is False
+    assert gauge("llmroute_circuit_breaker_state", {"route": "ns/r", "upstream": "a"}) == 2
+    states.breaker("b").record_failure()
+    assert states.open_names() == {"a", "b"} and health.breaker_open is True
+    states.set_health("a", False, "answered 503")
+    states.set_health("b", True, "answered 200")
+    assert health.upstream_healthy is True  # one upstream can still serve
+    states.set_health("b", False, "answered 500")
+    assert health.upstream_healthy is False and "a answered 503" in health.upstream_health_detail
+    states.sync(_policy([both[1], {"name": "c", "url": "http://c:1"}], tmp_path))  # a removed, c added
+    assert [s["name"] for s in states.snapshot()] == ["b", "c"]
+    assert states.open_names() == {"b"} and health.breaker_open is False  # b kept its breaker
+    assert gauge("llmroute_circuit_breaker_state", {"route": "ns/r", "upstream": "a"}) is None
+    assert gauge("llmroute_circuit_breaker_state", {"route": "ns/r", "upstream": "c"}) == 0
+
+
+def test_limits_attached_to_an_upstream_are_checked_only_for_it(tmp_path: Path) -> None:
+    policy = _policy(
+        [{"name": "a", "url": "http://a:1"}, {"name": "b", "url": "http://b:1"}],
+        tmp_path,
+        limits=[
+            {"name": "route-rpm", "requestsPerMinute": 10},
+            {"name": "a-rpm", "upstream": "a", "requestsPerMinute": 5},
+        ],
+    )
+    assert policy.limited_upstreams == {"a"}
+    assert [c.limit for c in build_checks(policy, ClientIdentity(), {})] == ["route-rpm"]
+    assert [c.limit for c in build_checks(policy, ClientIdentity(), {}, "a")] == ["a-rpm"]
+    assert build_checks(policy, ClientIdentity(), {}, "b") == ()
