@@ -330,3 +330,26 @@ async def test_models_route_to_their_upstream_with_rewrites_and_v1_models(
             {"id": "llama-3", "object": "model", "created": 0, "owned_by": "local"},
         ],
     }
+
+
+async def test_no_fallback_after_the_first_byte_nor_on_other_4xx(
+    tmp_path: Path, pair: tuple[MockUpstream, MockUpstream], sidecars: list[SidecarProcess]
+) -> None:
+    a, b = pair
+    route = write_route(tmp_path / "r.yaml", [upstream("a", a.url), upstream("b", b.url, priority=1)])
+    sidecar = start(sidecars, route)
+    mark = uuid.uuid4().hex
+    async with aiohttp.ClientSession() as session:
+        headers = {"X-Test": mark, "X-Mock-Stream-Error-After": "2"}
+        async with session.post(
+            f"{sidecar.url}{CHAT}", json=chat_body(stream=True), headers=headers
+        ) as response:
+            assert response.status == 200
+            text = await response.text()
+        headers = {"X-Test": mark, "X-Mock-Status": "400"}
+        async with session.post(f"{sidecar.url}{CHAT}", json=chat_body(), headers=headers) as response:
+            assert response.status == 400
+            assert (await response.json())["error"]["code"] == "mock_400"  # a's own answer, relayed
+    assert '"code":"upstream_error"' in text.replace(" ", "") and "[DONE]" not in text
+    assert (len(received(a, mark)), len(received(b, mark))) == (2, 0)
+    assert sidecar.metric("llmroute_upstream_fallbacks_total") == 0
