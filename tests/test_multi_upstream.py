@@ -6,10 +6,12 @@ carry its mark: exact counts of what reached which upstream.
 
 from __future__ import annotations
 
+import asyncio
 import json
+import time
 import urllib.request
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +21,15 @@ import yaml
 from redis import Redis
 
 from tests.support.redis_procs import RedisServer
-from tests.support.sidecar_procs import MockUpstream, SidecarProcess, free_port, http_get, start, wait_for
+from tests.support.sidecar_procs import (
+    MockUpstream,
+    SidecarProcess,
+    free_port,
+    hold_stream,
+    http_get,
+    start,
+    wait_for,
+)
 from tests.test_sidecar_proxy import CHAT, chat_body
 
 
@@ -353,3 +363,44 @@ async def test_no_fallback_after_the_first_byte_nor_on_other_4xx(
     assert '"code":"upstream_error"' in text.replace(" ", "") and "[DONE]" not in text
     assert (len(received(a, mark)), len(received(b, mark))) == (2, 0)
     assert sidecar.metric("llmroute_upstream_fallbacks_total") == 0
+
+
+async def test_only_the_last_candidate_queues_for_its_own_concurrency_slot(
+    tmp_path: Path, pair: tuple[MockUpstream, MockUpstream], sidecars: list[SidecarProcess]
+) -> None:
+    a, b = pair
+    route = write_route(
+        tmp_path / "r.yaml",
+        [upstream("a", a.url), upstream("b", b.url, priority=1)],
+        limits=[
+            {"name": "a-slot", "key": "route", "upstream": "a", "concurrentRequests": 1},
+            {"name": "b-slot", "key": "route", "upstream": "b", "concurrentRequests": 1},
+        ],
+        queueTimeoutSeconds=5,
+    )
+    sidecar = start(sidecars, route)
+    mark = uuid.uuid4().hex
+    try:
+        async with aiohttp.ClientSession() as session:
+            first = await hold_stream(session, sidecar.url)  # holds a's slot
+            second = await hold_stream(session, sidecar.url)  # a is full: b's slot
+            third = asyncio.create_task(post(session, sidecar, mark))  # a full (moves on), b full: waits
+            await wait_async(lambda: sidecar.metric("llmroute_upstream_fallbacks_total", reason="quota") == 2)
+            assert not third.done()
+            b.release()  # the second stream ends: b's slot frees, the third request takes it
+            status, body, _ = await third
+            assert status == 200 and body["choices"]
+            assert (len(received(a, mark)), len(received(b, mark))) == (0, 1)
+            for response in (first, second):
+                response.close()
+    finally:
+        a.release()
+        b.release()
+
+
+async def wait_async(predicate: Callable[[], bool], timeout: float = 10.0) -> None:
+    """Poll ``predicate`` without blocking the event loop; fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not await asyncio.to_thread(predicate):
+        assert time.monotonic() < deadline, "timed out"
+        await asyncio.sleep(0.02)

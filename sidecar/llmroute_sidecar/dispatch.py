@@ -2,9 +2,9 @@
 
 One retry layer: every attempt on every candidate shares the request's deadline; an upstream's own
 ``retries`` apply to it. A candidate is left for the next one when its breaker refuses, its attached
-limits (``limit.upstream``) reject, or it fails before anything was relayed (429, 5xx after its
-retries, connect errors, timeouts). Never after the first byte reached the client (the relay owns
-the response by then), never on another 4xx.
+limits (``limit.upstream``) reject (only the last candidate queues for a concurrency slot), or it
+fails before anything was relayed (429, 5xx after its retries, connect errors, timeouts). Never
+after the first byte reached the client (the relay owns the response by then), never on another 4xx.
 
 Quota of a candidate left after its attempt: its lease is settled at once with zero tokens; the
 request stays counted against its request rates (the upstream did receive it), its tokens are not
@@ -64,10 +64,10 @@ class Dispatcher:
         failure: CandidateFailed | None = None
         rejection: Decision | None = None
         for index, target in enumerate(candidates):
-            leased = len(ex.upstream_leases)
+            leased, last = len(ex.upstream_leases), index == len(candidates) - 1
             if target.name in policy.limited_upstreams:
                 checks = build_checks(policy, identity, headers, target.name)
-                decision = await self.admission.admit_upstream(policy, checks, ex, ex.tokens_reserved)
+                decision = await self.admission.admit_upstream(policy, checks, ex, ex.tokens_reserved, last)
                 if not decision.admitted:
                     rejection = decision
                     self.metrics.upstream_fallbacks_total.labels(policy.name, target.name, "quota").inc()
@@ -80,7 +80,7 @@ class Dispatcher:
                     _body_for(target, body, ex.model),
                     target,
                     self.states.breaker(target.name),
-                    last=index == len(candidates) - 1,
+                    last,
                 )
             except CandidateFailed as error:
                 failure = error
