@@ -117,3 +117,17 @@ async def test_cut_only_when_asked_and_past_the_margin() -> None:
         caught.value.code == "token_reservation_exceeded" and "100 completion tokens" in caught.value.message
     )
     await cut.aclose()
+
+
+async def test_leases_of_an_upstreams_own_limits_are_charged_alongside() -> None:
+    store, upstream_store, clock = RecordingStore(), RecordingStore(), FakeClock()
+    settings = TokenAccounting.model_validate(
+        {"streamChargeIntervalTokens": 100, "streamChargeIntervalMs": 1000}
+    )
+    extra = await _lease(upstream_store)
+    live = LiveCharge(store, await _lease(store), settings, 10, clock=clock, also=[(upstream_store, extra)])
+    for tokens in range(1, 320):
+        live.observe(tokens, tokens - 10)
+        await asyncio.sleep(0)
+    await live.aclose()
+    assert store.charged == upstream_store.charged == [210, 310]

@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from llmroute_sidecar.api.spec import TokenAccounting
@@ -75,9 +75,12 @@ class LiveCharge:
         prompt_estimate: int,
         on_error: Callable[[BaseException], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
+        also: Sequence[tuple[QuotaStore, Lease]] = (),
     ) -> None:
         self.store = store
         self.lease = lease
+        self.also = tuple(also)
+        """Further leases of the same request charged alongside (limits attached to its upstream)."""
         self.cut = tokens.cut_over_reservation
         self.reserved_completion = max(0, lease.reserved_tokens - prompt_estimate)
         self.cadence = Cadence(
@@ -108,8 +111,15 @@ class LiveCharge:
             self._task = asyncio.create_task(self._send(tokens_so_far), name="live-charge")
 
     async def _send(self, tokens: int) -> None:
+        if not self.also:
+            await self._charge(self.store, self.lease, tokens)
+            return
+        leases = ((self.store, self.lease), *self.also)
+        await asyncio.gather(*(self._charge(store, lease, tokens) for store, lease in leases))
+
+    async def _charge(self, store: QuotaStore, lease: Lease, tokens: int) -> None:
         try:
-            await self.store.charge(self.lease, tokens)
+            await store.charge(lease, tokens)
         except Exception as error:  # never the stream's problem: settlement charges the final usage
             if self._on_error is not None:
                 self._on_error(error)

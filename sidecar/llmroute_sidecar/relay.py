@@ -136,14 +136,19 @@ class Relay:
                 await live.aclose()  # before settlement: it must be the lease's last write
 
     def _live_charge(self, policy: RoutePolicy, ex: Exchange, prompt: int) -> LiveCharge | None:
-        """Live charging for a stream holding a lease (``spec.tokens``); None without a lease."""
-        if ex.lease is None or ex.lease_store is None:
+        """Live charging for a stream holding leases (``spec.tokens``): the route's and those of
+        limits attached to its upstream; None without a lease."""
+        leases = list(ex.upstream_leases)
+        if ex.lease is not None and ex.lease_store is not None:
+            leases.insert(0, (ex.lease_store, ex.lease))
+        if not leases:
             return None
 
         def failed(error: BaseException) -> None:
             self.metrics.store_errors_total.labels(policy.name, "charge").inc()
 
-        return LiveCharge(ex.lease_store, ex.lease, policy.route.spec.tokens, prompt, failed)
+        (store, lease), *also = leases
+        return LiveCharge(store, lease, policy.route.spec.tokens, prompt, failed, also=also)
 
     async def _chunks(
         self,
