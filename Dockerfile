@@ -1,6 +1,6 @@
 # syntax=docker/dockerfile:1
 # Two images from one build context:
-#   docker build --target sidecar  -t llmroute-sidecar:dev  .   # the data plane: `pip install .[otel]`
+#   docker build --target sidecar  -t llmroute-sidecar:dev  .   # the data plane: `pip install .[otel,tokenizer]`
 #   docker build --target operator -t llmroute-operator:dev .   # the control plane: `pip install .[operator]`
 # Both run as the numeric non-root user 65532 and write nothing outside /tmp, so they work with
 # readOnlyRootFilesystem (bytecode is compiled at build time).
@@ -29,7 +29,11 @@ COPY operator/ operator/
 # pip compiles the installed modules, so nothing needs to write bytecode at run time.
 FROM source AS build-sidecar
 # The otel extra ships so spec.telemetry works in an injected sidecar; it is imported only when on.
-RUN python -m venv /opt/llmroute && /opt/llmroute/bin/pip install ".[otel]"
+# The tokenizer extra and its encodings ship for spec.tokens.promptCounting: tiktoken (the sidecar
+# never downloads them at run time: pods often have no egress).
+ENV TIKTOKEN_CACHE_DIR=/opt/llmroute/tiktoken
+RUN python -m venv /opt/llmroute && /opt/llmroute/bin/pip install ".[otel,tokenizer]" \
+    && /opt/llmroute/bin/python -c "import tiktoken; [tiktoken.get_encoding(n) for n in ('o200k_base', 'cl100k_base')]"
 
 FROM source AS build-operator
 RUN python -m venv /opt/llmroute && /opt/llmroute/bin/pip install ".[operator]"
@@ -37,6 +41,7 @@ RUN python -m venv /opt/llmroute && /opt/llmroute/bin/pip install ".[operator]"
 # -- sidecar: injected next to the application; traffic 8080, admin 9090 --------------------------
 FROM base AS sidecar
 COPY --from=build-sidecar /opt/llmroute /opt/llmroute
+ENV TIKTOKEN_CACHE_DIR=/opt/llmroute/tiktoken
 USER 65532:65532
 EXPOSE 8080 9090
 ENTRYPOINT ["llmroute-sidecar"]

@@ -282,6 +282,7 @@ def test_plots_are_written_as_png(tmp_path: Path) -> None:
         ("run.py", "--update-docs"),
         ("work.py", "--redis-url"),
         ("streams.py", "--ramp"),
+        ("estimate_error.py", "--encoding"),
     ],
 )
 def test_bench_scripts_help_runs(script: str, flag: str) -> None:

@@ -156,14 +156,15 @@ def _install_command(dockerfile: dict[str, Stage], target: str) -> str:
     return install.strip().strip("'\"")
 
 
-def test_sidecar_installs_the_runtime_and_telemetry_and_the_operator_its_extra(
+def test_sidecar_installs_the_runtime_telemetry_and_tokenizer_and_the_operator_its_extra(
     dockerfile: dict[str, Stage],
 ) -> None:
-    assert _install_command(dockerfile, "sidecar") == ".[otel]"  # spec.telemetry works when injected
+    # spec.telemetry and promptCounting: tiktoken work when injected
+    assert _install_command(dockerfile, "sidecar") == ".[otel,tokenizer]"
     assert _install_command(dockerfile, "operator") == ".[operator]"
     extras = PYPROJECT["project"]["optional-dependencies"]
     assert "operator" in extras
-    data_plane = " ".join(PYPROJECT["project"]["dependencies"] + extras["otel"])
+    data_plane = " ".join(PYPROJECT["project"]["dependencies"] + extras["otel"] + extras["tokenizer"])
     assert "kopf" not in data_plane and "kubernetes" not in data_plane
 
 

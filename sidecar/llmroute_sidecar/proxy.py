@@ -23,6 +23,7 @@ from aiohttp import web
 from llmroute_sidecar import errors
 from llmroute_sidecar.accesslog import AccessLog
 from llmroute_sidecar.admission import Admission
+from llmroute_sidecar.api.spec import PromptCounting
 from llmroute_sidecar.authn import Authenticator
 from llmroute_sidecar.config import Settings
 from llmroute_sidecar.dispatch import Dispatcher
@@ -39,6 +40,7 @@ from llmroute_sidecar.openai.requests import (
     with_stream_usage,
 )
 from llmroute_sidecar.openai.sse import sse_error_event
+from llmroute_sidecar.openai.tokenizer import TOKENIZER, count_prompt
 from llmroute_sidecar.openai.tokens import bound_completion, estimate_cost
 from llmroute_sidecar.policy import RoutePolicy
 from llmroute_sidecar.quota.base import QuotaStore
@@ -95,6 +97,8 @@ class Gateway:
     async def start(self) -> None:
         await self.upstream.start()
         await self.authenticator.start(lambda: self.policy)
+        if self.policy.route.spec.tokens.prompt_counting is PromptCounting.TIKTOKEN:
+            TOKENIZER.preload()
 
     async def close(self) -> None:
         await self.authenticator.close()
@@ -108,6 +112,8 @@ class Gateway:
         """Swap the configuration; requests in flight keep the one they started with."""
         self.policy = policy
         self.upstreams.sync(policy)
+        if policy.route.spec.tokens.prompt_counting is PromptCounting.TIKTOKEN:
+            TOKENIZER.preload()
 
     async def wait_idle(self, timeout: float) -> bool:
         """Wait until nothing is in flight; False when ``timeout`` passed first."""
@@ -258,6 +264,8 @@ class Gateway:
             except RequestValidationError as error:
                 raise errors.bad_request(error.code, error.message, error.status, error.param) from None
             parsed, raw = bound_completion(parsed, raw, spec.tokens)  # spec.tokens.injectMaxTokens
+            if spec.tokens.prompt_counting is PromptCounting.TIKTOKEN:
+                parsed = await count_prompt(parsed)
             if ex.telemetry is not None:
                 ex.telemetry.request(parsed)
             ex.stream, ex.model, ex.pricing = parsed.stream, parsed.model, spec.pricing

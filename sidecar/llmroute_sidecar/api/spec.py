@@ -298,6 +298,11 @@ class Limit(TierLimits):
         return self.key.split(":", 1)[1] if self.key.startswith("claim:") else None
 
 
+class PromptCounting(StrEnum):
+    ESTIMATE = "estimate"
+    TIKTOKEN = "tiktoken"
+
+
 class TokenAccounting(ApiModel):
     """How tokensPerMinute limits reserve and charge tokens of requests whose size is not known upfront."""
 
@@ -314,6 +319,13 @@ class TokenAccounting(ApiModel):
     stream_charge_interval_ms: int = Field(default=500, ge=10, le=60_000)
     """How often (milliseconds) such a stream is charged again while it keeps growing, even before
     streamChargeIntervalTokens more tokens arrived. Charges run beside the stream, never per chunk."""
+    prompt_counting: PromptCounting = PromptCounting.ESTIMATE
+    """How admission sizes a prompt. 'estimate' (default): about 4 characters per token plus 4 per chat
+    message, no tokenizer (typical English within about 25%; code, numbers and CJK text can be off 2x
+    or more, see docs/quotas.md). 'tiktoken': the exact count for the models tiktoken knows (OpenAI's
+    gpt-4o, gpt-4.1, gpt-5, o-series, gpt-4, gpt-3.5, text-embedding-*); other models keep the
+    estimate. Costs CPU per request (about 1 ms per 10,000 prompt characters); the sidecar image ships
+    tiktoken and its encodings (TIKTOKEN_CACHE_DIR)."""
     cut_over_reservation: bool = False
     """End a stream that outgrows its reservation with a final SSE error event (code
     token_reservation_exceeded) instead of relaying the rest: once its completion, as the sidecar

@@ -32,7 +32,7 @@ _KINDS = {
     "/v1/responses": "responses",
 }
 DEFAULT_MAX_CHARS = 4_000_000
-_TEXT_KEYS = ("text", "content", "input", "output", "arguments", "instructions")
+TEXT_KEYS = ("text", "content", "input", "output", "arguments", "instructions")
 
 
 def kind_for_path(path: str) -> str | None:
@@ -144,6 +144,8 @@ class ParsedRequest:
     body: dict[str, Any]
     messages: int = 0
     prompt_token_ids: int = 0
+    prompt_tokens: int | None = None
+    """Exact prompt tokens when a tokenizer counted them (``openai.tokenizer``), else None."""
 
 
 def _decode(raw: bytes) -> Any:
@@ -208,7 +210,7 @@ def _text_size(value: Any) -> tuple[int, int]:
         elif isinstance(item, list):
             stack.extend(item)
         elif isinstance(item, dict):
-            stack.extend(item[key] for key in _TEXT_KEYS if key in item)
+            stack.extend(item[key] for key in TEXT_KEYS if key in item)
     return chars, ids
 
 

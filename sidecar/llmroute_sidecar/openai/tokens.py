@@ -1,9 +1,10 @@
 """Token cost estimates at admission, before the upstream says what a request really used.
 
 Heuristic, not a tokenizer: about four characters per token (OpenAI's rule of thumb for English), plus
-a small per-message overhead for chat. Typical English prose lands within roughly ±25 % of a BPE
-tokenizer; code, CJK text, numbers and base64 can be off by 2x or more in either direction. Settlement
-replaces the estimate with the upstream's reported usage, so it only sizes the admission reservation.
+a small per-message overhead for chat. Measured against o200k_base (``bench/estimate_error.py``,
+docs/quotas.md): prose and code within about 20 %; digits, CJK text and base64 under-estimated by half
+or more. Settlement replaces the estimate with the upstream's reported usage, so it only sizes the
+admission reservation; ``promptCounting: tiktoken`` (``openai.tokenizer``) counts exactly instead.
 
 A request without a maximum output reserves the route's ``spec.tokens.defaultReservation``;
 ``bound_completion`` optionally writes that maximum into the request so the reservation is a bound.
@@ -42,10 +43,13 @@ def estimate_text_tokens(text: str) -> int:
 
 
 def estimate_prompt_tokens(parsed: ParsedRequest) -> int:
-    """Prompt tokens: ceil(chars / 4) + literal token ids, plus 4 per message + 3 for chat.
+    """Prompt tokens: the tokenizer's exact count when there is one (``promptCounting: tiktoken``),
+    else ceil(chars / 4) + literal token ids, plus 4 per message + 3 for chat.
 
-    Rough (see the module docstring): good for admission, not for billing.
+    The estimate is rough (see the module docstring): good for admission, not for billing.
     """
+    if parsed.prompt_tokens is not None:
+        return parsed.prompt_tokens
     tokens = tokens_for_chars(parsed.prompt_chars) + parsed.prompt_token_ids
     if parsed.kind == "chat":
         tokens += PER_MESSAGE_TOKENS * parsed.messages + PRIMING_TOKENS
