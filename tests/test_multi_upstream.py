@@ -404,3 +404,28 @@ async def wait_async(predicate: Callable[[], bool], timeout: float = 10.0) -> No
     while not await asyncio.to_thread(predicate):
         assert time.monotonic() < deadline, "timed out"
         await asyncio.sleep(0.02)
+
+
+async def test_one_failing_upstream_does_not_make_the_pod_unready_while_another_serves(
+    tmp_path: Path, pair: tuple[MockUpstream, MockUpstream], sidecars: list[SidecarProcess]
+) -> None:
+    _, b = pair
+    dead = f"http://127.0.0.1:{free_port()}"
+    route = write_route(
+        tmp_path / "r.yaml",
+        [
+            upstream("a", dead, retries=2, circuitBreaker={"consecutiveFailures": 100}),
+            upstream("b", b.url, priority=1),
+        ],
+        readiness={"maxErrorRate": 0.5},
+    )
+    sidecar = start(sidecars, route)
+    mark = uuid.uuid4().hex
+    async with aiohttp.ClientSession() as session:
+        for _ in range(4):
+            status, _, _ = await post(session, sidecar, mark, model="m")
+            assert status == 200
+    failed = sidecar.metric("llmroute_upstream_duration_seconds_count", upstream="a", outcome="connect_error")
+    assert failed == 12  # 3 attempts on a per request, then b answered: 75% of all attempts failed
+    code, body = sidecar.readyz()
+    assert code == 200, body["reasons"]

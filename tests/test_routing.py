@@ -12,8 +12,8 @@ import pytest
 
 from llmroute_sidecar.api import parse_route
 from llmroute_sidecar.api.manifest import ManifestError
-from llmroute_sidecar.api.spec import RoutedUpstream
-from llmroute_sidecar.health import HealthState
+from llmroute_sidecar.api.spec import Readiness, RoutedUpstream, StoreFailurePolicy
+from llmroute_sidecar.health import ErrorRate, HealthState, readiness_reasons
 from llmroute_sidecar.metrics import SidecarMetrics
 from llmroute_sidecar.policy import ClientIdentity, RoutePolicy, UpstreamTarget, build_checks, load_policy
 from llmroute_sidecar.routing import candidates, eligible, model_listing, upstream_model, with_model
@@ -200,3 +200,15 @@ def test_limits_attached_to_an_upstream_are_checked_only_for_it(tmp_path: Path) 
     assert [c.limit for c in build_checks(policy, ClientIdentity(), {})] == ["route-rpm"]
     assert [c.limit for c in build_checks(policy, ClientIdentity(), {}, "a")] == ["a-rpm"]
     assert build_checks(policy, ClientIdentity(), {}, "b") == ()
+
+
+def test_error_rate_readiness_needs_every_upstream_failing() -> None:
+    rules, health = Readiness(maxErrorRate=0.5), HealthState()
+    health.upstream_errors = {"a": ErrorRate(), "b": ErrorRate()}
+    for _ in range(10):
+        health.upstream_errors["a"].record(False)
+    assert readiness_reasons(health, rules, StoreFailurePolicy.ALLOW) == []  # b can serve
+    for ok in [False] * 8 + [True] * 2:
+        health.upstream_errors["b"].record(ok)
+    (reason,) = readiness_reasons(health, rules, StoreFailurePolicy.ALLOW)
+    assert reason.startswith("every upstream's lowest error rate 80%")

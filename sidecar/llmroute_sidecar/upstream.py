@@ -203,7 +203,7 @@ class Upstream:
         elapsed = time.monotonic() - started
         ex.upstream_seconds = (ex.upstream_seconds or 0.0) + elapsed
         self.metrics.upstream_duration_seconds.labels(policy.name, upstream, kind).observe(elapsed)
-        self.health.errors.record(ok)
+        (self.health.upstream_errors.get(upstream) or self.health.errors).record(ok)
         if ok:
             breaker.record_success()
         else:

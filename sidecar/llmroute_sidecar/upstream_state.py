@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from llmroute_sidecar.breaker import BreakerState, CircuitBreaker
-from llmroute_sidecar.health import HealthState
+from llmroute_sidecar.health import ErrorRate, HealthState
 from llmroute_sidecar.metrics import SidecarMetrics
 from llmroute_sidecar.policy import RoutePolicy
 
@@ -64,6 +64,8 @@ class UpstreamStates:
             else:
                 state.url = target.url
                 state.breaker.reconfigure(cb.consecutive_failures, cb.open_seconds)
+        rates = self.health.upstream_errors
+        self.health.upstream_errors = {name: rates.get(name) or ErrorRate() for name in wanted}
         self._mirror()
 
     def breaker(self, name: str) -> CircuitBreaker:
