@@ -69,7 +69,8 @@ class Dispatcher:
                 checks = build_checks(policy, identity, headers, target.name)
                 decision = await self.admission.admit_upstream(policy, checks, ex, ex.tokens_reserved, last)
                 if not decision.admitted:
-                    rejection = decision
+                    if rejection is None or decision.retry_after < rejection.retry_after:
+                        rejection = decision  # the 429 says when the first candidate frees up
                     self.metrics.upstream_fallbacks_total.labels(policy.name, target.name, "quota").inc()
                     continue
             try:
