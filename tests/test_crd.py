@@ -91,7 +91,9 @@ def test_examples_validate_against_crd_and_models(path: Path) -> None:
 def test_at_least_three_examples_cover_the_main_shapes() -> None:
     keys = {limit["key"] for path in EXAMPLES for route in _routes(path) for limit in route["spec"]["limits"]}
     assert {"route", "apiKey"} <= keys and any(key.startswith("header:") for key in keys)
-    assert any(route["spec"]["upstream"].get("apiKeySecretRef") for p in EXAMPLES for route in _routes(p))
+    assert any(
+        (route["spec"].get("upstream") or {}).get("apiKeySecretRef") for p in EXAMPLES for route in _routes(p)
+    )
     limits = [limit for path in EXAMPLES for route in _routes(path) for limit in route["spec"]["limits"]]
     assert any("costPerDay" in limit and limit.get("models") for limit in limits)  # cost-budget.yaml
 

@@ -138,3 +138,17 @@ async def test_a_stream_outgrowing_its_reservation_is_charged_to_budgets_at_its_
         for s in (await store.admit(AdmissionRequest("ns/r", (budgets,), 0, 60.0))).states
     }
     assert states == {Dimension.TOKENS_PER_DAY: 100_000 - 310, Dimension.COST_PER_DAY: 10_000_000 - 610}
+
+
+async def test_leases_of_an_upstreams_own_limits_are_charged_alongside() -> None:
+    store, upstream_store, clock = RecordingStore(), RecordingStore(), FakeClock()
+    settings = TokenAccounting.model_validate(
+        {"streamChargeIntervalTokens": 100, "streamChargeIntervalMs": 1000}
+    )
+    extra = await _lease(upstream_store)
+    live = LiveCharge(store, await _lease(store), settings, 10, clock=clock, also=[(upstream_store, extra)])
+    for tokens in range(1, 320):
+        live.observe(tokens, tokens - 10)
+        await asyncio.sleep(0)
+    await live.aclose()
+    assert store.charged == upstream_store.charged == [210, 310]

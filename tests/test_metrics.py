@@ -11,7 +11,7 @@ from llmroute_sidecar.metrics import LATENCY_BUCKETS, OUTCOMES, WAIT_BUCKETS, Si
 EXPECTED: dict[str, tuple[str, tuple[str, ...]]] = {
     "llmroute_requests_total": ("counter", ("route", "method", "outcome", "code")),
     "llmroute_request_duration_seconds": ("histogram", ("route", "outcome")),
-    "llmroute_upstream_duration_seconds": ("histogram", ("route", "outcome")),
+    "llmroute_upstream_duration_seconds": ("histogram", ("route", "upstream", "outcome")),
     "llmroute_time_to_first_byte_seconds": ("histogram", ("route",)),
     "llmroute_time_to_first_token_seconds": ("histogram", ("route", "model")),
     "llmroute_time_per_output_token_seconds": ("histogram", ("route", "model")),
@@ -24,7 +24,8 @@ EXPECTED: dict[str, tuple[str, tuple[str, ...]]] = {
     "llmroute_cost_total": ("counter", ("route", "model")),
     "llmroute_inflight_requests": ("gauge", ("route",)),
     "llmroute_queue_wait_seconds": ("histogram", ("route",)),
-    "llmroute_retries_total": ("counter", ("route", "reason")),
+    "llmroute_retries_total": ("counter", ("route", "upstream", "reason")),
+    "llmroute_upstream_fallbacks_total": ("counter", ("route", "upstream", "reason")),
     "llmroute_timeouts_total": ("counter", ("route", "layer")),
     "llmroute_upstream_errors_total": ("counter", ("route", "type")),
     "llmroute_store_errors_total": ("counter", ("route", "operation")),
@@ -94,11 +95,18 @@ def test_render_exposes_samples_with_content_type() -> None:
 
 def test_two_instances_do_not_clash() -> None:
     first, second = SidecarMetrics(), SidecarMetrics()
-    first.retries_total.labels("a", "timeout").inc(3)
+    first.retries_total.labels("a", "default", "timeout").inc(3)
     assert first.registry is not second.registry
-    assert first.registry.get_sample_value("llmroute_retries_total", {"route": "a", "reason": "timeout"}) == 3
     assert (
-        second.registry.get_sample_value("llmroute_retries_total", {"route": "a", "reason": "timeout"})
+        first.registry.get_sample_value(
+            "llmroute_retries_total", {"route": "a", "upstream": "default", "reason": "timeout"}
+        )
+        == 3
+    )
+    assert (
+        second.registry.get_sample_value(
+            "llmroute_retries_total", {"route": "a", "upstream": "default", "reason": "timeout"}
+        )
         is None
     )
 

@@ -132,6 +132,18 @@ async def test_fail_first_is_counted_per_key(
     assert app[COUNTERS]["fail:a"] == 3 and app[COUNTERS][CHAT] == 5
 
 
+async def test_fail_switch_fails_every_request_until_cleared(
+    client: TestClient[web.Request, web.Application],
+) -> None:
+    assert (await client.post("/mock/fail", json={"status": 42})).status == 400
+    assert (await client.post("/mock/fail", json={"status": 429})).status == 200
+    for _ in range(2):
+        response = await client.post(CHAT, json=chat_body())
+        assert response.status == 429 and (await response.json())["error"]["code"] == "mock_429"
+    await client.post("/mock/fail", json={"status": 0})
+    assert (await client.post(CHAT, json=chat_body())).status == 200
+
+
 async def test_status_header_answers_an_openai_error(
     client: TestClient[web.Request, web.Application],
 ) -> None:

@@ -135,8 +135,9 @@ def secret_names(route: LLMRoute) -> list[str]:
     """Secrets the sidecar reads (vendor key, client keys, JWKS), each mounted once, in a stable order."""
     spec = route.spec
     names: list[str] = []
-    if spec.upstream.api_key_secret_ref is not None:
-        names.append(spec.upstream.api_key_secret_ref.name)
+    for upstream in spec.routed_upstreams:
+        if upstream.api_key_secret_ref is not None:
+            names.append(upstream.api_key_secret_ref.name)
     if spec.identity.keys_secret_ref is not None:
         names.append(spec.identity.keys_secret_ref.name)
     if spec.identity.jwt is not None and spec.identity.jwt.jwks_secret_ref is not None:

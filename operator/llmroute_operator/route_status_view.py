@@ -411,7 +411,7 @@ def build_view(route: LLMRoute | None, gathered: Gathered, invalid: str | None =
     return RouteView(
         namespace=str(meta.get("namespace", "")),
         name=str(meta.get("name", "")),
-        upstream=(spec.get("upstream") or {}).get("url"),
+        upstream=upstream_summary(spec),
         generation=meta.get("generation"),
         observed_generation=status.get("observedGeneration"),
         recommended_replicas=status.get("recommendedReplicas"),
@@ -425,3 +425,12 @@ def build_view(route: LLMRoute | None, gathered: Gathered, invalid: str | None =
         recent_rejections=newest(gathered.recent_rejections),
         invalid_spec=invalid,
     )
+
+
+def upstream_summary(spec: Mapping[str, Any]) -> str | None:
+    """``spec.upstream``'s URL, or ``name=url`` of each of ``spec.upstreams`` (comma-separated)."""
+    several = [u for u in spec.get("upstreams") or () if isinstance(u, Mapping)]
+    if several:
+        return ", ".join(f"{u.get('name')}={u.get('url')}" for u in several)
+    single = spec.get("upstream")
+    return single.get("url") if isinstance(single, Mapping) else None

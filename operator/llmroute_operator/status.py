@@ -242,7 +242,33 @@ def route_status(
     budgets = observed.budgets if observed.budgets is not None else previous.get("budgets")
     if budgets:
         status["budgets"] = list(budgets)
+    if route.spec.upstreams:
+        known = observed.hints is not None
+        status["upstreams"] = (
+            upstream_status(route, observed.hints or ()) if known else previous.get("upstreams")
+        )
     return status
+
+
+def upstream_status(route: LLMRoute, hints: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """Each upstream with the pods (one hint each) that can send to it and those whose breaker for it
+    is open; a pod that does not report the upstream (older configuration) counts in neither."""
+    result = []
+    for upstream in route.spec.routed_upstreams:
+        reports = [
+            entry
+            for hint in hints
+            for entry in hint.get("upstreams") or ()
+            if isinstance(entry, Mapping) and entry.get("name") == upstream.name
+        ]
+        opened = sum(1 for entry in reports if entry.get("breaker") == "open")
+        ready = sum(
+            1 for entry in reports if entry.get("breaker") != "open" and entry.get("healthy") is not False
+        )
+        result.append(
+            {"name": upstream.name, "url": upstream.url, "readyPods": ready, "breakerOpenPods": opened}
+        )
+    return result
 
 
 def invalid_status(

@@ -135,6 +135,8 @@ class AccessRecord:
     queue_wait_ms: float = 0.0
     client_disconnected: bool = False
     error: str | None = None
+    upstream: str | None = None
+    """Name of the upstream that answered (spec.upstreams; 'default' for spec.upstream)."""
 
 
 #: The access line's fields, in order (an ``AccessRecord``'s).

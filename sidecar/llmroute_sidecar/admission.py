@@ -100,6 +100,43 @@ class Admission:
             return decision
         raise self._rejected(policy, ex, decision, tokens)
 
+    async def admit_upstream(
+        self, policy: RoutePolicy, checks: tuple[LimitCheck, ...], ex: Exchange, tokens: int, queue: bool
+    ) -> Decision:
+        """Admit the limits attached to one upstream (``limit.upstream``): a rejection sends the request
+        to the next candidate upstream, so only the last one (``queue``) waits for a concurrency slot,
+        within what is left of queueTimeoutSeconds. An admitting decision's lease joins
+        ``ex.upstream_leases``."""
+        spec = policy.route.spec
+        admission = AdmissionRequest(
+            route=policy.name,
+            checks=checks,
+            tokens=tokens,
+            lease_seconds=spec.deadline_seconds + self.settings.lease_margin_seconds,
+            request_id=ex.request_id,
+            cost=ex.cost_reserved,
+        )
+        started = time.monotonic()
+        queue_deadline = started + max(0.0, spec.queue_timeout_seconds - ex.queue_wait)
+        while True:
+            decision, store = await self._store_admit(policy, admission)
+            self._count_shadow(policy, decision)
+            remaining = queue_deadline - time.monotonic()
+            if not queue or decision.admitted or not decision.waits_for_concurrency or remaining <= 0:
+                break
+            if _never_fitting(policy, decision, tokens, ex.cost_reserved):
+                break
+            await self.store.wait_for_capacity(min(remaining, 0.25))
+        ex.queue_wait += time.monotonic() - started
+        self.utilization.record(policy.name, decision)
+        if decision.admitted and decision.lease is not None:
+            ex.upstream_leases.append((store, decision.lease))
+        return decision
+
+    def rejected(self, policy: RoutePolicy, ex: Exchange, decision: Decision, tokens: int) -> ProxyError:
+        """The 429 (or 400) of a rejecting decision, counted like any other rejection."""
+        return self._rejected(policy, ex, decision, tokens)
+
     def _rejected(self, policy: RoutePolicy, ex: Exchange, decision: Decision, tokens: int) -> ProxyError:
         """The 429 of a rejection; a non-retryable 400 when the request alone exceeds a limit."""
         rejected = decision.rejected

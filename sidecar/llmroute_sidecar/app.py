@@ -218,9 +218,9 @@ class Sidecar:
 
     def readiness(self) -> tuple[bool, list[str]]:
         spec = self.policy.route.spec
-        # Reading the state applies a due open → half-open transition (and health.breaker_open with it)
+        # Reading the states applies due open → half-open transitions (and health.breaker_open with them)
         # before the reasons are computed, so they never disagree with the "breaker" field.
-        self.gateway.breaker.state  # noqa: B018
+        self.gateway.upstreams.refresh()
         reasons = readiness_reasons(self.health, spec.readiness, spec.on_store_failure)
         return not reasons, reasons
 
@@ -233,12 +233,18 @@ class Sidecar:
             "route": self.policy.name,
             "configHash": self.policy.config_hash,
             "inflight": self.health.inflight,
-            "breaker": self.gateway.breaker.state.value,
+            "breaker": self._breaker_summary(),
             "upstreamHealthy": self.health.upstream_healthy,
+            "upstreams": self.gateway.upstreams.snapshot(),
             "storeAvailable": not self.health.store_down,
             "storeState": self.health.store_state or ("down" if self.health.store_down else "up"),
         }
         return web.json_response(body, status=200 if ready else 503)
+
+    def _breaker_summary(self) -> str:
+        """The breaker state of the one upstream; with several, the best of them (closed wins)."""
+        states = {u["breaker"] for u in self.gateway.upstreams.snapshot()}
+        return next((s for s in ("closed", "half_open", "open") if s in states), "closed")
 
     async def _metrics(self, request: web.Request) -> web.Response:
         payload, content_type = self.metrics.render()
@@ -264,6 +270,7 @@ class Sidecar:
                 "targetInFlightPerPod": target,
                 **self.hints.snapshot(live=self.health.inflight),
                 "ready": self.readiness()[0],
+                "upstreams": self.gateway.upstreams.snapshot(),
             }
         )
 
@@ -325,22 +332,23 @@ class Sidecar:
         return start_telemetry(route.spec.telemetry, os.environ, self._resource(route))
 
     async def _probe_upstream(self) -> None:
-        """Probe readiness.upstreamHealthPath every health interval."""
+        """Probe readiness.upstreamHealthPath of every upstream, every health interval."""
         while True:
-            path = self.policy.route.spec.readiness.upstream_health_path
+            policy = self.policy
+            path = policy.route.spec.readiness.upstream_health_path
+            targets = policy.upstreams
+            results: list[tuple[bool | None, str]]
             if path is None:
-                self.health.upstream_healthy = None
+                results = [(None, "")] * len(targets)
             else:
-                healthy, detail = await self._probe_once(self.policy.upstream_url + path)
-                if healthy != self.health.upstream_healthy:
-                    log.info(
-                        "upstream health changed", extra={"fields": {"healthy": healthy, "detail": detail}}
-                    )
-                self.health.upstream_healthy, self.health.upstream_health_detail = healthy, detail
+                probes = [self._probe_once(t.url + path, t.spec.timeout_seconds) for t in targets]
+                results = list(await asyncio.gather(*probes))
+            for target, (healthy, detail) in zip(targets, results, strict=True):
+                self.gateway.upstreams.set_health(target.name, healthy, detail)
             await asyncio.sleep(self.settings.health_interval)
 
-    async def _probe_once(self, url: str) -> tuple[bool, str]:
-        timeout = min(5.0, self.policy.route.spec.upstream.timeout_seconds)
+    async def _probe_once(self, url: str, timeout_seconds: float) -> tuple[bool | None, str]:
+        timeout = min(5.0, timeout_seconds)
         try:
             async with asyncio.timeout(timeout), self.gateway.session.get(url) as response:
                 await response.read()

@@ -40,6 +40,12 @@ class Exchange:
     error: str | None = None
     lease: Lease | None = None
     lease_store: QuotaStore | None = None
+    upstream_leases: list[tuple[QuotaStore, Lease]] = field(default_factory=list)
+    """Leases of limits attached to the upstream that serves the request (``limit.upstream``)."""
+    upstream: str = ""
+    """Name of the upstream that answered (spec.upstreams; 'default' for spec.upstream)."""
+    upstream_timeout: float = 30.0
+    """That upstream's timeoutSeconds: the relay's idle timeout between chunks."""
     response_started: bool = False
     delivered: bool = False
     """The terminal event (``[DONE]``, ``response.completed``) or the whole body reached the client."""

@@ -18,7 +18,7 @@ from llmroute_sidecar.cost import CostMeter, cost_micros
 from llmroute_sidecar.exchange import Exchange
 from llmroute_sidecar.health import HealthState
 from llmroute_sidecar.metrics import SidecarMetrics
-from llmroute_sidecar.quota.base import QuotaStore, StoreUnavailableError
+from llmroute_sidecar.quota.base import Lease, QuotaStore, StoreUnavailableError
 from llmroute_sidecar.settlement import Settler
 from llmroute_sidecar.token_timing import TokenTiming
 
@@ -58,10 +58,14 @@ class Finisher:
         settle_now = getattr(store, "settle_now", None)
         if ex.lease is not None and not background and settle_now is None:
             return False
+        if any(not _settles_without_waiting(extra) for extra, _ in ex.upstream_leases):
+            return False
         try:
+            for extra, lease in ex.upstream_leases:
+                self.settle_early(extra, lease, tokens_to_charge(ex), ex, self.cost_to_charge(ex, lease))
             if ex.lease is not None:
                 lease, actual = ex.lease, tokens_to_charge(ex)
-                cost = self.cost_to_charge(ex)
+                cost = self.cost_to_charge(ex, lease)
                 try:
                     if settle_now is not None and not background:
                         settle_now(lease, actual, cost)
@@ -80,24 +84,53 @@ class Finisher:
         if self.finish_now(ex):
             return
         try:
-            assert ex.lease is not None
             actual = tokens_to_charge(ex)
-            try:
-                await (ex.lease_store or self.store).settle(ex.lease, actual, self.cost_to_charge(ex))
-            except Exception as error:
-                self._settle_failed(ex, error)
-            self._count_settled(ex, actual)
+            leases = list(ex.upstream_leases)
+            if ex.lease is not None:
+                leases.append((ex.lease_store or self.store, ex.lease))
+            for store, lease in leases:
+                try:
+                    await store.settle(lease, actual, self.cost_to_charge(ex, lease))
+                except Exception as error:
+                    self._settle_failed(ex, error)
+            if ex.lease is not None:
+                self._count_settled(ex, actual)
             self._count(ex)
         finally:
             self._leave(ex.route)
 
-    def cost_to_charge(self, ex: Exchange) -> int | None:
+    def cost_to_charge(self, ex: Exchange, lease: Lease | None) -> int | None:
         """The actual cost (micro-units) of a lease that reserved some; None: the store's default (0 when
         nothing is charged, else the reservation)."""
-        if ex.lease is None or ex.lease.request.cost <= 0 or ex.tokens_actual is None or ex.model is None:
+        if lease is None or lease.request.cost <= 0 or ex.tokens_actual is None or ex.model is None:
             return None
         price = self.cost.price(ex.model, ex.pricing)
         return cost_micros(ex.prompt_tokens, ex.completion_tokens, price, ex.cached_tokens)
+
+    async def settle_lease(
+        self, store: QuotaStore, lease: Lease, actual: int, ex: Exchange, cost: int | None = None
+    ) -> None:
+        """Settle one lease now: without waiting where the store allows it, else awaited."""
+        if _settles_without_waiting(store):
+            self.settle_early(store, lease, actual, ex, cost)
+            return
+        try:
+            await store.settle(lease, actual, cost)
+        except Exception as error:  # the lease expires on its own
+            self._settle_failed(ex, error)
+
+    def settle_early(
+        self, store: QuotaStore, lease: Lease, actual: int, ex: Exchange, cost: int | None = None
+    ) -> None:
+        """Settle one lease without waiting (background or inline); for stores that allow it."""
+        try:
+            settle_now = getattr(store, "settle_now", None)
+            if settle_now is not None and not getattr(store, "settles_in_background", False):
+                settle_now(lease, actual, cost)
+            else:
+                self.settler.submit(store, lease, actual, cost)
+        except Exception as error:
+            self._settle_failed(ex, error)
 
     def _settle_failed(self, ex: Exchange, error: Exception) -> None:
         if isinstance(error, StoreUnavailableError):
@@ -148,6 +181,10 @@ class Finisher:
             self.idle.set()
 
 
+def _settles_without_waiting(store: QuotaStore) -> bool:
+    return bool(getattr(store, "settles_in_background", False)) or hasattr(store, "settle_now")
+
+
 def tokens_to_charge(ex: Exchange) -> int:
     """Actual usage when known; nothing when no response came; the reservation otherwise."""
     if ex.tokens_actual is not None:
@@ -177,4 +214,5 @@ def _record(ex: Exchange, duration: float) -> AccessRecord:
         queue_wait_ms=round(ex.queue_wait * 1000, 2),
         client_disconnected=ex.client_disconnected,
         error=ex.error,
+        upstream=ex.upstream or None,
     )

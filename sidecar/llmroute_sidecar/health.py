@@ -2,7 +2,8 @@
 
 Not ready while draining, when saturated (in flight >= readiness.maxInFlight), when the circuit
 breaker is open, when the upstream health path fails, when the upstream error rate over the last
-minute exceeds readiness.maxErrorRate, and when the quota store is down under onStoreFailure: deny.
+minute exceeds readiness.maxErrorRate (with several upstreams: every upstream's breaker, health
+path or error rate), and when the quota store is down under onStoreFailure: deny.
 A store that reports its state counts as down only when it is ``down`` (refused, reset, or no
 answer to PING); ``busy`` (answers, but operations wait past their budget) keeps the pod ready.
 """
@@ -62,6 +63,9 @@ class HealthState:
     store_state: str = ""
     """The store's own state (``up``, ``busy``, ``down``) when it reports one."""
     errors: ErrorRate = field(default_factory=ErrorRate)
+    upstream_errors: dict[str, ErrorRate] = field(default_factory=dict)
+    """Each configured upstream's own error rate (then ``errors`` is unused): the pod is not ready
+    only when every upstream's rate is too high (one upstream still able to serve keeps it ready)."""
 
     @property
     def store_down(self) -> bool:
@@ -84,10 +88,14 @@ def readiness_reasons(state: HealthState, rules: Readiness, store_policy: StoreF
         reasons.append(
             f"upstream unhealthy: {rules.upstream_health_path} {state.upstream_health_detail}".rstrip()
         )
-    samples, rate = state.errors.snapshot()
-    if samples >= MIN_ERROR_SAMPLES and rate > rules.max_error_rate:
+    rates = [errors.snapshot() for errors in (state.upstream_errors.values() or [state.errors])]
+    failing = [
+        rate for samples, rate in rates if samples >= MIN_ERROR_SAMPLES and rate > rules.max_error_rate
+    ]
+    if rates and len(failing) == len(rates):
+        whose = "every upstream's lowest error rate" if len(rates) > 1 else "error rate"
         reasons.append(
-            f"error rate {rate:.0%} over the last minute exceeds "
+            f"{whose} {min(failing):.0%} over the last minute exceeds "
             f"readiness.maxErrorRate {rules.max_error_rate:.0%}"
         )
     if state.store_down and store_policy is StoreFailurePolicy.DENY:

@@ -20,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from llmroute_sidecar.api.spec import ModelPrice, TokenAccounting
@@ -78,11 +78,14 @@ class LiveCharge:
         on_error: Callable[[BaseException], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
         price: ModelPrice | None = None,
+        also: Sequence[tuple[QuotaStore, Lease]] = (),
     ) -> None:
         self.store = store
         self.price = price
         """The model's price when the lease reserved a cost: cost budgets are charged live too."""
         self.lease = lease
+        self.also = tuple(also)
+        """Further leases of the same request charged alongside (limits attached to its upstream)."""
         self.cut = tokens.cut_over_reservation
         self.reserved_completion = max(0, lease.reserved_tokens - prompt_estimate)
         self.cadence = Cadence(
@@ -113,11 +116,18 @@ class LiveCharge:
             self._task = asyncio.create_task(self._send(tokens_so_far, completion_so_far), name="live-charge")
 
     async def _send(self, tokens: int, completion: int) -> None:
+        if not self.also:
+            await self._charge(self.store, self.lease, tokens, completion)
+            return
+        leases = ((self.store, self.lease), *self.also)
+        await asyncio.gather(*(self._charge(store, lease, tokens, completion) for store, lease in leases))
+
+    async def _charge(self, store: QuotaStore, lease: Lease, tokens: int, completion: int) -> None:
         cost = None
-        if self.price is not None and self.lease.request.cost > 0:
+        if self.price is not None and lease.request.cost > 0:
             cost = cost_micros(tokens - completion, completion, self.price)
         try:
-            await self.store.charge(self.lease, tokens, cost)
+            await store.charge(lease, tokens, cost)
         except Exception as error:  # never the stream's problem: settlement charges the final usage
             if self._on_error is not None:
                 self._on_error(error)

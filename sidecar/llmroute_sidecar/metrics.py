@@ -32,6 +32,8 @@ OUTCOMES = (
 )
 #: Values of the ``outcome`` label of ``llmroute_upstream_duration_seconds`` (one per attempt).
 UPSTREAM_OUTCOMES = ("ok", "http_5xx", "http_4xx", "timeout", "connect_error")
+#: Values of the ``reason`` label of ``llmroute_upstream_fallbacks_total``.
+FALLBACK_REASONS = ("quota", "breaker_open", "http_429", "http_5xx", "timeout", "connect_error")
 #: ``kind`` of ``llmroute_tokens_total``; ``layer`` of ``llmroute_timeouts_total``.
 TOKEN_KINDS = ("prompt", "completion", "reserved", "refunded", "overrun")
 TIMEOUT_LAYERS = ("queue", "attempt", "deadline", "stream")
@@ -106,7 +108,7 @@ class SidecarMetrics:
         self.upstream_duration_seconds = Histogram(
             "llmroute_upstream_duration_seconds",
             "Duration of one upstream attempt until its response headers.",
-            ["route", "outcome"],
+            ["route", "upstream", "outcome"],
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
@@ -191,7 +193,14 @@ class SidecarMetrics:
         self.retries_total = Counter(
             "llmroute_retries_total",
             "Upstream retries, by the failure that caused them.",
-            ["route", "reason"],
+            ["route", "upstream", "reason"],
+            registry=r,
+        )
+        self.upstream_fallbacks_total = Counter(
+            "llmroute_upstream_fallbacks_total",
+            "Requests that moved on from an upstream to the next candidate, by why: quota (its own limit "
+            "rejected), breaker_open, http_429, http_5xx, timeout, connect_error.",
+            ["route", "upstream", "reason"],
             registry=r,
         )
         self.timeouts_total = Counter(

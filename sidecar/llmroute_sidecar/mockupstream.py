@@ -14,7 +14,9 @@ usage in a stream; ``X-Mock-Cached-Tokens: N`` report N of the prompt tokens as 
 chunk, then a ``choices: []`` usage chunk), ``litellm`` (no ``usage`` on content chunks, then a usage
 chunk with ``choices: [{"index": 0, "delta": {}}]``) or ``final`` (usage on the finish chunk itself).
 Received requests are kept in ``app[REQUESTS]`` (also ``GET /mock/requests``), counters in
-``app[COUNTERS]``; ``POST /mock/health {"healthy": false}`` makes ``GET /health`` answer 503.
+``app[COUNTERS]``; ``POST /mock/health {"healthy": false}`` makes ``GET /health`` answer 503;
+``POST /mock/fail {"status": 500}`` makes every following request answer that status (an
+OpenAI-style error) until ``{"status": 0}``: one upstream failing while another serves.
 """
 
 from __future__ import annotations
@@ -52,6 +54,7 @@ REQUESTS = web.AppKey("requests", list[dict[str, Any]])
 COUNTERS = web.AppKey("counters", defaultdict[str, int])
 HEALTHY = web.AppKey("healthy", list[bool])
 RELEASE = web.AppKey("release", list[asyncio.Event])
+FAIL = web.AppKey("fail", list[int])
 
 
 def create_app(settings: MockSettings | None = None) -> web.Application:
@@ -62,7 +65,9 @@ def create_app(settings: MockSettings | None = None) -> web.Application:
     app[COUNTERS] = defaultdict(int)
     app[HEALTHY] = [True]
     app[RELEASE] = [asyncio.Event()]
+    app[FAIL] = [0]
     app.router.add_get("/health", _health)
+    app.router.add_post("/mock/fail", _set_fail)
     app.router.add_post("/mock/health", _set_health)
     app.router.add_post("/mock/release", _release)
     app.router.add_get("/mock/requests", _requests)
@@ -108,6 +113,18 @@ async def _set_health(request: web.Request) -> web.Response:
     return web.json_response({"healthy": request.app[HEALTHY][0]})
 
 
+async def _set_fail(request: web.Request) -> web.Response:
+    try:
+        body = await request.json()
+        status = int(body.get("status", 0)) if isinstance(body, dict) else -1
+    except (ValueError, TypeError):
+        status = -1
+    if status != 0 and not 400 <= status <= 599:
+        return _error(400, 'expected a JSON body like {"status": 500} (400..599, or 0 to stop failing)')
+    request.app[FAIL][0] = status
+    return web.json_response({"status": status})
+
+
 async def _release(request: web.Request) -> web.Response:
     events = request.app[RELEASE]
     events[0].set()
@@ -134,6 +151,8 @@ async def _record(request: web.Request) -> tuple[bytes, web.Response | None]:
     latency = _number(request, "X-Mock-Latency")
     if latency > 0:
         await asyncio.sleep(latency)
+    if app[FAIL][0]:
+        return body, _error(app[FAIL][0], f"mock failing with {app[FAIL][0]} as asked")
     if "X-Mock-Status" in request.headers:
         status = int(_number(request, "X-Mock-Status"))
         if not 400 <= status <= 599:

@@ -19,7 +19,15 @@ import yaml
 from pydantic import ValidationError
 
 from llmroute_sidecar.api import LLMRoute
-from llmroute_sidecar.api.spec import Limit, LimitMode, ModelPrice, TierLimits, WhenMissing
+from llmroute_sidecar.api.spec import (
+    Limit,
+    LimitMode,
+    ModelPrice,
+    RoutedUpstream,
+    SecretKeyRef,
+    TierLimits,
+    WhenMissing,
+)
 from llmroute_sidecar.config import CONFIGMAPS_SUBDIR
 from llmroute_sidecar.errors import ProxyError, bad_request, unauthorized
 from llmroute_sidecar.jwt_identity import KeySet, parse_jwks
@@ -55,6 +63,19 @@ class ClientIdentity:
 
 
 @dataclass(frozen=True)
+class UpstreamTarget:
+    """One upstream as the request path uses it: its spec entry, URL (override applied), vendor key."""
+
+    spec: RoutedUpstream
+    url: str
+    vendor_key: str | None
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+
+@dataclass(frozen=True)
 class RoutePolicy:
     """One route's configuration as the proxy uses it; swapped whole on reload."""
 
@@ -68,6 +89,13 @@ class RoutePolicy:
     """identity.jwt's key set when it comes from jwksSecretRef (a jwksUrl is fetched by ``authn``)."""
     pricing: tuple[ModelPrice, ...] = ()
     """The price table: spec.pricing, then the entries of spec.pricingConfigMapRef."""
+    upstreams: tuple[UpstreamTarget, ...] = ()
+    """spec.upstreams (or spec.upstream as the one entry 'default'), in spec order."""
+
+    @cached_property
+    def limited_upstreams(self) -> frozenset[str]:
+        """Names of the upstreams that limits are attached to (``limit.upstream``)."""
+        return frozenset(limit.upstream for limit in self.route.spec.limits if limit.upstream is not None)
 
     @cached_property
     def key_index(self) -> dict[str, tuple[str, str]]:
@@ -122,14 +150,14 @@ def load_policy(
     """
     spec = route.spec
     inline = file_secrets or {}
-    vendor_key = None
-    if spec.upstream.api_key_secret_ref is not None:
-        ref = spec.upstream.api_key_secret_ref
-        path = secrets_dir / ref.name / ref.key
-        if not path.exists() and ref.key in inline.get(ref.name, {}):
-            vendor_key = _inline_value(inline[ref.name][ref.key], ref.name, ref.key)
-        else:
-            vendor_key = _read_secret_file(path, "upstream.apiKeySecretRef", secrets_dir)
+    upstreams = tuple(
+        UpstreamTarget(
+            upstream,
+            (upstream_override or upstream.url).rstrip("/"),
+            _vendor_key(upstream.api_key_secret_ref, secrets_dir, inline),
+        )
+        for upstream in spec.routed_upstreams
+    )
     keys = None
     if spec.identity.keys_secret_ref is not None:
         name = spec.identity.keys_secret_ref.name
@@ -156,8 +184,17 @@ def load_policy(
     pricing = tuple(spec.pricing)
     if spec.pricing_config_map_ref is not None:
         pricing += read_price_table(pricing_file(route, secrets_dir))
-    url = (upstream_override or spec.upstream.url).rstrip("/")
-    return RoutePolicy(route, url, vendor_key, keys, config_hash(route), jwks, pricing)
+    first = upstreams[0]
+    return RoutePolicy(
+        route,
+        first.url,
+        first.vendor_key,
+        keys,
+        config_hash(route),
+        jwks,
+        pricing=pricing,
+        upstreams=upstreams,
+    )
 
 
 def pricing_file(route: LLMRoute, secrets_dir: Path) -> Path:
@@ -189,6 +226,18 @@ def read_price_table(path: Path) -> tuple[ModelPrice, ...]:
     return tuple(prices)
 
 
+def _vendor_key(
+    ref: SecretKeyRef | None, secrets_dir: Path, inline: Mapping[str, Mapping[str, str]]
+) -> str | None:
+    """An upstream's apiKeySecretRef: the mounted file, else the route file's Secret document."""
+    if ref is None:
+        return None
+    path = secrets_dir / ref.name / ref.key
+    if not path.exists() and ref.key in inline.get(ref.name, {}):
+        return _inline_value(inline[ref.name][ref.key], ref.name, ref.key)
+    return _read_secret_file(path, "upstream.apiKeySecretRef", secrets_dir)
+
+
 def _inline_value(value: str, name: str, key: str) -> str:
     log.info("vendor key from the route file's Secret", extra={"fields": {"secret": name}})
     if not value.strip():
@@ -207,9 +256,10 @@ def secret_files(route: LLMRoute, secrets_dir: Path) -> list[Path]:
     """The mounted files a route reads (vendor key, client key entries, JWKS, price table)."""
     spec = route.spec
     files = []
-    if spec.upstream.api_key_secret_ref is not None:
-        ref = spec.upstream.api_key_secret_ref
-        files.append(secrets_dir / ref.name / ref.key)
+    for upstream in spec.routed_upstreams:
+        if upstream.api_key_secret_ref is not None:
+            ref = upstream.api_key_secret_ref
+            files.append(secrets_dir / ref.name / ref.key)
     if spec.identity.jwt is not None and spec.identity.jwt.jwks_secret_ref is not None:
         ref = spec.identity.jwt.jwks_secret_ref
         files.append(secrets_dir / ref.name / ref.key)
@@ -322,9 +372,15 @@ def model_matches(model: str | None, patterns: Iterable[str]) -> bool:
 
 
 def build_checks(
-    policy: RoutePolicy, identity: ClientIdentity, headers: Mapping[str, str], model: str | None = None
+    policy: RoutePolicy,
+    identity: ClientIdentity,
+    headers: Mapping[str, str],
+    model: str | None = None,
+    upstream: str | None = None,
 ) -> tuple[LimitCheck, ...]:
-    """The limit checks that apply to one request (``model``: the body's model as the client sent it).
+    """The limit checks that apply to one request (``model``: the body's model as the client sent it):
+    the route's (``upstream`` None), or those attached to the upstream named ``upstream``
+    (``limit.upstream``).
 
     A limit with ``models`` applies only to requests whose model matches one of them; a
     ``key: model`` limit counts each model name separately and leaves requests without one out.
@@ -337,6 +393,8 @@ def build_checks(
     spec = policy.route.spec
     checks = []
     for limit in spec.limits:
+        if limit.upstream != upstream:
+            continue
         tier = None
         if limit.models and not model_matches(model, limit.models):
             continue

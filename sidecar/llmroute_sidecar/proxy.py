@@ -1,16 +1,19 @@
 """The request path: admit, forward with retries, relay (streaming), settle.
 
 One ``Gateway`` per process handles every request of the traffic port. The order is fixed:
-request id and trace → body and validation → identity → quota admission (``admission``, queueing for
-concurrency) → upstream attempts (``upstream``: breaker, per-attempt timeout, retries with backoff) →
-relay (``relay``: SSE event by event) → shielded finish (``finish``: settle tokens and release the
-lease, metrics, access log), all inside the route's deadline.
+request id and trace → body and validation → identity → candidate upstreams (``routing``: by model,
+priority, weight, open breakers skipped) → quota admission (``admission``, queueing for concurrency)
+→ upstream attempts (``dispatch``: each candidate's own quota and attempts, then the next;
+``upstream``: breaker, per-attempt timeout, retries with backoff) → relay (``relay``: SSE event by
+event) → shielded finish (``finish``: settle tokens and release the leases, metrics, access log),
+all inside the route's deadline.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import time
 from collections.abc import AsyncIterator
 
@@ -22,9 +25,9 @@ from llmroute_sidecar.accesslog import AccessLog
 from llmroute_sidecar.admission import Admission
 from llmroute_sidecar.api.spec import PromptCounting
 from llmroute_sidecar.authn import Authenticator
-from llmroute_sidecar.breaker import BreakerState, CircuitBreaker
 from llmroute_sidecar.config import Settings
 from llmroute_sidecar.cost import reserved_cost
+from llmroute_sidecar.dispatch import Dispatcher
 from llmroute_sidecar.errors import ProxyError
 from llmroute_sidecar.exchange import Exchange
 from llmroute_sidecar.finish import Finisher
@@ -44,9 +47,11 @@ from llmroute_sidecar.policy import RoutePolicy
 from llmroute_sidecar.quota.base import QuotaStore
 from llmroute_sidecar.relay import RESPONSE_KEY, Relay
 from llmroute_sidecar.request_body import BodyReader, too_large
+from llmroute_sidecar.routing import candidates, eligible, model_listing
 from llmroute_sidecar.telemetry import Telemetry
 from llmroute_sidecar.tracing import child_trace, request_id
 from llmroute_sidecar.upstream import Body, Upstream, breaker_open
+from llmroute_sidecar.upstream_state import UpstreamStates
 
 log = logging.getLogger("llmroute.proxy")
 
@@ -74,15 +79,17 @@ class Gateway:
         self.settings = settings
         self.metrics = metrics
         self.health = health
-        cb = policy.route.spec.upstream.circuit_breaker
-        self.breaker = CircuitBreaker(
-            cb.consecutive_failures, cb.open_seconds, on_change=self._breaker_changed
-        )
+        self.upstreams = UpstreamStates(metrics, health)
+        """Each upstream's breaker and health, by name."""
+        self.upstreams.sync(policy)
         self.admission = Admission(store, settings, metrics, health)
         self.authenticator = Authenticator()
-        self.upstream = Upstream(self.breaker, metrics, health)
+        self.upstream = Upstream(metrics, health)
         self.relay = Relay(settings, metrics)
         self.finisher = Finisher(store, metrics, health, access_log)
+        self.dispatcher = Dispatcher(self.upstream, self.admission, self.finisher, self.upstreams, metrics)
+        self.rng = random.Random()
+        """Weighted choice among upstreams of one priority."""
         self._active: dict[asyncio.Task[object], Exchange] = {}
         self._cutting = False
 
@@ -93,7 +100,6 @@ class Gateway:
         await self.authenticator.start(lambda: self.policy)
         if self.policy.route.spec.tokens.prompt_counting is PromptCounting.TIKTOKEN:
             TOKENIZER.preload()
-        self._breaker_changed(self.breaker.state)
 
     async def close(self) -> None:
         await self.authenticator.close()
@@ -106,8 +112,7 @@ class Gateway:
     def update_policy(self, policy: RoutePolicy) -> None:
         """Swap the configuration; requests in flight keep the one they started with."""
         self.policy = policy
-        cb = policy.route.spec.upstream.circuit_breaker
-        self.breaker.reconfigure(cb.consecutive_failures, cb.open_seconds)
+        self.upstreams.sync(policy)
         if policy.route.spec.tokens.prompt_counting is PromptCounting.TIKTOKEN:
             TOKENIZER.preload()
 
@@ -144,15 +149,6 @@ class Gateway:
             await response.write_eof()
         except (ConnectionResetError, RuntimeError):
             ex.client_disconnected = True
-
-    def _breaker_changed(self, state: BreakerState) -> None:
-        value = {BreakerState.CLOSED: 0, BreakerState.HALF_OPEN: 1, BreakerState.OPEN: 2}[state]
-        self.metrics.circuit_breaker_state.labels(self.policy.name, self.policy.upstream_url).set(value)
-        self.health.breaker_open = state is BreakerState.OPEN
-        if state is not BreakerState.CLOSED:
-            log.warning(
-                "circuit breaker %s", state.value, extra={"fields": {"upstream": self.policy.upstream_url}}
-            )
 
     # -- request path ----------------------------------------------------------------------------
 
@@ -255,6 +251,11 @@ class Gateway:
             raise _method_not_allowed(request.method, request.path)
         identity = await self.authenticator.identify(policy, request.headers)  # before reading the body
         ex.client = identity.label
+        if request.path == "/v1/models" and request.method == "GET" and spec.upstreams:
+            listing = model_listing(spec.upstreams)  # from the configuration, when it names models
+            if listing is not None:
+                ex.status = 200
+                return web.json_response(listing, headers={"X-Request-ID": ex.request_id})
         parsed: ParsedRequest | None = None
         body: Body
         if kind is not None:
@@ -278,10 +279,14 @@ class Gateway:
         ex.tokens_reserved = tokens
         if parsed is not None and policy.has_cost_budgets:
             ex.cost_reserved = reserved_cost(parsed, tokens, policy.pricing)
-        if self.breaker.state is BreakerState.OPEN:  # fail fast, before the request consumes quota
-            raise breaker_open()
+        model = parsed.model if parsed is not None else None
+        chosen = candidates(policy.upstreams, model, self.rng, self.upstreams.open_names())
+        if not chosen:  # fail fast, before the request consumes quota
+            raise breaker_open() if eligible(policy.upstreams, model) else _model_not_found(model)
         await self.admission.admit(policy, identity, request.headers, ex, tokens)  # headers into ex
-        upstream = await self.upstream.forward(request, policy, ex, body)
+        upstream = await self.dispatcher.dispatch(
+            request, policy, ex, body, chosen, identity, request.headers
+        )
         return await self.relay.relay(request, policy, ex, upstream, parsed, injected is not None)
 
     async def _pass_through_body(self, request: web.Request, limit: int) -> Body:
@@ -304,6 +309,17 @@ class StreamedBody:
 
     def __aiter__(self) -> AsyncIterator[bytes]:
         return self.reader.chunks()
+
+
+def _model_not_found(model: str | None) -> ProxyError:
+    """404 as OpenAI answers an unknown model: no upstream of the route serves it."""
+    return ProxyError(
+        404,
+        "model_not_found",
+        f"the model {model!r} is not served by this route" if model else "no upstream serves this request",
+        "invalid_request_error",
+        "client_error",
+    )
 
 
 #: OpenAI endpoints accept POST only.

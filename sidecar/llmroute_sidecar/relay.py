@@ -88,7 +88,7 @@ class Relay:
             kept = bytearray() if (parsed is not None and not is_sse) else None
             prompt = estimate_prompt_tokens(parsed) if parsed is not None else 0
             live = self._live_charge(policy, ex, prompt) if usage is not None else None
-            timeout = policy.route.spec.upstream.timeout_seconds
+            timeout = ex.upstream_timeout
             chars = 0
             async for chunk in self._chunks(upstream, response, timeout, parser, is_sse, policy.name):
                 if ex.first_byte is None:
@@ -138,15 +138,20 @@ class Relay:
                 await live.aclose()  # before settlement: it must be the lease's last write
 
     def _live_charge(self, policy: RoutePolicy, ex: Exchange, prompt: int) -> LiveCharge | None:
-        """Live charging for a stream holding a lease (``spec.tokens``); None without a lease."""
-        if ex.lease is None or ex.lease_store is None:
+        """Live charging for a stream holding leases (``spec.tokens``): the route's and those of
+        limits attached to its upstream; None without a lease."""
+        leases = list(ex.upstream_leases)
+        if ex.lease is not None and ex.lease_store is not None:
+            leases.insert(0, (ex.lease_store, ex.lease))
+        if not leases:
             return None
 
         def failed(error: BaseException) -> None:
             self.metrics.store_errors_total.labels(policy.name, "charge").inc()
 
-        price = price_of(ex.model, ex.pricing) if ex.model and ex.lease.request.cost > 0 else None
-        return LiveCharge(ex.lease_store, ex.lease, policy.route.spec.tokens, prompt, failed, price=price)
+        price = price_of(ex.model, ex.pricing) if ex.model else None
+        (store, lease), *also = leases
+        return LiveCharge(store, lease, policy.route.spec.tokens, prompt, failed, price=price, also=also)
 
     async def _chunks(
         self,

@@ -1,4 +1,5 @@
-"""Upstream attempts: breaker, per-attempt timeout, one retry layer with backoff inside the deadline."""
+"""Upstream attempts on one upstream: breaker, per-attempt timeout, retries with backoff inside the
+deadline. Moving on to another upstream (``dispatch``) is part of the same retry layer."""
 
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ from llmroute_sidecar.headers import end_to_end
 from llmroute_sidecar.health import HealthState
 from llmroute_sidecar.metrics import SidecarMetrics
 from llmroute_sidecar.openai.requests import kind_for_path
-from llmroute_sidecar.policy import RoutePolicy
+from llmroute_sidecar.policy import RoutePolicy, UpstreamTarget
 
 Body = bytes | AsyncIterable[bytes] | None
 
@@ -40,6 +41,19 @@ class UpstreamAttemptError(Exception):
         self.kind = kind
 
 
+class CandidateFailed(Exception):
+    """An upstream gave no response to relay (before the first byte): the next candidate may serve.
+
+    ``kind``: breaker_open, http_429, http_5xx, timeout or connect_error; ``error`` is what the client
+    gets when no candidate is left.
+    """
+
+    def __init__(self, kind: str, error: ProxyError) -> None:
+        super().__init__(error.message)
+        self.kind = kind
+        self.error = error
+
+
 def breaker_open() -> ProxyError:
     return errors.overloaded(
         "circuit_open", "the upstream is failing; its circuit breaker is open", "breaker_open"
@@ -49,8 +63,7 @@ def breaker_open() -> ProxyError:
 class Upstream:
     """Sends a request upstream: attempts, retries, breaker bookkeeping, upstream metrics."""
 
-    def __init__(self, breaker: CircuitBreaker, metrics: SidecarMetrics, health: HealthState) -> None:
-        self.breaker = breaker
+    def __init__(self, metrics: SidecarMetrics, health: HealthState) -> None:
         self.metrics = metrics
         self.health = health
         self._session: aiohttp.ClientSession | None = None
@@ -73,18 +86,20 @@ class Upstream:
         assert self._session is not None, "Upstream.start() was not awaited"
         return self._session
 
-    def headers(self, request: web.Request, policy: RoutePolicy, ex: Exchange) -> CIMultiDict[str]:
+    def headers(
+        self, request: web.Request, policy: RoutePolicy, ex: Exchange, vendor_key: str | None
+    ) -> CIMultiDict[str]:
         """The request headers as the upstream gets them: end-to-end only, vendor key, ids, forwarding."""
         spec = policy.route.spec
         # Bodies are forwarded decoded (request_body), so their Content-Encoding never is.
         drop = ["Host", "Content-Length", "Content-Encoding"]
         if kind_for_path(request.path) is not None:
             drop.append("Accept-Encoding")  # usage is read from the response: keep it uncompressed
-        if policy.vendor_key is not None:
+        if vendor_key is not None:
             drop += ["Authorization", spec.identity.header]
         headers = end_to_end(request.headers, drop)
-        if policy.vendor_key is not None:
-            headers["Authorization"] = f"Bearer {policy.vendor_key}"
+        if vendor_key is not None:
+            headers["Authorization"] = f"Bearer {vendor_key}"
         headers["X-Request-ID"] = ex.request_id
         headers["traceparent"] = ex.headers["traceparent"]
         if "tracestate" in ex.headers:
@@ -96,35 +111,46 @@ class Upstream:
         return headers
 
     async def forward(
-        self, request: web.Request, policy: RoutePolicy, ex: Exchange, body: Body
+        self,
+        request: web.Request,
+        policy: RoutePolicy,
+        ex: Exchange,
+        body: Body,
+        target: UpstreamTarget,
+        breaker: CircuitBreaker,
+        last: bool = True,
     ) -> aiohttp.ClientResponse:
-        """Upstream attempts with one retry layer; returns the response to relay."""
+        """Attempts on ``target`` with its retries; returns the response to relay.
+
+        Raises ``CandidateFailed`` when it leaves nothing to relay: its breaker refuses, attempts fail,
+        or (unless it is the ``last`` candidate) it answers 429, or 5xx on its final attempt. The last
+        candidate's 429 and final 5xx are relayed as they are.
+        """
         spec = policy.route.spec
-        url = URL(policy.upstream_url + request.raw_path, encoded=True)
-        headers = self.headers(request, policy, ex)
+        upstream = target.spec
+        url = URL(target.url + request.raw_path, encoded=True)
+        headers = self.headers(request, policy, ex, target.vendor_key)
         retryable_body = body is None or isinstance(body, bytes)
-        attempts_allowed = 1 + (spec.upstream.retries if retryable_body else 0)
+        attempts_allowed = 1 + (upstream.retries if retryable_body else 0)
         delays = backoff_delays()
         deadline_at = ex.started + spec.deadline_seconds
         last_error, last_kind = "no attempt made", ""
         for attempt in range(1, attempts_allowed + 1):
-            if not self.breaker.allow():
-                raise breaker_open()
-            ex.attempts = attempt
+            if not breaker.allow():
+                raise CandidateFailed("breaker_open", breaker_open())
+            ex.attempts += 1
             started = time.monotonic()
             try:
-                response = await self._attempt(
-                    request.method, url, headers, body, spec.upstream.timeout_seconds
-                )
+                response = await self._attempt(request.method, url, headers, body, upstream.timeout_seconds)
             except UpstreamAttemptError as error:
                 fault = client_fault(body)
                 if fault is not None:  # the client's body failed mid-upload: no verdict on the upstream
-                    self.breaker.release_probe()
+                    breaker.release_probe()
                     raise fault from None
-                self._record_attempt(policy, ex, started, error.kind, ok=False)
+                self._record_attempt(policy, target.name, breaker, ex, started, error.kind, ok=False)
                 last_error, last_kind = f"{error.kind}: {error}", error.kind
             except BaseException as error:
-                self.breaker.release_probe()
+                breaker.release_probe()
                 fault = client_fault(body)
                 if fault is not None and fault is not error:
                     raise fault from None
@@ -132,8 +158,11 @@ class Upstream:
             else:
                 ok = response.status < 500
                 last_kind = _status_kind(response.status)
-                self._record_attempt(policy, ex, started, last_kind, ok=ok)
-                if ok or attempt == attempts_allowed:
+                self._record_attempt(policy, target.name, breaker, ex, started, last_kind, ok=ok)
+                if response.status == 429 and not last:
+                    response.release()
+                    raise CandidateFailed("http_429", _failed(ex, "upstream answered 429"))
+                if ok or (attempt == attempts_allowed and last):
                     return response
                 last_error = f"upstream answered {response.status}"
                 response.release()
@@ -142,9 +171,9 @@ class Upstream:
             delay = bounded_delay(next(delays), deadline_at - time.monotonic())
             if delay is None:
                 break
-            self.metrics.retries_total.labels(policy.name, last_kind).inc()
+            self.metrics.retries_total.labels(policy.name, target.name, last_kind).inc()
             await asyncio.sleep(delay)
-        raise errors.upstream_failed(f"upstream request failed after {ex.attempts} attempt(s): {last_error}")
+        raise CandidateFailed(last_kind, _failed(ex, last_error))
 
     async def _attempt(
         self, method: str, url: URL, headers: CIMultiDict[str], body: Body, timeout: float
@@ -161,18 +190,31 @@ class Upstream:
         except (aiohttp.ClientOSError, aiohttp.ServerDisconnectedError, aiohttp.ClientPayloadError) as error:
             raise UpstreamAttemptError("connect_error", str(error) or type(error).__name__) from None
 
-    def _record_attempt(self, policy: RoutePolicy, ex: Exchange, started: float, kind: str, ok: bool) -> None:
+    def _record_attempt(
+        self,
+        policy: RoutePolicy,
+        upstream: str,
+        breaker: CircuitBreaker,
+        ex: Exchange,
+        started: float,
+        kind: str,
+        ok: bool,
+    ) -> None:
         elapsed = time.monotonic() - started
         ex.upstream_seconds = (ex.upstream_seconds or 0.0) + elapsed
-        self.metrics.upstream_duration_seconds.labels(policy.name, kind).observe(elapsed)
-        self.health.errors.record(ok)
+        self.metrics.upstream_duration_seconds.labels(policy.name, upstream, kind).observe(elapsed)
+        (self.health.upstream_errors.get(upstream) or self.health.errors).record(ok)
         if ok:
-            self.breaker.record_success()
+            breaker.record_success()
         else:
-            self.breaker.record_failure()
+            breaker.record_failure()
             self.metrics.upstream_errors_total.labels(policy.name, kind).inc()
             if kind == "timeout":
                 self.metrics.timeouts_total.labels(policy.name, "attempt").inc()
+
+
+def _failed(ex: Exchange, detail: str) -> ProxyError:
+    return errors.upstream_failed(f"upstream request failed after {ex.attempts} attempt(s): {detail}")
 
 
 def _status_kind(status: int) -> str:

@@ -169,6 +169,31 @@ class Upstream(ApiModel):
     """Circuit breaker for this upstream."""
 
 
+#: The name ``spec.upstream`` (the one-entry form) has in metrics, status and routing.
+DEFAULT_UPSTREAM_NAME = "default"
+
+
+class RoutedUpstream(Upstream):
+    """One of several upstreams of a route (spec.upstreams): which models it serves, how preferred it is."""
+
+    name: str = Field(min_length=1, max_length=63, pattern=DNS_LABEL_PATTERN)
+    """Name, unique within the route; used in metrics, status, limits' 'upstream' and /v1/models."""
+    models: list[Annotated[str, Field(min_length=1, max_length=256)]] = Field(
+        default_factory=list, max_length=64
+    )
+    """Models it serves: names or globs (gpt-4o*). Empty: every model (also requests without one)."""
+    priority: int = Field(default=0, ge=0, le=1000)
+    """Lower is preferred: the next priority is only tried when every upstream of this one failed,
+    has its breaker open or its own quota exhausted."""
+    weight: int = Field(default=1, ge=1, le=1000)
+    """Share of the traffic within its priority (weighted random choice)."""
+    model_rewrite: dict[Annotated[str, Field(min_length=1, max_length=256)], str] = Field(
+        default_factory=dict, max_length=64
+    )
+    """The model name sent to this upstream for the client's model name (exact names, e.g.
+    gpt-4o: my-azure-gpt4o-deployment); the response is relayed as the upstream sent it."""
+
+
 class JwtAlgorithm(StrEnum):
     RS256 = "RS256"
     ES256 = "ES256"
@@ -291,6 +316,10 @@ class Limit(TierLimits):
     requestsPerMinute/60 per second (a token bucket). Unset: only the sliding-minute cap applies."""
     mode: LimitMode = LimitMode.ENFORCE
     """'enforce' rejects over-limit requests; 'shadow' only counts and reports would-be rejections."""
+    upstream: str | None = Field(default=None, max_length=63, pattern=DNS_LABEL_PATTERN)
+    """Attach the limit to one upstream of spec.upstreams (its provisioned capacity): it applies only
+    when that upstream is tried, and when it rejects, the next candidate upstream is tried instead of
+    answering 429. Unset: the limit applies to every request of the route."""
     when_missing: WhenMissing = WhenMissing.REJECT
     """For 'header:<Name>' and 'claim:<name>' keys: what a request without the header or claim (or
     with an empty value; for claims also a value that is not a string or integer, and requests
@@ -428,8 +457,12 @@ class LLMRouteSpec(ApiModel):
 
     selector: LabelSelector
     """Pods in the route's namespace that get the sidecar."""
-    upstream: Upstream
-    """Where the sidecar forwards traffic."""
+    upstream: Upstream | None = None
+    """Where the sidecar forwards traffic (one upstream). Set this or upstreams."""
+    upstreams: list[RoutedUpstream] = Field(default_factory=list, max_length=16)
+    """Several upstreams, chosen per request by its model, priority and weight, with fallback to the
+    next one (breaker open, 429 or 5xx before the first byte, connect errors, own quota exhausted).
+    Set this or upstream."""
     deadline_seconds: float = Field(default=60.0, gt=0, le=86_400)
     """Whole-request budget (SLA), retries and queueing included; 504 when exceeded."""
     queue_timeout_seconds: float = Field(default=5.0, ge=0, le=3600)
@@ -469,8 +502,22 @@ class LLMRouteSpec(ApiModel):
     rollout: RolloutPolicy = RolloutPolicy.AUTO
     """'auto' restarts workloads whose pods need a (re)injected sidecar; 'manual' lists them in status."""
 
+    @property
+    def routed_upstreams(self) -> tuple[RoutedUpstream, ...]:
+        """The upstreams in the spec.upstreams form: spec.upstream is the one entry named 'default'."""
+        if self.upstream is not None:
+            fields = self.upstream.model_dump()
+            return (RoutedUpstream(name=DEFAULT_UPSTREAM_NAME, **fields),)
+        return tuple(self.upstreams)
+
     @model_validator(mode="after")
     def _consistent(self) -> Self:
+        if (self.upstream is None) == (not self.upstreams):
+            raise ValueError("set exactly one of upstream (one upstream) and upstreams (several)")
+        upstream_names = [upstream.name for upstream in self.upstreams]
+        repeated = sorted({name for name in upstream_names if upstream_names.count(name) > 1})
+        if repeated:
+            raise ValueError(f"upstream names must be unique; repeated: {', '.join(repeated)}")
         names = [limit.name for limit in self.limits]
         duplicates = sorted({name for name in names if names.count(name) > 1})
         if duplicates:
@@ -483,6 +530,12 @@ class LLMRouteSpec(ApiModel):
         if jwt is not None and (jwt.jwks_url is None) == (jwt.jwks_secret_ref is None):
             raise ValueError("identity.jwt needs exactly one of jwksUrl and jwksSecretRef")
         for limit in self.limits:
+            if limit.upstream is not None and limit.upstream not in upstream_names:
+                known = ", ".join(upstream_names) or "none: the limit needs spec.upstreams"
+                raise ValueError(
+                    f"limit {limit.name!r} is attached to upstream {limit.upstream!r}, which spec.upstreams "
+                    f"does not define (defined: {known})"
+                )
             if limit.claim_name is not None and jwt is None:
                 raise ValueError(f"limit {limit.name!r} is keyed by {limit.key!r}, which needs identity.jwt")
             has_value = any(

@@ -69,6 +69,19 @@ class BudgetStatus(ApiModel):
     """Per-client limits: the five clients that used most of their budget in the window, most first."""
 
 
+class UpstreamStatus(ApiModel):
+    """One upstream of spec.upstreams as the route's sidecars report it (their /hints)."""
+
+    name: str
+    """The upstream's name."""
+    url: str
+    """Its URL as the spec gives it."""
+    ready_pods: int = Field(default=0, ge=0)
+    """Pods whose sidecar can send to it: its breaker is not open and its health probe not failing."""
+    breaker_open_pods: int = Field(default=0, ge=0)
+    """Pods where its circuit breaker is open."""
+
+
 class LLMRouteStatus(ApiModel):
     """Observed state of an LLMRoute."""
 
@@ -84,6 +97,8 @@ class LLMRouteStatus(ApiModel):
     """The route generation whose configuration every injected pod runs (unset while rolling out)."""
     recommended_replicas: int | None = Field(default=None, ge=0)
     """Replicas the observed load needs, from the sidecars' autoscaling hints."""
+    upstreams: list[UpstreamStatus] | None = None
+    """Per upstream of spec.upstreams: how many pods can reach it, how many have its breaker open."""
     pods_needing_rollout: list[str] = Field(default_factory=list)
     """Matched pods without the current sidecar (listed under rollout: manual, or while rolling out)."""
     budgets: list[BudgetStatus] = Field(default_factory=list, max_length=256)
