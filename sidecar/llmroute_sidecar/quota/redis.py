@@ -484,7 +484,14 @@ class RedisQuotaStore:
             if operation is not None:
                 self._batcher.submit(operation)
                 waiting.append((index, operation.future))
-        results = await asyncio.gather(*(future for _, future in waiting), return_exceptions=True)
+        results: list[Any] = []
+        if len(waiting) == 1:  # a lone settlement (one request at a time): no gather, no extra loop turn
+            try:
+                results.append(await waiting[0][1])
+            except Exception as error:
+                results.append(error)
+        else:
+            results = await asyncio.gather(*(future for _, future in waiting), return_exceptions=True)
         for (index, _), result in zip(waiting, results, strict=True):
             if isinstance(result, Exception):
                 outcomes[index] = result
