@@ -16,6 +16,7 @@ from llmroute_sidecar.openai.sse import (
     StreamUsage,
     heartbeat,
     is_injected_usage_event,
+    loads,
     sse_error_event,
     usage_from_json,
 )
@@ -205,3 +206,15 @@ def test_error_event_and_constants() -> None:
         "request_id": "req-1",
     }
     assert SSE_DONE == b"data: [DONE]\n\n" and heartbeat() == b": keep-alive\n\n"
+
+
+def test_json_reads_the_same_whichever_parser_reads_it() -> None:
+    """orjson first; what only the standard library accepts (NaN) still parses."""
+    assert loads('{"a": [1, 2.5, "é"], "b": null}') == {"a": [1, 2.5, "é"], "b": None}
+    assert loads(b'{"n": 1}') == {"n": 1}
+    assert loads('{"n": 18446744073709551615}') == {"n": 18446744073709551615}
+    nan = loads('{"x": NaN}')
+    assert isinstance(nan, dict) and nan["x"] != nan["x"]
+    assert loads("{not json") is None
+    event = SSEEvent.parse(b'data: {"usage": {"total_tokens": 3}}\n\n')
+    assert event.document == {"usage": {"total_tokens": 3}}

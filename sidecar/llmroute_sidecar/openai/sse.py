@@ -9,6 +9,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import orjson
+
 from llmroute_sidecar.openai.tokens import tokens_for_chars
 
 SSE_DONE = b"data: [DONE]\n\n"
@@ -55,11 +57,25 @@ class SSEEvent:
         data = self.data
         if data is None or not data.lstrip().startswith("{"):
             return None
-        try:
-            document = json.loads(data)
-        except ValueError:
-            return None
+        document = loads(data)
         return document if isinstance(document, dict) else None
+
+
+def loads(text: str | bytes) -> Any:
+    """JSON as the standard library reads it (None when it is not JSON), through orjson when it can.
+
+    orjson is several times faster on an SSE chunk; what it refuses but ``json`` accepts (NaN,
+    Infinity) falls back to ``json``. One difference remains: an integer past 64 bits reads as a
+    float (a usage count that large is then ignored, as any non-integer count is).
+    """
+    try:
+        return orjson.loads(text)
+    except orjson.JSONDecodeError:
+        pass
+    try:
+        return json.loads(text)
+    except ValueError:
+        return None
 
 
 class SSEParser:
@@ -266,7 +282,7 @@ def is_terminal_event(event: SSEEvent) -> bool:
         return False
     if data.strip() == "[DONE]":
         return True
-    if not any(name in data for name in _TERMINAL_TYPES):
+    if "response." not in data or not any(name in data for name in _TERMINAL_TYPES):
         return False
     document = event.document
     return document is not None and document.get("type") in _TERMINAL_TYPES
