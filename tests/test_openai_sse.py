@@ -92,6 +92,20 @@ def test_any_split_yields_the_same_events_and_exact_bytes(
     assert pending == b"".join(raw for raw, _ in events[len(complete) :]) + tail
 
 
+@given(
+    st.lists(st.one_of(st.lists(LINE, min_size=1, max_size=3), st.just([])), max_size=6),
+    st.lists(st.integers(min_value=0, max_value=300), max_size=12),
+)
+def test_lf_only_streams_split_anywhere(events: list[list[bytes]], cuts: list[int]) -> None:
+    """The LF-only fast path: the same events (a lone LF is an empty event) whatever the chunks."""
+    raws = [b"".join(line + b"\n" for line in lines) + b"\n" for lines in events]
+    stream = b"".join(raws)
+    got, pending = feed_all(split(stream, [c for c in cuts if c <= len(stream)]))
+    assert [event.raw for event in got] == raws and pending == b""
+    expected = [SSEEvent.parse(raw.replace(b"\n", b"\r\n")) for raw in raws]  # the general parser
+    assert [(e.data, e.is_comment) for e in got] == [(e.data, e.is_comment) for e in expected]
+
+
 def test_byte_by_byte_crlf_and_cr_boundaries() -> None:
     stream = b"data: a\r\n\r\ndata: b\r\rdata: c\n\ndata: d\r\n\n: hb\r\n\r\n"
     events, pending = feed_all([stream[i : i + 1] for i in range(len(stream))])

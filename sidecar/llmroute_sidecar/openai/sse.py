@@ -34,6 +34,10 @@ class SSEEvent:
     @classmethod
     def parse(cls, raw: bytes) -> SSEEvent:
         """Read one complete event's bytes per the SSE spec (one space after the colon is dropped)."""
+        one_line = raw.find(b"\n") == len(raw) - 2 and raw[-1] == _LF and b"\r" not in raw
+        if one_line and raw.startswith(b"data:"):
+            # The usual event, one ``data:`` line ended by LF LF: what the loop below finds, without it.
+            return cls(raw, raw[5:-2].removeprefix(b" ").decode("utf-8", "replace"), is_comment=False)
         data: list[str] = []
         fields = comments = 0
         for line in _LINES.split(raw):
@@ -94,6 +98,8 @@ class SSEParser:
         """Add bytes; return the events they complete."""
         buffer = self._buffer
         buffer += chunk
+        if b"\r" not in buffer:
+            return self._feed_lf(buffer)
         events: list[SSEEvent] = []
         event_start, line_start, scan = 0, self._line_start, self._scan
         while True:
@@ -112,6 +118,26 @@ class SSEParser:
             line_start = scan = end
         del buffer[:event_start]
         self._line_start, self._scan = line_start - event_start, scan - event_start
+        return events
+
+    def _feed_lf(self, buffer: bytearray) -> list[SSEEvent]:
+        """``feed`` for a buffer whose lines all end with LF (the usual case): an event ends at a LF
+        that starts a line, i.e. at the buffer's (an event's) start or right after another LF."""
+        events: list[SSEEvent] = []
+        start, size = 0, len(buffer)
+        while start < size:
+            if buffer[start] == _LF:
+                end = start + 1
+            else:
+                found = buffer.find(b"\n\n", start)
+                if found < 0:
+                    break
+                end = found + 2
+            events.append(SSEEvent.parse(bytes(buffer[start:end])))
+            start = end
+        del buffer[:start]
+        self._line_start = buffer.rfind(b"\n") + 1
+        self._scan = len(buffer)
         return events
 
     def pending(self) -> bytes:
