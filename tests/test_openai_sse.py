@@ -16,6 +16,7 @@ from llmroute_sidecar.openai.sse import (
     StreamUsage,
     heartbeat,
     is_injected_usage_event,
+    loads,
     sse_error_event,
     usage_from_json,
 )
@@ -89,6 +90,20 @@ def test_any_split_yields_the_same_events_and_exact_bytes(
     assert [event.raw for event in got] == [raw for raw, _ in complete]
     assert [event.data for event in got] == [("\n".join(v) if v else None) for _, v in complete]
     assert pending == b"".join(raw for raw, _ in events[len(complete) :]) + tail
+
+
+@given(
+    st.lists(st.one_of(st.lists(LINE, min_size=1, max_size=3), st.just([])), max_size=6),
+    st.lists(st.integers(min_value=0, max_value=300), max_size=12),
+)
+def test_lf_only_streams_split_anywhere(events: list[list[bytes]], cuts: list[int]) -> None:
+    """The LF-only fast path: the same events (a lone LF is an empty event) whatever the chunks."""
+    raws = [b"".join(line + b"\n" for line in lines) + b"\n" for lines in events]
+    stream = b"".join(raws)
+    got, pending = feed_all(split(stream, [c for c in cuts if c <= len(stream)]))
+    assert [event.raw for event in got] == raws and pending == b""
+    expected = [SSEEvent.parse(raw.replace(b"\n", b"\r\n")) for raw in raws]  # the general parser
+    assert [(e.data, e.is_comment) for e in got] == [(e.data, e.is_comment) for e in expected]
 
 
 def test_byte_by_byte_crlf_and_cr_boundaries() -> None:
@@ -205,3 +220,15 @@ def test_error_event_and_constants() -> None:
         "request_id": "req-1",
     }
     assert SSE_DONE == b"data: [DONE]\n\n" and heartbeat() == b": keep-alive\n\n"
+
+
+def test_json_reads_the_same_whichever_parser_reads_it() -> None:
+    """orjson first; what only the standard library accepts (NaN) still parses."""
+    assert loads('{"a": [1, 2.5, "é"], "b": null}') == {"a": [1, 2.5, "é"], "b": None}
+    assert loads(b'{"n": 1}') == {"n": 1}
+    assert loads('{"n": 18446744073709551615}') == {"n": 18446744073709551615}
+    nan = loads('{"x": NaN}')
+    assert isinstance(nan, dict) and nan["x"] != nan["x"]
+    assert loads("{not json") is None
+    event = SSEEvent.parse(b'data: {"usage": {"total_tokens": 3}}\n\n')
+    assert event.document == {"usage": {"total_tokens": 3}}

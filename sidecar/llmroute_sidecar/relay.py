@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import time
 from collections.abc import AsyncIterator
 
@@ -25,6 +24,7 @@ from llmroute_sidecar.openai.sse import (
     cached_tokens_from_json,
     heartbeat,
     is_terminal_event,
+    loads,
     usage_from_json,
     without_injected_usage,
 )
@@ -206,9 +206,8 @@ def _charge_live(live: LiveCharge | None, ex: Exchange) -> None:
 
 
 def _json_usage_into(ex: Exchange, body: bytes) -> None:
-    try:
-        document = json.loads(body)
-    except ValueError:
+    document = loads(body)
+    if document is None:
         return
     found = usage_from_json(document) if isinstance(document, dict) else None
     if ex.telemetry is not None and isinstance(document, dict):

@@ -131,7 +131,10 @@ class Settler:
                 jobs.append(self._many(store, [batch[i] for i in indexes], indexes, outcomes))
             else:
                 jobs.extend(self._one(batch[i], i, outcomes) for i in indexes)
-        await asyncio.gather(*jobs)
+        if len(jobs) == 1:  # the usual round (one store): no task and no gather around it
+            await jobs[0]
+        else:
+            await asyncio.gather(*jobs)
         return outcomes
 
     async def _many(

@@ -68,7 +68,8 @@ class Batcher:
         self._workers = workers
         self._max_batch = max_batch
         self._queue: deque[Operation] = deque()
-        self._wake = asyncio.Event()
+        self._idle: list[asyncio.Future[None]] = []
+        """One waiter per idle worker: a submission wakes one of them, not all."""
         self._tasks: list[asyncio.Task[None]] = []
         self.in_flight = 0
 
@@ -78,7 +79,11 @@ class Batcher:
                 asyncio.create_task(self._work(), name=f"store-batcher-{n}") for n in range(self._workers)
             ]
         self._queue.append(operation)
-        self._wake.set()
+        while self._idle:
+            waiter = self._idle.pop()
+            if not waiter.done():
+                waiter.set_result(None)
+                break
 
     def fail_queued(self, error: Callable[[], BaseException]) -> None:
         """Fail every operation not yet sent (the store just went down: no point waiting)."""
@@ -88,8 +93,9 @@ class Batcher:
     async def _work(self) -> None:
         while True:
             while not self._queue:
-                self._wake.clear()
-                await self._wake.wait()
+                waiter = asyncio.get_running_loop().create_future()
+                self._idle.append(waiter)
+                await waiter
             batch = self._take()
             if not batch:
                 continue
@@ -186,28 +192,38 @@ async def answered(
     When that passes and ``patience()`` says Redis demonstrably answers (another round trip came
     back meanwhile), keep waiting: that is back-pressure, not silence. Never past ``hard_limit``
     seconds of wall time (default ``4 * timeout``); ``busy_loop`` then tells the two apart.
+
+    ``work`` runs in the calling task (no task of its own, no extra loop turns): a timer looks at
+    the clock when the timeout is due and, if it has really passed, cancels ``work`` where it waits
+    (redis-py and the lean transport then drop the half-read connection).
     """
-    task = asyncio.ensure_future(work)
+    loop = asyncio.get_running_loop()
     started, lag0 = time.monotonic(), lag.now()
     limit = hard_limit if hard_limit is not None else timeout * 4
+    verdict: list[bool] = []  # busy_loop, once the timeout has passed
+    timer: list[asyncio.TimerHandle] = []
     try:
-        while True:
-            wall = time.monotonic() - started
-            responsive = wall - (lag.now() - lag0)
-            if wall >= limit:
-                raise AnswerTimeout(busy_loop=True)
-            if responsive >= timeout and (patience is None or not patience()):
-                raise AnswerTimeout(busy_loop=wall - responsive > timeout / 2)
-            wait = min(max(timeout - responsive, LAG_TOLERANCE), limit - wall)
-            done, _ = await asyncio.wait({task}, timeout=wait)
-            if done:
-                return task.result()
-    finally:
-        if not task.done():
-            task.cancel()  # redis-py drops the half-read connection; nobody waits for that here
-            task.add_done_callback(_consume)
+        async with asyncio.timeout(None) as deadline:
 
+            def check() -> None:
+                wall = time.monotonic() - started
+                responsive = wall - (lag.now() - lag0)
+                if wall >= limit:
+                    verdict.append(True)
+                elif responsive >= timeout and (patience is None or not patience()):
+                    verdict.append(wall - responsive > timeout / 2)
+                else:
+                    wait = min(max(timeout - responsive, LAG_TOLERANCE), limit - wall)
+                    timer[0] = loop.call_later(wait, check)
+                    return
+                deadline.reschedule(loop.time())  # cancels ``work``; raised below as AnswerTimeout
 
-def _consume(task: asyncio.Future[Any]) -> None:
-    if not task.cancelled():
-        task.exception()
+            timer.append(loop.call_later(min(timeout, limit), check))
+            try:
+                return await work
+            finally:
+                timer[0].cancel()
+    except TimeoutError:
+        if verdict:
+            raise AnswerTimeout(busy_loop=verdict[0]) from None
+        raise

@@ -61,6 +61,7 @@ from llmroute_sidecar.quota.batching import (
     StoreBusyError,
     answered,
 )
+from llmroute_sidecar.quota.resp import RespPool, command, evalsha
 from llmroute_sidecar.quota.scripts import ADMIT, CHARGE, DIMENSION_CODES, SETTLE
 
 log = logging.getLogger("llmroute.quota.redis")
@@ -214,6 +215,22 @@ def connect(url: str, password: str | None = None) -> Client:
     return aioredis.Redis(connection_pool=pool)
 
 
+def lean_pool(client: Client) -> RespPool | None:
+    """The lean transport (``resp.py``) for a standalone Redis over TCP; None for anything else."""
+    pool = getattr(client, "connection_pool", None)
+    if type(client) is not aioredis.Redis or pool is None or pool.connection_class is not aioredis.Connection:
+        return None
+    options = pool.connection_kwargs
+    return RespPool(
+        options.get("host", "localhost"),
+        int(options.get("port", 6379)),
+        OPERATION_TIMEOUT,
+        password=options.get("password"),
+        username=options.get("username"),
+        db=int(options.get("db", 0) or 0),
+    )
+
+
 class RedisQuotaStore:
     """Fleet-wide quotas in Redis (single server, Cluster or Sentinel)."""
 
@@ -222,6 +239,8 @@ class RedisQuotaStore:
 
     def __init__(self, client: Client, member: str = "") -> None:
         self.client = client
+        self._lean = lean_pool(client)
+        """Script calls on a standalone Redis skip redis-py (``resp.py``); None: through redis-py."""
         self.member = member or uuid.uuid4().hex[:12]
         self._admit = client.register_script(ADMIT)
         self._settle = client.register_script(SETTLE)
@@ -392,6 +411,8 @@ class RedisQuotaStore:
         idle = getattr(getattr(self.client, "connection_pool", None), "_available_connections", None)
         if not isinstance(idle, list):
             return
+        if self._lean is not None:
+            self._lean.forget_idle()
         stale = list(idle)
         idle.clear()
         for connection in stale:
@@ -405,13 +426,21 @@ class RedisQuotaStore:
         missing = [index for index, result in enumerate(results) if isinstance(result, NoScriptError)]
         if missing:
             for source in {batch[index].source for index in missing}:
-                await self.client.script_load(source)
+                if self._lean is not None:
+                    (loaded,) = await self._lean.execute(command(b"SCRIPT", b"LOAD", source), 1)
+                    if isinstance(loaded, ResponseError):
+                        raise loaded
+                else:
+                    await self.client.script_load(source)
             again = await self._evalsha([batch[index] for index in missing])
             for index, result in zip(missing, again, strict=True):
                 results[index] = result
         return results
 
     async def _evalsha(self, batch: list[Operation]) -> list[Any]:
+        if self._lean is not None:
+            payload = b"".join([evalsha(op.sha, op.keys, op.args) for op in batch])
+            return await self._lean.execute(payload, len(batch))
         if len(batch) == 1:  # a lone operation skips the pipeline object (about a quarter of the cost)
             (operation,) = batch
             try:
@@ -494,7 +523,14 @@ class RedisQuotaStore:
             if operation is not None:
                 self._batcher.submit(operation)
                 waiting.append((index, operation.future))
-        results = await asyncio.gather(*(future for _, future in waiting), return_exceptions=True)
+        results: list[Any] = []
+        if len(waiting) == 1:  # a lone settlement (one request at a time): no gather, no extra loop turn
+            try:
+                results.append(await waiting[0][1])
+            except Exception as error:
+                results.append(error)
+        else:
+            results = await asyncio.gather(*(future for _, future in waiting), return_exceptions=True)
         for (index, _), result in zip(waiting, results, strict=True):
             if isinstance(result, Exception):
                 outcomes[index] = result
@@ -580,6 +616,8 @@ class RedisQuotaStore:
             await asyncio.wait(set(self._background), timeout=OPERATION_TIMEOUT * 2)
         await self._batcher.close()
         await self._lag.close()
+        if self._lean is not None:
+            await self._lean.close()
         close = getattr(self.client, "aclose", None) or self.client.close
         with contextlib.suppress(Exception):
             await close()

@@ -1,0 +1,225 @@
+"""A lean Redis transport for the quota store's script calls (standalone Redis over TCP only).
+
+redis-py spends most of a small ``EVALSHA`` on its own machinery: a pooled connection checked out
+and back in, per-argument encoding, a retry wrapper, a task for every socket write under a timeout,
+and a stream reader. Here a batch of commands is one ``write`` of RESP bytes on a plain asyncio
+protocol, the replies are parsed by hiredis (redis-py's own optional parser) straight from
+``data_received``, and one future per batch resolves when its last reply is in: a lone admission
+costs one loop turn to send and one to answer.
+
+Connections are not shared between batches in flight: a batch takes an idle connection (or opens
+one), and gives it back once every reply is in. A batch cancelled before its replies arrived (the
+store's operation timeout) closes its connection, as redis-py drops a half-read one; a connection
+that fails fails every batch waiting on it with ``redis.exceptions.ConnectionError``. Error replies
+come back in place as ``ResponseError`` (``NoScriptError`` for ``NOSCRIPT``), like a redis-py
+pipeline with ``raise_on_error=False``; ``LOADING`` (a restarting Redis) fails the batch like a lost
+connection. Cluster, Sentinel, TLS and Unix sockets stay on redis-py (``RedisQuotaStore``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections import deque
+from typing import Any
+
+import hiredis
+from redis.exceptions import BusyLoadingError, NoScriptError, ResponseError
+from redis.exceptions import ConnectionError as RedisConnectionError
+
+Arg = bytes | str | int
+
+
+def command(*args: Arg) -> bytes:
+    """One command in RESP: an array of bulk strings (str as UTF-8, int in decimal)."""
+    parts = [b"*%d\r\n" % len(args)]
+    for arg in args:
+        data = arg if isinstance(arg, bytes) else arg.encode() if isinstance(arg, str) else b"%d" % arg
+        parts.append(b"$%d\r\n%s\r\n" % (len(data), data))
+    return b"".join(parts)
+
+
+def evalsha(sha: str, keys: list[Any], args: list[Any]) -> bytes:
+    """``EVALSHA sha numkeys keys... args...`` in RESP."""
+    return command(b"EVALSHA", sha, len(keys), *keys, *args)
+
+
+def _reply(value: Any) -> Any:
+    """An error reply as redis-py's exception (not raised): ``NoScriptError`` for NOSCRIPT."""
+    if isinstance(value, ResponseError):
+        text = str(value)
+        if text.startswith("NOSCRIPT"):
+            return NoScriptError(text)
+        if text.startswith("LOADING"):
+            raise BusyLoadingError(text)
+    return value
+
+
+class _Replies:
+    """The replies one batch waits for, in order."""
+
+    __slots__ = ("count", "future", "items")
+
+    def __init__(self, future: asyncio.Future[list[Any]], count: int) -> None:
+        self.future = future
+        self.count = count
+        self.items: list[Any] = []
+
+
+class RespConnection(asyncio.Protocol):
+    """One TCP connection: pipelined writes, replies matched to their batches in order."""
+
+    def __init__(self) -> None:
+        self._parser = hiredis.Reader(replyError=ResponseError)
+        self._waiting: deque[_Replies] = deque()
+        self._transport: asyncio.Transport | None = None
+        self.broken: BaseException | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self._transport = transport
+
+    def send(self, payload: bytes, count: int) -> asyncio.Future[list[Any]]:
+        """Write ``count`` commands (already RESP); the future resolves to their ``count`` replies."""
+        future: asyncio.Future[list[Any]] = asyncio.get_running_loop().create_future()
+        if self.broken is not None or self._transport is None:
+            future.set_exception(self.broken or RedisConnectionError("redis connection not open"))
+            return future
+        self._waiting.append(_Replies(future, count))
+        self._transport.write(payload)
+        return future
+
+    def data_received(self, data: bytes) -> None:
+        self._parser.feed(data)
+        while True:
+            try:
+                reply = self._parser.gets()
+            except hiredis.ProtocolError as error:
+                self.fail(RedisConnectionError(f"redis protocol error: {error}"))
+                return
+            if reply is False:
+                return
+            if not self._waiting:
+                self.fail(RedisConnectionError("redis sent a reply nobody asked for"))
+                return
+            replies = self._waiting[0]
+            try:
+                replies.items.append(_reply(reply))
+            except BusyLoadingError as error:
+                self.fail(error)
+                return
+            if len(replies.items) == replies.count:
+                self._waiting.popleft()
+                if not replies.future.done():
+                    replies.future.set_result(replies.items)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        reason = f": {type(exc).__name__}: {exc}" if exc is not None else ""
+        self.fail(RedisConnectionError(f"redis connection lost{reason}"))
+
+    def fail(self, error: BaseException) -> None:
+        """Close the connection and fail every batch still waiting on it."""
+        if self.broken is None:
+            self.broken = error
+        if self._transport is not None:
+            self._transport.close()
+        while self._waiting:
+            future = self._waiting.popleft().future
+            if not future.done():
+                future.set_exception(error)
+                future.exception()  # the awaiting batch may be gone (cancelled): never "not retrieved"
+
+    @property
+    def waiting(self) -> int:
+        """Batches whose replies are not all in yet."""
+        return len(self._waiting)
+
+
+class RespPool:
+    """Connections to one standalone Redis, one per batch in flight, reused when idle."""
+
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        connect_timeout: float,
+        password: str | None = None,
+        username: str | None = None,
+        db: int = 0,
+    ) -> None:
+        self.host, self.port = host, port
+        self.connect_timeout = connect_timeout
+        self._handshake = b""
+        self._handshake_count = 0
+        if password:
+            auth = (b"AUTH", username, password) if username else (b"AUTH", password)
+            self._handshake += command(*auth)
+            self._handshake_count += 1
+        if db:
+            self._handshake += command(b"SELECT", db)
+            self._handshake_count += 1
+        self._idle: list[RespConnection] = []
+        self._open: set[RespConnection] = set()
+
+    async def execute(self, payload: bytes, count: int) -> list[Any]:
+        """Send ``count`` pipelined commands on one connection; their replies, in order."""
+        connection = self._idle.pop() if self._idle else None
+        while connection is not None and connection.broken is not None:
+            self._open.discard(connection)
+            connection = self._idle.pop() if self._idle else None
+        if connection is None:
+            connection = await self._connect()
+        try:
+            replies = await connection.send(payload, count)
+        except BaseException as error:  # cancelled (a timeout), or the connection failed
+            connection.fail(error if isinstance(error, Exception) else RedisConnectionError("cancelled"))
+            self._open.discard(connection)
+            raise
+        self._idle.append(connection)
+        return replies
+
+    async def _connect(self) -> RespConnection:
+        loop = asyncio.get_running_loop()
+        try:
+            async with asyncio.timeout(self.connect_timeout):
+                _, connection = await loop.create_connection(RespConnection, self.host, self.port)
+        except TimeoutError:
+            raise RedisConnectionError(f"timeout connecting to redis at {self.host}:{self.port}") from None
+        except OSError as error:
+            where = f"{self.host}:{self.port}"
+            raise RedisConnectionError(f"cannot connect to redis at {where}: {error}") from None
+        self._open.add(connection)
+        if self._handshake_count:
+            try:
+                async with asyncio.timeout(self.connect_timeout):
+                    replies = await connection.send(self._handshake, self._handshake_count)
+            except BaseException:
+                connection.fail(RedisConnectionError("redis handshake failed"))
+                self._open.discard(connection)
+                raise
+            for reply in replies:
+                if isinstance(reply, ResponseError):
+                    connection.fail(RedisConnectionError(f"redis handshake failed: {reply}"))
+                    self._open.discard(connection)
+                    raise RedisConnectionError(f"redis handshake failed: {reply}")
+        return connection
+
+    def forget_idle(self) -> None:
+        """Close the idle connections (they may all belong to a Redis that just restarted)."""
+        idle, self._idle = self._idle, []
+        for connection in idle:
+            connection.fail(RedisConnectionError("redis connection dropped"))
+            self._open.discard(connection)
+
+    @property
+    def connections(self) -> int:
+        """Open connections, idle or carrying a batch."""
+        return len(self._open)
+
+    async def close(self) -> None:
+        self.forget_idle()
+        for connection in list(self._open):
+            connection.fail(RedisConnectionError("quota store closed"))
+        self._open.clear()
+        with contextlib.suppress(Exception):
+            await asyncio.sleep(0)  # let the transports close
