@@ -430,3 +430,36 @@ async def test_one_failing_upstream_does_not_make_the_pod_unready_while_another_
     assert failed == 12  # 3 attempts on a per request, then b answered: 75% of all attempts failed
     code, body = sidecar.readyz()
     assert code == 200, body["reasons"]
+
+
+async def test_a_request_no_upstream_took_leaves_the_route_limits_untouched(
+    tmp_path: Path,
+    pair: tuple[MockUpstream, MockUpstream],
+    redis_server: RedisServer,
+    sidecars: list[SidecarProcess],
+) -> None:
+    a, b = pair
+    route = write_route(
+        tmp_path / "r.yaml",
+        [upstream("a", a.url), upstream("b", b.url, priority=1)],
+        limits=[
+            {"name": "route-rpm", "key": "route", "requestsPerMinute": 3, "tokensPerMinute": 100_000},
+            {"name": "a-rpm", "key": "route", "upstream": "a", "requestsPerMinute": 1},
+            {"name": "b-rpm", "key": "route", "upstream": "b", "requestsPerMinute": 1},
+        ],
+    )
+    sidecar = start(sidecars, route, "--redis", redis_server.url)
+    mark = uuid.uuid4().hex
+    async with aiohttp.ClientSession() as session:
+        statuses = [(await post(session, sidecar, mark))[0] for _ in range(5)]
+    assert statuses == [200, 200, 429, 429, 429]
+    # All or nothing across the route's and the upstreams' limits: the three 429s never reached an
+    # upstream, so the route's minute holds only the two requests that did (a third still fits).
+    client = Redis(port=redis_server.port)
+    try:
+        route_keys = [key for key in keys(redis_server) if ":route-rpm:_:" in key]
+        counts = {key.rsplit(":", 1)[1]: client.zcard(key) for key in route_keys if not key.endswith(":c")}
+        assert counts == {"rpm": 2, "tpm": 2}
+    finally:
+        client.close()
+    assert (len(received(a, mark)), len(received(b, mark))) == (1, 1)

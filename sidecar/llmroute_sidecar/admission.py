@@ -71,6 +71,7 @@ class Admission:
             lease_seconds=spec.deadline_seconds + self.settings.lease_margin_seconds,
             request_id=ex.request_id,
             cost=ex.cost_reserved,
+            cancellable=bool(policy.limited_upstreams),  # undone when every upstream's own quota says no
         )
         started = time.monotonic()
         queue_deadline = started + spec.queue_timeout_seconds

@@ -94,9 +94,26 @@ class Dispatcher:
             return response
         if failure is not None:
             raise failure.error
-        if rejection is not None:
+        if rejection is not None:  # no upstream was asked: the route's admission is undone
+            await self._cancel_route_lease(ex)
             raise self.admission.rejected(policy, ex, rejection, ex.tokens_reserved)
         raise breaker_open()
+
+    async def _cancel_route_lease(self, ex: Exchange) -> None:
+        """Undo the route's admission of a request no upstream got, as if the route had rejected it
+        (all or nothing across the route's and the upstreams' limits). Where a store cannot cancel,
+        or fails to, the lease is settled at zero tokens instead (only its request count remains)."""
+        lease, store = ex.lease, ex.lease_store or self.finisher.store
+        if lease is None:
+            return
+        ex.lease = None
+        cancel = getattr(store, "cancel", None)
+        try:
+            if cancel is None:
+                raise NotImplementedError("the store cannot cancel an admission")
+            await cancel(lease)
+        except Exception:
+            await self.finisher.settle_lease(store, lease, 0, ex)
 
     async def _release(self, ex: Exchange, keep: int) -> None:
         """Settle the leases a failed candidate took (beyond the first ``keep``): zero tokens."""

@@ -4,7 +4,9 @@ One ``admit`` call checks every limit that applies to a request and consumes all
 pass (all or nothing: a rejected request consumes nothing). An admitted request holds a ``Lease``: its
 concurrency slots and its reserved tokens. ``settle`` ends the lease: it releases the slots and
 replaces the reserved token estimate with the actual usage; ``charge`` raises the charge of a lease
-still streaming to its live usage, so other admissions see it. Stores: ``memory`` (exact within one
+still streaming to its live usage, so other admissions see it. A store may also ``cancel`` a lease not
+settled yet (both real ones do): the admission is undone as if it had been rejected, for a request
+that never reached an upstream. Stores: ``memory`` (exact within one
 process; the embedded default) and ``redis`` (exact across the fleet).
 """
 
@@ -107,6 +109,9 @@ class AdmissionRequest:
     request_id: str = ""
     cost: int = 0
     """Reserved cost in micro-units of the pricing currency (costPerDay/Month budgets); 0 unpriced."""
+    cancellable: bool = False
+    """The admission may be undone (``cancel``) before the request reaches an upstream: a store that
+    must remember more per lease to do so (memory) only does it for such requests."""
 
 
 def micros(money: float) -> int:

@@ -177,6 +177,10 @@ class _Hold:
     charges: list[tuple[Key, _Entry]] = field(default_factory=list)
     budgets: list[_BudgetCharge] = field(default_factory=list)
     """What each budget dimension holds for the lease, charged in the lease's windows."""
+    counts: list[tuple[Key, _Entry]] = field(default_factory=list)
+    """Request-count entries, kept only for cancellable admissions."""
+    bursts: list[_Item] = field(default_factory=list)
+    """Burst buckets taken from, kept only for cancellable admissions."""
 
 
 @dataclass
@@ -309,6 +313,28 @@ class MemoryQuotaStore:
         cost = settled_cost(lease, actual, actual_cost)
         for held in hold.budgets:
             self._recharge(lease, held, budget_charge(held.item.dimension, actual, cost))
+        self._signal()
+
+    async def cancel(self, lease: Lease) -> None:
+        """Undo a cancellable admission as if it had been rejected (``AdmissionRequest.cancellable``):
+        its request-count and token entries leave the logs, its slots, budget charges and a burst
+        token return. A no-op for unknown or settled leases."""
+        now = self._clock()
+        hold = self._holds.pop(lease.lease_id, None)
+        if hold is None:
+            return
+        self._release(lease.lease_id, hold)
+        for key, entry in (*hold.charges, *hold.counts):
+            log = self._logs.get(key)
+            if log is not None and any(held is entry for held in log.entries):
+                log.entries.remove(entry)
+                log.total -= entry.charge
+        for item in hold.bursts:  # give the request back to the bucket
+            level = min(float(item.value), self._level(item, now) + 1.0)
+            full_at = now + (item.value - level) / item.rate if item.rate > 0 else math.inf
+            self._buckets[item.key] = _Bucket(level, now, full_at)
+        for held in hold.budgets:
+            self._recharge(lease, held, 0)
         self._signal()
 
     def _recharge(self, lease: Lease, held: _BudgetCharge, charge: int, raise_only: bool = False) -> None:
@@ -463,18 +489,22 @@ class MemoryQuotaStore:
                 hold.slots.append(item.key)
             elif item.dimension is Dimension.BURST:
                 self._take(item, now)
+                if lease.request.cancellable:
+                    hold.bursts.append(item)
             else:
                 entry = _Entry(now, _cost(item, lease.reserved_tokens))
                 self._logs.setdefault(item.key, _Log()).append(entry)
                 if item.dimension is Dimension.TOKENS_PER_MINUTE:
                     hold.charges.append((item.key, entry))
+                elif lease.request.cancellable:
+                    hold.counts.append((item.key, entry))
         if hold.charges or hold.budgets:
             hold.drop_at = max(expires_at, now + TOKEN_WINDOW)
         hold.recheck_at = hold.drop_at
         if hold.budgets:  # settleable until its windows end, as in Redis (only leaked leases stay)
             end = max(_window(held.item.dimension, wall)[1] for held in hold.budgets)
             hold.drop_at = max(hold.drop_at, now + (end - wall))
-        if hold.slots or hold.charges or hold.budgets:
+        if hold.slots or hold.charges or hold.budgets or hold.counts or hold.bursts:
             self._holds[lease.lease_id] = hold
             heapq.heappush(self._deadlines, (expires_at, lease.lease_id))
             # The far end of a budget hold is queued only if it is still held then (``_expire``):

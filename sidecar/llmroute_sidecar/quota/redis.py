@@ -62,7 +62,7 @@ from llmroute_sidecar.quota.batching import (
     answered,
 )
 from llmroute_sidecar.quota.resp import RespPool, command, evalsha
-from llmroute_sidecar.quota.scripts import ADMIT, CHARGE, DIMENSION_CODES, SETTLE
+from llmroute_sidecar.quota.scripts import ADMIT, CANCEL, CHARGE, DIMENSION_CODES, SETTLE
 
 log = logging.getLogger("llmroute.quota.redis")
 
@@ -245,7 +245,10 @@ class RedisQuotaStore:
         self._admit = client.register_script(ADMIT)
         self._settle = client.register_script(SETTLE)
         self._charge = client.register_script(CHARGE)
-        self._scripts = {script.sha: script for script in (self._admit, self._settle, self._charge)}
+        self._cancel = client.register_script(CANCEL)
+        self._scripts = {
+            script.sha: script for script in (self._admit, self._settle, self._charge, self._cancel)
+        }
         self._batcher = Batcher(self._send, WORKERS, MAX_BATCH, on_expired=self._busy)
         self.state = StoreState.UP
         self._listeners: list[tuple[StateListener, Callable[[], None] | None]] = []
@@ -553,6 +556,21 @@ class RedisQuotaStore:
         args.extend(_member(check) if dimension in BUDGET_DIMENSIONS else "" for check, dimension in items)
         script: Any = self._settle
         return Operation(script.sha, script.script, keys, args, deadline)
+
+    async def cancel(self, lease: Lease) -> None:
+        """Undo an admission as if it had been rejected (one EVALSHA): for a request that never reached
+        an upstream, before any settlement. Request counts, token charges, slots, budget charges and a
+        burst token return; cancelling twice does nothing more."""
+        keys: list[str] = []
+        args: list[Any] = [lease.lease_id, 0, lease.day, lease.month]
+        items = _items(lease.request)
+        for check, dimension, value in items:
+            keys.extend(_keys(lease.request.route, check, dimension))
+            member = _member(check) if dimension in BUDGET_DIMENSIONS else ""
+            args.extend((DIMENSION_CODES[dimension.value], value, member))
+        if items:
+            args[1] = len(items)
+            await self._call(self._cancel, keys, args)
 
     # -- live charges: streams outgrowing their reservation ----------------------------------------
 

@@ -385,3 +385,65 @@ for j = 1, #KEYS / 2 - tpm_items do
 end
 return raised
 """
+
+#: Undo an admission whose request never reached an upstream (every candidate's own quota rejected
+#: it): as if it had been rejected. Removes the lease's entries from the request and token logs,
+#: its concurrency slots and budget charges, and gives a burst bucket its request back. For a lease
+#: not settled yet; a second cancel does nothing (the lease is no longer where it was admitted).
+#: KEYS: (key, hkey) per item, as admitted; ARGV: lease id, item count, the lease's day and month,
+#: then (dimension code, limit value, budget subject) per item.
+CANCEL = r"""
+local lease_id = ARGV[1]
+local n = tonumber(ARGV[2])
+local day = tonumber(ARGV[3])
+local month = tonumber(ARGV[4])
+-- Once only: the lease must still be in the first log, set or budget it was admitted to.
+for i = 1, n do
+  local dim = tonumber(ARGV[4 + (i - 1) * 3 + 1])
+  if dim ~= 5 then
+    local present
+    if dim <= 4 then
+      present = redis.call('ZSCORE', KEYS[2 * i - 1], lease_id)
+    else
+      present = redis.call('HEXISTS', KEYS[2 * i - 1], lease_id) == 1
+    end
+    if not present then return 0 end
+    break
+  end
+end
+for i = 1, n do
+  local key = KEYS[2 * i - 1]
+  local hkey = KEYS[2 * i]
+  local base = 4 + (i - 1) * 3
+  local dim = tonumber(ARGV[base + 1])
+  if dim == 1 or dim == 2 or dim == 4 then
+    redis.call('ZREM', key, lease_id)
+  elseif dim == 3 then
+    redis.call('ZREM', key, lease_id)
+    local charged = redis.call('HGET', hkey, lease_id)
+    if charged then
+      redis.call('HDEL', hkey, lease_id)
+      redis.call('HINCRBY', hkey, '_total', -tonumber(charged))
+    end
+  elseif dim == 5 then
+    local level = tonumber(redis.call('HGET', key, 'tokens'))
+    if level then
+      redis.call('HSET', key, 'tokens', tostring(math.min(tonumber(ARGV[base + 2]), level + 1)))
+    end
+  elseif dim >= 6 then
+    local wid = day
+    if dim == 7 or dim == 9 then wid = month end
+    local cur = redis.call('HMGET', key, 'w', lease_id)
+    if tonumber(cur[1]) == wid and cur[2] then
+      local delta = -tonumber(cur[2])
+      redis.call('HDEL', key, lease_id)
+      redis.call('HINCRBY', key, 'u', delta)
+      local member = ARGV[base + 3]
+      if member ~= '' and tonumber(redis.call('ZSCORE', hkey, '_w')) == -wid then
+        redis.call('ZINCRBY', hkey, delta, member)
+      end
+    end
+  end
+end
+return 1
+"""
