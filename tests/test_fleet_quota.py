@@ -126,19 +126,24 @@ async def test_aborted_streams_leak_no_slots(
         sidecars, route, "--redis", redis_server.url, count=2, env={"LLMROUTE_HEARTBEAT_SECONDS": "0.05"}
     )
     connector = aiohttp.TCPConnector(limit=0)
-    async with aiohttp.ClientSession(connector=connector) as session:
-
-        async def abort(index: int) -> None:
-            response = await hold_stream(session, fleet[index % 2].url)
-            response.close()
-
-        for batch in range(5):
-            await asyncio.gather(*(abort(batch * 200 + i) for i in range(200)))
     client = Redis.from_url(redis_server.url)
+
+    def slots_held() -> int:
+        return sum(client.zcard(k) for k in client.keys("*conc*"))  # an empty sorted set is no key
+
     try:
-        keys = [k for k in client.keys("*conc*")]
-        assert keys
-        wait_for(lambda: sum(client.zcard(k) for k in keys) == 0, timeout=30, what="every slot released")
+        async with aiohttp.ClientSession(connector=connector) as session:
+            first = await hold_stream(session, fleet[0].url)
+            assert slots_held() == 1  # a held stream holds its slot in Redis
+            first.close()
+
+            async def abort(index: int) -> None:
+                response = await hold_stream(session, fleet[index % 2].url)
+                response.close()
+
+            for batch in range(5):
+                await asyncio.gather(*(abort(batch * 200 + i) for i in range(200)))
+        wait_for(lambda: slots_held() == 0, timeout=30, what="every slot released")
     finally:
         client.close()
     for sidecar in fleet:
