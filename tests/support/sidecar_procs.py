@@ -225,7 +225,15 @@ class SidecarProcess(ManagedProcess):
             env={"LLMROUTE_WATCH_INTERVAL": "0.1", "LLMROUTE_HEALTH_INTERVAL": "0.1", **(env or {})},
         )
         if wait_ready:
-            wait_for(lambda: http_get(f"{self.admin}/healthz")[0] == 200 or not self.alive, STARTUP_SECONDS)
+            # Its own "sidecar started" line too: a /healthz answer alone may come from another
+            # process that took the port this one then failed to bind (ports are picked, then freed).
+            wait_for(
+                lambda: (
+                    (http_get(f"{self.admin}/healthz")[0] == 200 and "sidecar started" in self.output())
+                    or not self.alive
+                ),
+                STARTUP_SECONDS,
+            )
             if not self.alive:
                 raise RuntimeError(f"sidecar failed to start:\n{self.output()}")
 
