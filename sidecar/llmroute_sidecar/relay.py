@@ -19,14 +19,12 @@ from llmroute_sidecar.livecharge import LiveCharge
 from llmroute_sidecar.metrics import SidecarMetrics
 from llmroute_sidecar.openai.requests import ParsedRequest
 from llmroute_sidecar.openai.sse import (
-    SSEParser,
+    SSEStream,
     StreamUsage,
     cached_tokens_from_json,
     heartbeat,
-    is_terminal_event,
     loads,
     usage_from_json,
-    without_injected_usage,
 )
 from llmroute_sidecar.openai.tokens import estimate_prompt_tokens
 from llmroute_sidecar.policy import RoutePolicy
@@ -84,13 +82,13 @@ class Relay:
             ex.response_started = True
             observe = ex.telemetry.observe if ex.telemetry is not None else None
             usage = StreamUsage(on_document=observe) if (parsed is not None and is_sse) else None
-            parser = SSEParser() if usage is not None else None
+            sse = SSEStream(usage, strip_usage) if usage is not None else None
             kept = bytearray() if (parsed is not None and not is_sse) else None
             prompt = estimate_prompt_tokens(parsed) if parsed is not None else 0
             live = self._live_charge(policy, ex, prompt) if usage is not None else None
             timeout = ex.upstream_timeout
             chars = 0
-            async for chunk in self._chunks(upstream, response, timeout, parser, is_sse, policy.name):
+            async for chunk in self._chunks(upstream, response, timeout, sse, is_sse, policy.name):
                 if ex.first_byte is None:
                     ex.first_byte = time.monotonic()
                     self.metrics.time_to_first_byte_seconds.labels(policy.name).observe(
@@ -98,18 +96,14 @@ class Relay:
                     )
                 out = chunk
                 terminal = False
-                if parser is not None and usage is not None:
-                    events = parser.feed(chunk)
-                    for event in events:
-                        usage.consume(event)
-                    terminal = any(is_terminal_event(e) for e in events)
+                if sse is not None and usage is not None:
+                    # With strip_usage exactly the usage the sidecar asked for goes, nothing else.
+                    out, terminal = sse.feed(chunk)
                     if usage.streamed_chars != chars:  # completion text: first/last token times
                         chars = usage.streamed_chars
                         ex.last_token = time.monotonic()
                         if ex.first_token is None:
                             ex.first_token = ex.last_token
-                    if strip_usage:  # exactly the usage the sidecar asked for, nothing else
-                        out = b"".join(filter(None, map(without_injected_usage, events)))
                     _stream_usage_into(ex, usage, prompt)  # kept current: a cut stream settles it
                     _charge_live(live, ex)  # the store sees a stream outgrowing its reservation
                 elif kept is not None and len(kept) + len(chunk) <= USAGE_BODY_LIMIT:
@@ -117,8 +111,8 @@ class Relay:
                 if out:
                     await response.write(out)
                 ex.delivered = ex.delivered or terminal
-            if parser is not None and strip_usage and parser.pending():
-                await response.write(parser.pending())
+            if sse is not None and strip_usage and sse.pending():
+                await response.write(sse.pending())
             ex.delivered = True  # the whole upstream body reached the client
             if kept is not None and upstream.status < 400:
                 _json_usage_into(ex, bytes(kept))
@@ -158,7 +152,7 @@ class Relay:
         upstream: aiohttp.ClientResponse,
         response: web.StreamResponse,
         timeout: float,
-        parser: SSEParser | None,
+        parser: SSEStream | None,
         is_sse: bool,
         route: str = "",
     ) -> AsyncIterator[bytes]:
