@@ -156,35 +156,78 @@ class Relay:
         is_sse: bool,
         route: str = "",
     ) -> AsyncIterator[bytes]:
-        """Upstream body chunks as they arrive; heartbeats on idle SSE streams; idle timeout per chunk."""
-        idle_since = time.monotonic()
-        beat = self.settings.heartbeat_seconds
-        while True:
-            left = timeout - (time.monotonic() - idle_since)
-            if left <= 0:
-                self.metrics.timeouts_total.labels(route, "stream").inc()
-                self.metrics.upstream_errors_total.labels(route, "stream_timeout").inc()
-                raise errors.ProxyError(
-                    502,
-                    "upstream_timeout",
-                    f"the upstream sent nothing for {timeout:g}s",
-                    "upstream_error",
-                    "upstream_error",
-                )
-            try:
-                # A timeout context, not a task per chunk: the read stays cheap on the hot path.
-                async with asyncio.timeout(min(left, beat) if is_sse else left):
-                    chunk = await upstream.content.readany()
-            except TimeoutError:
-                if is_sse and (parser is None or not parser.pending()):
-                    await response.write(heartbeat())
-                continue
-            except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError) as error:
-                raise errors.upstream_failed(f"the upstream connection broke mid-response: {error}") from None
-            if not chunk:
-                return
-            idle_since = time.monotonic()
-            yield chunk
+        """Upstream body chunks as they arrive; heartbeats on idle SSE streams; idle timeout per chunk.
+
+        The upstream may stay silent ``timeout`` seconds since its last chunk; an SSE stream gets a
+        heartbeat after ``heartbeat_seconds`` of silence (since the last chunk or heartbeat). One
+        watchdog timer per response enforces both, not a timeout per read: it is re-armed only when
+        it fires (at most once per period on a flowing stream), and it only ever interrupts the read
+        (never the write to the client), by cancelling it as ``asyncio.timeout`` would.
+        """
+        loop = asyncio.get_running_loop()
+        task = asyncio.current_task()
+        assert task is not None
+        content = upstream.content
+        clock = loop.time
+        beat = self.settings.heartbeat_seconds if is_sse else timeout
+        idle_since = ticked = clock()  # the last chunk; the last chunk or heartbeat
+        reading = woke = False
+        watchdog: asyncio.TimerHandle | None = None
+
+        def due() -> float:
+            return min(idle_since + timeout, ticked + beat)
+
+        def wake() -> None:
+            nonlocal watchdog, woke
+            watchdog = None
+            if not reading:
+                return  # the next read re-arms it
+            when = due()
+            if clock() < when:
+                watchdog = loop.call_at(when, wake)
+            else:
+                woke = True
+                task.cancel()
+
+        try:
+            while True:
+                if watchdog is None:
+                    watchdog = loop.call_at(due(), wake)
+                reading = True
+                try:
+                    chunk = await content.readany()
+                except asyncio.CancelledError:
+                    if not woke or task.uncancel() > 0:
+                        raise  # not (only) the watchdog: the request's deadline, a shutdown
+                    woke = False
+                    if clock() >= idle_since + timeout:  # as ``due()`` computes it
+                        self.metrics.timeouts_total.labels(route, "stream").inc()
+                        self.metrics.upstream_errors_total.labels(route, "stream_timeout").inc()
+                        raise errors.ProxyError(
+                            502,
+                            "upstream_timeout",
+                            f"the upstream sent nothing for {timeout:g}s",
+                            "upstream_error",
+                            "upstream_error",
+                        ) from None
+                    reading = False
+                    ticked = clock()
+                    if is_sse and (parser is None or not parser.pending()):
+                        await response.write(heartbeat())
+                    continue
+                except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError) as error:
+                    raise errors.upstream_failed(
+                        f"the upstream connection broke mid-response: {error}"
+                    ) from None
+                finally:
+                    reading = False
+                if not chunk:
+                    return
+                idle_since = ticked = clock()
+                yield chunk
+        finally:
+            if watchdog is not None:
+                watchdog.cancel()
 
 
 def _stream_usage_into(ex: Exchange, usage: StreamUsage, prompt: int) -> None:
