@@ -239,6 +239,7 @@ class SSEStream:
             terminal = self._consume(events)
             return self._forward(chunk, events), terminal
         lines = chunk[:-2].split(b"\n\n")  # whole events, their blank line cut off
+        single = len(lines) == 1
         usage, strip = self.usage, self.strip
         observe = usage.on_document
         terminal = changed = False
@@ -250,7 +251,7 @@ class SSEStream:
                     document = orjson.loads(line[6:])
                 except orjson.JSONDecodeError:  # invalid UTF-8, NaN: the event's own way below
                     document = None
-            raw = chunk if len(lines) == 1 else line + b"\n\n"
+            raw = chunk if single else line + b"\n\n"
             if type(document) is not dict:
                 if line == b"data: [DONE]":
                     usage.done = terminal = True
@@ -265,7 +266,8 @@ class SSEStream:
                 continue
             if observe is not None:
                 observe(document)
-            if isinstance(document.get("usage"), dict) or isinstance(document.get("response"), dict):
+            found = document.get("usage")
+            if isinstance(found, dict) or isinstance(document.get("response"), dict):
                 usage._read_usage(document)
             usage._chars += _streamed_chars(document)
             kind = document.get("type")
@@ -273,9 +275,12 @@ class SSEStream:
                 terminal = True
             if not strip:
                 continue
-            if b'"usage"' in line and "usage" in document:
+            if b'"usage"' in line and (found is not None or "usage" in document):
                 changed = True
-                if document["usage"] is None:
+                if found is None:
+                    if line.endswith(_NULL_TAIL) and line.count(_NULL_USAGE) == 1:
+                        out.append(line[: -len(_NULL_TAIL)] + b"}\n\n")  # OpenAI's: the last member
+                        continue
                     cut = _cut_null_member(raw)  # ``raw`` is one ``data:`` line and its blank line
                     if cut is not None:
                         out.append(cut)
@@ -287,7 +292,9 @@ class SSEStream:
                     out.append(kept)
                 continue
             out.append(raw)
-        return (b"".join(out) if changed else chunk), terminal
+        if not changed:
+            return chunk, terminal
+        return (out[0] if len(out) == 1 else b"".join(out)), terminal
 
     def _consume(self, events: list[SSEEvent]) -> bool:
         """Read the events' usage; True when one of them is terminal."""
@@ -383,6 +390,7 @@ _CHUNK_METADATA = frozenset(
     {"id", "object", "created", "model", "system_fingerprint", "service_tier", "obfuscation", "choices"}
 )
 _NULL_USAGE = b'"usage":null'
+_NULL_TAIL = b',"usage":null}'
 _ONE_LINE = re.compile(rb"data:[^\r\n]*\n\n")
 _DATA_LINE = re.compile(rb"([^\r\n]*)(\r\n|\r|\n)")
 
