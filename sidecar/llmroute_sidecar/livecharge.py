@@ -107,6 +107,8 @@ class LiveCharge:
             return
         if self.cut and completion_so_far > self.reserved_completion * CUT_MARGIN:
             raise reservation_exceeded(self.reserved_completion)
+        if tokens_so_far <= self.cadence.charged:
+            return  # within what the store holds (``Cadence.due`` says no): the usual chunk, no clock read
         if self._task is not None and not self._task.done():
             return  # one charge in flight per stream; the next chunk looks again
         now = self._clock()

@@ -19,14 +19,12 @@ from llmroute_sidecar.livecharge import LiveCharge
 from llmroute_sidecar.metrics import SidecarMetrics
 from llmroute_sidecar.openai.requests import ParsedRequest
 from llmroute_sidecar.openai.sse import (
-    SSEParser,
+    SSEStream,
     StreamUsage,
     cached_tokens_from_json,
     heartbeat,
-    is_terminal_event,
     loads,
     usage_from_json,
-    without_injected_usage,
 )
 from llmroute_sidecar.openai.tokens import estimate_prompt_tokens
 from llmroute_sidecar.policy import RoutePolicy
@@ -84,13 +82,13 @@ class Relay:
             ex.response_started = True
             observe = ex.telemetry.observe if ex.telemetry is not None else None
             usage = StreamUsage(on_document=observe) if (parsed is not None and is_sse) else None
-            parser = SSEParser() if usage is not None else None
+            sse = SSEStream(usage, strip_usage) if usage is not None else None
             kept = bytearray() if (parsed is not None and not is_sse) else None
             prompt = estimate_prompt_tokens(parsed) if parsed is not None else 0
             live = self._live_charge(policy, ex, prompt) if usage is not None else None
             timeout = ex.upstream_timeout
             chars = 0
-            async for chunk in self._chunks(upstream, response, timeout, parser, is_sse, policy.name):
+            async for chunk in self._chunks(upstream, response, timeout, sse, is_sse, policy.name):
                 if ex.first_byte is None:
                     ex.first_byte = time.monotonic()
                     self.metrics.time_to_first_byte_seconds.labels(policy.name).observe(
@@ -98,18 +96,14 @@ class Relay:
                     )
                 out = chunk
                 terminal = False
-                if parser is not None and usage is not None:
-                    events = parser.feed(chunk)
-                    for event in events:
-                        usage.consume(event)
-                    terminal = any(is_terminal_event(e) for e in events)
+                if sse is not None and usage is not None:
+                    # With strip_usage exactly the usage the sidecar asked for goes, nothing else.
+                    out, terminal = sse.feed(chunk)
                     if usage.streamed_chars != chars:  # completion text: first/last token times
                         chars = usage.streamed_chars
                         ex.last_token = time.monotonic()
                         if ex.first_token is None:
                             ex.first_token = ex.last_token
-                    if strip_usage:  # exactly the usage the sidecar asked for, nothing else
-                        out = b"".join(filter(None, map(without_injected_usage, events)))
                     _stream_usage_into(ex, usage, prompt)  # kept current: a cut stream settles it
                     _charge_live(live, ex)  # the store sees a stream outgrowing its reservation
                 elif kept is not None and len(kept) + len(chunk) <= USAGE_BODY_LIMIT:
@@ -117,8 +111,8 @@ class Relay:
                 if out:
                     await response.write(out)
                 ex.delivered = ex.delivered or terminal
-            if parser is not None and strip_usage and parser.pending():
-                await response.write(parser.pending())
+            if sse is not None and strip_usage and sse.pending():
+                await response.write(sse.pending())
             ex.delivered = True  # the whole upstream body reached the client
             if kept is not None and upstream.status < 400:
                 _json_usage_into(ex, bytes(kept))
@@ -158,39 +152,82 @@ class Relay:
         upstream: aiohttp.ClientResponse,
         response: web.StreamResponse,
         timeout: float,
-        parser: SSEParser | None,
+        parser: SSEStream | None,
         is_sse: bool,
         route: str = "",
     ) -> AsyncIterator[bytes]:
-        """Upstream body chunks as they arrive; heartbeats on idle SSE streams; idle timeout per chunk."""
-        idle_since = time.monotonic()
-        beat = self.settings.heartbeat_seconds
-        while True:
-            left = timeout - (time.monotonic() - idle_since)
-            if left <= 0:
-                self.metrics.timeouts_total.labels(route, "stream").inc()
-                self.metrics.upstream_errors_total.labels(route, "stream_timeout").inc()
-                raise errors.ProxyError(
-                    502,
-                    "upstream_timeout",
-                    f"the upstream sent nothing for {timeout:g}s",
-                    "upstream_error",
-                    "upstream_error",
-                )
-            try:
-                # A timeout context, not a task per chunk: the read stays cheap on the hot path.
-                async with asyncio.timeout(min(left, beat) if is_sse else left):
-                    chunk = await upstream.content.readany()
-            except TimeoutError:
-                if is_sse and (parser is None or not parser.pending()):
-                    await response.write(heartbeat())
-                continue
-            except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError) as error:
-                raise errors.upstream_failed(f"the upstream connection broke mid-response: {error}") from None
-            if not chunk:
-                return
-            idle_since = time.monotonic()
-            yield chunk
+        """Upstream body chunks as they arrive; heartbeats on idle SSE streams; idle timeout per chunk.
+
+        The upstream may stay silent ``timeout`` seconds since its last chunk; an SSE stream gets a
+        heartbeat after ``heartbeat_seconds`` of silence (since the last chunk or heartbeat). One
+        watchdog timer per response enforces both, not a timeout per read: it is re-armed only when
+        it fires (at most once per period on a flowing stream), and it only ever interrupts the read
+        (never the write to the client), by cancelling it as ``asyncio.timeout`` would.
+        """
+        loop = asyncio.get_running_loop()
+        task = asyncio.current_task()
+        assert task is not None
+        content = upstream.content
+        clock = loop.time
+        beat = self.settings.heartbeat_seconds if is_sse else timeout
+        idle_since = ticked = clock()  # the last chunk; the last chunk or heartbeat
+        reading = woke = False
+        watchdog: asyncio.TimerHandle | None = None
+
+        def due() -> float:
+            return min(idle_since + timeout, ticked + beat)
+
+        def wake() -> None:
+            nonlocal watchdog, woke
+            watchdog = None
+            if not reading:
+                return  # the next read re-arms it
+            when = due()
+            if clock() < when:
+                watchdog = loop.call_at(when, wake)
+            else:
+                woke = True
+                task.cancel()
+
+        try:
+            while True:
+                if watchdog is None:
+                    watchdog = loop.call_at(due(), wake)
+                reading = True
+                try:
+                    chunk = await content.readany()
+                except asyncio.CancelledError:
+                    if not woke or task.uncancel() > 0:
+                        raise  # not (only) the watchdog: the request's deadline, a shutdown
+                    woke = False
+                    if clock() >= idle_since + timeout:  # as ``due()`` computes it
+                        self.metrics.timeouts_total.labels(route, "stream").inc()
+                        self.metrics.upstream_errors_total.labels(route, "stream_timeout").inc()
+                        raise errors.ProxyError(
+                            502,
+                            "upstream_timeout",
+                            f"the upstream sent nothing for {timeout:g}s",
+                            "upstream_error",
+                            "upstream_error",
+                        ) from None
+                    reading = False
+                    ticked = clock()
+                    if is_sse and (parser is None or not parser.pending()):
+                        await response.write(heartbeat())
+                    continue
+                except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError) as error:
+                    raise errors.upstream_failed(
+                        f"the upstream connection broke mid-response: {error}"
+                    ) from None
+                finally:
+                    reading = False
+                if not chunk:
+                    return
+                idle_since = ticked = clock()
+                yield chunk
+        finally:
+            if watchdog is not None:
+                watchdog.cancel()
 
 
 def _stream_usage_into(ex: Exchange, usage: StreamUsage, prompt: int) -> None:

@@ -178,6 +178,10 @@ class StreamUsage:
             return
         if self.on_document is not None:
             self.on_document(document)
+        self._read_usage(document)
+        self._chars += _streamed_chars(document)
+
+    def _read_usage(self, document: dict[str, Any]) -> None:
         response = document.get("response")
         found = usage_from_json(document)
         carrier = document
@@ -187,7 +191,6 @@ class StreamUsage:
             self.prompt_tokens, self.completion_tokens, self.total_tokens = found
             self.cached_tokens = cached_tokens_from_json(carrier)
             self.saw_usage = True
-        self._chars += _streamed_chars(document)
 
     @property
     def streamed_chars(self) -> int:
@@ -205,22 +208,138 @@ class StreamUsage:
         return prompt_estimate + self.completion_tokens_estimate()
 
 
+class SSEStream:
+    """The relay's work on one SSE stream, a chunk at a time: split, read usage, strip, find the end.
+
+    ``feed(chunk)`` returns what to forward and whether the chunk completed the terminal event; it is
+    exactly ``SSEParser.feed`` + ``StreamUsage.consume`` of each event + ``is_terminal_event`` + (with
+    ``strip``) ``without_injected_usage``, which the chunks and events it cannot take the fast way
+    still go through. The fast way: a chunk of whole LF-only events (what servers write, one or a few
+    events per read) is split with one ``bytes.split``, and a one-line ``data: {...}`` event is parsed
+    once by orjson straight from its bytes, with no ``SSEEvent`` and no decoded copy of its data.
+    """
+
+    __slots__ = ("_parser", "strip", "usage")
+
+    def __init__(self, usage: StreamUsage, strip: bool) -> None:
+        self.usage = usage
+        self.strip = strip
+        self._parser = SSEParser()
+
+    def feed(self, chunk: bytes) -> tuple[bytes, bool]:
+        """(bytes to forward now, whether a terminal event was among the chunk's events)."""
+        if (
+            self._parser._buffer
+            or not chunk.endswith(b"\n\n")
+            or chunk[0] == _LF
+            or b"\r" in chunk
+            or b"\n\n\n" in chunk
+        ):
+            events = self._parser.feed(chunk)
+            terminal = self._consume(events)
+            return self._forward(chunk, events), terminal
+        lines = chunk[:-2].split(b"\n\n")  # whole events, their blank line cut off
+        single = len(lines) == 1
+        usage, strip = self.usage, self.strip
+        observe = usage.on_document
+        terminal = changed = False
+        out: list[bytes] = []
+        for line in lines:
+            document = None
+            if line.startswith(b"data: {") and b"\n" not in line:
+                try:
+                    document = orjson.loads(line[6:])
+                except orjson.JSONDecodeError:  # invalid UTF-8, NaN: the event's own way below
+                    document = None
+            raw = chunk if single else line + b"\n\n"
+            if type(document) is not dict:
+                if line == b"data: [DONE]":
+                    usage.done = terminal = True
+                    out.append(raw)
+                    continue
+                events = [SSEEvent.parse(raw)]
+                terminal = self._consume(events) or terminal
+                if strip:
+                    forward = self._forward(raw, events)
+                    changed = changed or forward != raw
+                    out.append(forward)
+                continue
+            if observe is not None:
+                observe(document)
+            found = document.get("usage")
+            if isinstance(found, dict) or isinstance(document.get("response"), dict):
+                usage._read_usage(document)
+            usage._chars += _streamed_chars(document)
+            kind = document.get("type")
+            if kind is not None and kind in _TERMINAL_TYPES and b"response." in line:
+                terminal = True
+            if not strip:
+                continue
+            if b'"usage"' in line and (found is not None or "usage" in document):
+                changed = True
+                if found is None:
+                    if line.endswith(_NULL_TAIL) and line.count(_NULL_USAGE) == 1:
+                        out.append(line[: -len(_NULL_TAIL)] + b"}\n\n")  # OpenAI's: the last member
+                        continue
+                    cut = _cut_null_member(raw)  # ``raw`` is one ``data:`` line and its blank line
+                    if cut is not None:
+                        out.append(cut)
+                        continue
+                event = SSEEvent.parse(raw)
+                event.__dict__["document"] = document  # parsed already (``document`` is cached)
+                kept = without_injected_usage(event)
+                if kept is not None:
+                    out.append(kept)
+                continue
+            out.append(raw)
+        if not changed:
+            return chunk, terminal
+        return (out[0] if len(out) == 1 else b"".join(out)), terminal
+
+    def _consume(self, events: list[SSEEvent]) -> bool:
+        """Read the events' usage; True when one of them is terminal."""
+        usage = self.usage
+        for event in events:
+            usage.consume(event)
+        return any(is_terminal_event(event) for event in events)
+
+    def _forward(self, chunk: bytes, events: list[SSEEvent]) -> bytes:
+        if not self.strip:
+            return chunk  # byte-exact, a partial event included
+        return b"".join(filter(None, map(without_injected_usage, events)))
+
+    def pending(self) -> bytes:
+        """Bytes of an event not yet complete."""
+        return self._parser.pending()
+
+
 def _streamed_chars(document: dict[str, Any]) -> int:
     """Characters of completion text (content, text, tool-call arguments, responses deltas) in a chunk."""
-    texts: list[Any] = [document.get("delta")]
+    text = document.get("delta")
+    count = len(text) if isinstance(text, str) else 0
     choices = document.get("choices")
-    for choice in choices if isinstance(choices, list) else ():
+    if not isinstance(choices, list):
+        return count
+    for choice in choices:
         if not isinstance(choice, dict):
             continue
-        texts.append(choice.get("text"))
+        text = choice.get("text")
+        if isinstance(text, str):
+            count += len(text)
         delta = choice.get("delta")
-        if isinstance(delta, dict):
-            texts.append(delta.get("content"))
-            calls = delta.get("tool_calls")
-            for call in calls if isinstance(calls, list) else ():
+        if not isinstance(delta, dict):
+            continue
+        text = delta.get("content")
+        if isinstance(text, str):
+            count += len(text)
+        calls = delta.get("tool_calls")
+        if isinstance(calls, list):
+            for call in calls:
                 function = call.get("function") if isinstance(call, dict) else None
-                texts.append(function.get("arguments") if isinstance(function, dict) else None)
-    return sum(len(text) for text in texts if isinstance(text, str))
+                text = function.get("arguments") if isinstance(function, dict) else None
+                if isinstance(text, str):
+                    count += len(text)
+    return count
 
 
 def _count(usage: dict[str, Any], *keys: str) -> int | None:
@@ -271,6 +390,7 @@ _CHUNK_METADATA = frozenset(
     {"id", "object", "created", "model", "system_fingerprint", "service_tier", "obfuscation", "choices"}
 )
 _NULL_USAGE = b'"usage":null'
+_NULL_TAIL = b',"usage":null}'
 _ONE_LINE = re.compile(rb"data:[^\r\n]*\n\n")
 _DATA_LINE = re.compile(rb"([^\r\n]*)(\r\n|\r|\n)")
 
@@ -308,7 +428,14 @@ def _cut_null_usage(raw: bytes) -> bytes | None:
     An unescaped ``"usage":null`` can only be a member (quotes inside strings are escaped); when it is
     the only one, it is the top-level member the caller found. None when the event is not that simple.
     """
-    if not _ONE_LINE.fullmatch(raw) or raw.count(_NULL_USAGE) != 1:
+    if not _ONE_LINE.fullmatch(raw):
+        return None
+    return _cut_null_member(raw)
+
+
+def _cut_null_member(raw: bytes) -> bytes | None:
+    """``_cut_null_usage`` of an event known to be one line."""
+    if raw.count(_NULL_USAGE) != 1:
         return None
     for member in (b"," + _NULL_USAGE, _NULL_USAGE + b","):
         if member in raw:
