@@ -27,7 +27,7 @@ EXPECTED: dict[str, tuple[str, tuple[str, ...]]] = {
     "llmroute_retries_total": ("counter", ("route", "upstream", "reason")),
     "llmroute_upstream_fallbacks_total": ("counter", ("route", "upstream", "reason")),
     "llmroute_timeouts_total": ("counter", ("route", "layer")),
-    "llmroute_upstream_errors_total": ("counter", ("route", "type")),
+    "llmroute_upstream_errors_total": ("counter", ("route", "upstream", "type")),
     "llmroute_store_errors_total": ("counter", ("route", "operation")),
     "llmroute_store_fallback_total": ("counter", ("route",)),
     "llmroute_store_state": ("gauge", ("route",)),

@@ -218,6 +218,10 @@ async def test_an_upstream_failing_before_the_first_byte_falls_back(
     # a's slot was given back after each failed attempt: no request found it taken.
     assert sidecar.metric("llmroute_upstream_fallbacks_total", reason="quota") == 0
     assert sidecar.metric("llmroute_retries_total", upstream="a") == (0 if status == 429 else 4)
+    # Failed attempts are counted per upstream: a's eight 5xx answers, nothing on b.
+    assert sidecar.metric("llmroute_upstream_errors_total", upstream="b") == 0
+    if status == 500:
+        assert sidecar.metric("llmroute_upstream_errors_total", upstream="a") == 8
 
 
 async def test_the_last_candidates_failure_reaches_the_client(

@@ -211,8 +211,8 @@ class SidecarMetrics:
         )
         self.upstream_errors_total = Counter(
             "llmroute_upstream_errors_total",
-            "Failed upstream attempts by type.",
-            ["route", "type"],
+            "Failed upstream attempts by upstream ('default' for spec.upstream) and type.",
+            ["route", "upstream", "type"],
             registry=r,
         )
         self.store_errors_total = Counter(

@@ -88,7 +88,8 @@ class Relay:
             live = self._live_charge(policy, ex, prompt) if usage is not None else None
             timeout = ex.upstream_timeout
             chars = 0
-            async for chunk in self._chunks(upstream, response, timeout, sse, is_sse, policy.name):
+            chunks = self._chunks(upstream, response, timeout, sse, is_sse, policy.name, ex.upstream)
+            async for chunk in chunks:
                 if ex.first_byte is None:
                     ex.first_byte = time.monotonic()
                     self.metrics.time_to_first_byte_seconds.labels(policy.name).observe(
@@ -155,6 +156,7 @@ class Relay:
         parser: SSEStream | None,
         is_sse: bool,
         route: str = "",
+        upstream_name: str = "",
     ) -> AsyncIterator[bytes]:
         """Upstream body chunks as they arrive; heartbeats on idle SSE streams; idle timeout per chunk.
 
@@ -202,7 +204,8 @@ class Relay:
                     woke = False
                     if clock() >= idle_since + timeout:  # as ``due()`` computes it
                         self.metrics.timeouts_total.labels(route, "stream").inc()
-                        self.metrics.upstream_errors_total.labels(route, "stream_timeout").inc()
+                        errors_total = self.metrics.upstream_errors_total
+                        errors_total.labels(route, upstream_name, "stream_timeout").inc()
                         raise errors.ProxyError(
                             502,
                             "upstream_timeout",

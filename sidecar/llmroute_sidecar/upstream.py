@@ -208,7 +208,7 @@ class Upstream:
             breaker.record_success()
         else:
             breaker.record_failure()
-            self.metrics.upstream_errors_total.labels(policy.name, kind).inc()
+            self.metrics.upstream_errors_total.labels(policy.name, upstream, kind).inc()
             if kind == "timeout":
                 self.metrics.timeouts_total.labels(policy.name, "attempt").inc()
 
