@@ -60,16 +60,21 @@ def pair(mocks: tuple[MockUpstream, MockUpstream]) -> Iterator[tuple[MockUpstrea
             fail(mock, 0)
 
 
-def fail(mock: MockUpstream, status: int) -> None:
-    """Make ``mock`` answer ``status`` to every request (0: answer normally)."""
+def control(mock: MockUpstream, path: str, settings: dict[str, Any]) -> None:
+    """POST a JSON setting to one of the mock's control endpoints."""
     request = urllib.request.Request(
-        f"{mock.url}/mock/fail",
-        data=json.dumps({"status": status}).encode(),
+        f"{mock.url}{path}",
+        data=json.dumps(settings).encode(),
         headers={"Content-Type": "application/json"},
         method="POST",
     )
     with urllib.request.urlopen(request, timeout=5) as response:
         response.read()
+
+
+def fail(mock: MockUpstream, status: int) -> None:
+    """Make ``mock`` answer ``status`` to every request (0: answer normally)."""
+    control(mock, "/mock/fail", {"status": status})
 
 
 def received(mock: MockUpstream, mark: str) -> list[dict[str, Any]]:
@@ -304,14 +309,7 @@ async def test_not_ready_only_when_no_upstream_can_serve(
 
 
 def set_health(mock: MockUpstream, healthy: bool) -> None:
-    request = urllib.request.Request(
-        f"{mock.url}/mock/health",
-        data=json.dumps({"healthy": healthy}).encode(),
-        headers={"Content-Type": "application/json"},
-        method="POST",
-    )
-    with urllib.request.urlopen(request, timeout=5) as response:
-        response.read()
+    control(mock, "/mock/health", {"healthy": healthy})
 
 
 async def test_models_route_to_their_upstream_with_rewrites_and_v1_models(

@@ -206,6 +206,7 @@ async def test_a_paused_redis_fails_after_one_attempt(
 async def test_an_admission_whose_caller_went_away_releases_its_slot(
     store: RedisQuotaStore, redis_server: RedisServer
 ) -> None:
+    assert store._lean is not None  # a standalone redis://: the lean transport (quota/resp.py)
     check = LimitCheck("l", "route", requests_per_minute=10, concurrent_requests=5)
     task = asyncio.create_task(store.admit(request(check)))
     while store._batcher.in_flight == 0:  # noqa: ASYNC110 -- the admission is on the wire

@@ -64,15 +64,8 @@ class Admission:
         checks = build_checks(policy, identity, headers, ex.model)
         if not checks:
             return Decision(admitted=True)
-        admission = AdmissionRequest(
-            route=policy.name,
-            checks=checks,
-            tokens=tokens,
-            lease_seconds=spec.deadline_seconds + self.settings.lease_margin_seconds,
-            request_id=ex.request_id,
-            cost=ex.cost_reserved,
-            cancellable=bool(policy.limited_upstreams),  # undone when every upstream's own quota says no
-        )
+        # cancellable: undone when every upstream's own quota says no (dispatch)
+        admission = self._request(policy, ex, checks, tokens, cancellable=bool(policy.limited_upstreams))
         started = time.monotonic()
         queue_deadline = started + spec.queue_timeout_seconds
         while True:
@@ -109,14 +102,7 @@ class Admission:
         within what is left of queueTimeoutSeconds. An admitting decision's lease joins
         ``ex.upstream_leases``."""
         spec = policy.route.spec
-        admission = AdmissionRequest(
-            route=policy.name,
-            checks=checks,
-            tokens=tokens,
-            lease_seconds=spec.deadline_seconds + self.settings.lease_margin_seconds,
-            request_id=ex.request_id,
-            cost=ex.cost_reserved,
-        )
+        admission = self._request(policy, ex, checks, tokens)
         started = time.monotonic()
         queue_deadline = started + max(0.0, spec.queue_timeout_seconds - ex.queue_wait)
         while True:
@@ -133,6 +119,25 @@ class Admission:
         if decision.admitted and decision.lease is not None:
             ex.upstream_leases.append((store, decision.lease))
         return decision
+
+    def _request(
+        self,
+        policy: RoutePolicy,
+        ex: Exchange,
+        checks: tuple[LimitCheck, ...],
+        tokens: int,
+        cancellable: bool = False,
+    ) -> AdmissionRequest:
+        """What the store gets for one request: its checks, reserved tokens and cost, lease expiry."""
+        return AdmissionRequest(
+            route=policy.name,
+            checks=checks,
+            tokens=tokens,
+            lease_seconds=policy.route.spec.deadline_seconds + self.settings.lease_margin_seconds,
+            request_id=ex.request_id,
+            cost=ex.cost_reserved,
+            cancellable=cancellable,
+        )
 
     def rejected(self, policy: RoutePolicy, ex: Exchange, decision: Decision, tokens: int) -> ProxyError:
         """The 429 (or 400) of a rejecting decision, counted like any other rejection."""
