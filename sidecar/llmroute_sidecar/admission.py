@@ -66,19 +66,9 @@ class Admission:
             return Decision(admitted=True)
         # cancellable: undone when every upstream's own quota says no (dispatch)
         admission = self._request(policy, ex, checks, tokens, cancellable=bool(policy.limited_upstreams))
-        started = time.monotonic()
-        queue_deadline = started + spec.queue_timeout_seconds
-        while True:
-            decision, ex.lease_store = await self._store_admit(policy, admission)
-            self._count_shadow(policy, decision)
-            remaining = queue_deadline - time.monotonic()
-            if decision.admitted or not decision.waits_for_concurrency or remaining <= 0:
-                break
-            if _never_fitting(policy, decision, tokens, ex.cost_reserved):
-                break
-            await self.store.wait_for_capacity(min(remaining, 0.25))
-        ex.queue_wait = time.monotonic() - started
-        self.utilization.record(policy.name, decision)
+        decision, ex.lease_store = await self._admit_waiting(
+            policy, admission, ex, spec.queue_timeout_seconds
+        )
         self.metrics.queue_wait_seconds.labels(policy.name).observe(ex.queue_wait)
         if decision.admitted:
             ex.lease = decision.lease
@@ -86,10 +76,10 @@ class Admission:
                 self.metrics.tokens_total.labels(policy.name, "reserved").inc(tokens)
             size = _size(decision, tokens)
             ex.headers.update(rate_limit_headers(decision, _shadow(policy), size, ex.cost_reserved))
-            warning = budget_warning(policy, decision)
-            if warning:
-                ex.headers["x-llmroute-budget-warning"] = warning
-                for limit in _warned(warning):
+            near = near_limit(policy, decision)
+            if near:
+                ex.headers["x-llmroute-budget-warning"] = warning_header(near)
+                for limit in dict.fromkeys(name for name, _ in near):  # each limit counted once
                     self.metrics.budget_near_limit_total.labels(policy.name, limit).inc()
             return decision
         raise self._rejected(policy, ex, decision, tokens)
@@ -101,24 +91,32 @@ class Admission:
         to the next candidate upstream, so only the last one (``queue``) waits for a concurrency slot,
         within what is left of queueTimeoutSeconds. An admitting decision's lease joins
         ``ex.upstream_leases``."""
-        spec = policy.route.spec
         admission = self._request(policy, ex, checks, tokens)
+        left = max(0.0, policy.route.spec.queue_timeout_seconds - ex.queue_wait) if queue else 0.0
+        decision, store = await self._admit_waiting(policy, admission, ex, left)
+        if decision.admitted and decision.lease is not None:
+            ex.upstream_leases.append((store, decision.lease))
+        return decision
+
+    async def _admit_waiting(
+        self, policy: RoutePolicy, admission: AdmissionRequest, ex: Exchange, queue_for: float
+    ) -> tuple[Decision, QuotaStore]:
+        """Ask the store; ask again while only a concurrency slot is short, for up to ``queue_for``
+        seconds (0: once). The wait is added to ``ex.queue_wait``."""
         started = time.monotonic()
-        queue_deadline = started + max(0.0, spec.queue_timeout_seconds - ex.queue_wait)
+        queue_deadline = started + queue_for
         while True:
             decision, store = await self._store_admit(policy, admission)
             self._count_shadow(policy, decision)
             remaining = queue_deadline - time.monotonic()
-            if not queue or decision.admitted or not decision.waits_for_concurrency or remaining <= 0:
+            if decision.admitted or not decision.waits_for_concurrency or remaining <= 0:
                 break
-            if _never_fitting(policy, decision, tokens, ex.cost_reserved):
+            if _never_fitting(policy, decision, admission.tokens, admission.cost):
                 break
             await self.store.wait_for_capacity(min(remaining, 0.25))
         ex.queue_wait += time.monotonic() - started
         self.utilization.record(policy.name, decision)
-        if decision.admitted and decision.lease is not None:
-            ex.upstream_leases.append((store, decision.lease))
-        return decision
+        return decision, store
 
     def _request(
         self,
@@ -257,10 +255,9 @@ def _never_fitting(policy: RoutePolicy, decision: Decision, tokens: int, cost: i
     return next((s for s in decision.states if s.limit not in shadow and never_fits(s, tokens, cost)), None)
 
 
-def budget_warning(policy: RoutePolicy, decision: Decision) -> str:
-    """``x-llmroute-budget-warning``: each enforced budget at or above its warnAtPercent after an
-    admission, as ``<limit>; used=<ratio>`` (comma-separated); '' when none is."""
-    parts = []
+def near_limit(policy: RoutePolicy, decision: Decision) -> list[tuple[str, float]]:
+    """Each enforced budget at or above its warnAtPercent after an admission: (limit, used share)."""
+    near = []
     for state in decision.states:
         if state.dimension not in BUDGET_DIMENSIONS or state.limit_value <= 0:
             continue
@@ -269,13 +266,18 @@ def budget_warning(policy: RoutePolicy, decision: Decision) -> str:
             continue
         used = (state.limit_value - state.remaining) / state.limit_value
         if used * 100 >= limit.warn_at_percent:
-            parts.append(f"{state.limit}; used={used:.2f}")
-    return ", ".join(parts)
+            near.append((state.limit, used))
+    return near
 
 
-def _warned(warning: str) -> list[str]:
-    """The limit names of a budget warning (each counted once)."""
-    return list(dict.fromkeys(part.split(";", 1)[0].strip() for part in warning.split(",")))
+def warning_header(near: list[tuple[str, float]]) -> str:
+    """``x-llmroute-budget-warning``: ``<limit>; used=<ratio>`` per budget, comma-separated."""
+    return ", ".join(f"{limit}; used={used:.2f}" for limit, used in near)
+
+
+def budget_warning(policy: RoutePolicy, decision: Decision) -> str:
+    """The ``x-llmroute-budget-warning`` of an admission; '' when no budget is near its limit."""
+    return warning_header(near_limit(policy, decision))
 
 
 def _amount(state: LimitState) -> str:

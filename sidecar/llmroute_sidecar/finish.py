@@ -53,26 +53,14 @@ class Finisher:
         background, the memory store at once. No task and no extra event-loop turn before the response
         goes out, and nothing to shield (synchronous code is never cancelled half-way). False, with
         nothing done, for a store whose settlement must be awaited (``finish``)."""
-        store = ex.lease_store or self.store
-        background = bool(getattr(store, "settles_in_background", False))
-        settle_now = getattr(store, "settle_now", None)
-        if ex.lease is not None and not background and settle_now is None:
-            return False
-        if any(not _settles_without_waiting(extra) for extra, _ in ex.upstream_leases):
+        leases = self._leases(ex)
+        if any(not _settles_without_waiting(store) for store, _ in leases):
             return False
         try:
-            for extra, lease in ex.upstream_leases:
-                self.settle_early(extra, lease, tokens_to_charge(ex), ex, self.cost_to_charge(ex, lease))
+            actual = tokens_to_charge(ex)
+            for store, lease in leases:
+                self.settle_early(store, lease, actual, ex, self.cost_to_charge(ex, lease))
             if ex.lease is not None:
-                lease, actual = ex.lease, tokens_to_charge(ex)
-                cost = self.cost_to_charge(ex, lease)
-                try:
-                    if settle_now is not None and not background:
-                        settle_now(lease, actual, cost)
-                    else:
-                        self.settler.submit(store, lease, actual, cost)
-                except Exception as error:
-                    self._settle_failed(ex, error)
                 self._count_settled(ex, actual)
             self._count(ex)
         finally:
@@ -85,10 +73,7 @@ class Finisher:
             return
         try:
             actual = tokens_to_charge(ex)
-            leases = list(ex.upstream_leases)
-            if ex.lease is not None:
-                leases.append((ex.lease_store or self.store, ex.lease))
-            for store, lease in leases:
+            for store, lease in self._leases(ex):
                 try:
                     await store.settle(lease, actual, self.cost_to_charge(ex, lease))
                 except Exception as error:
@@ -98,6 +83,13 @@ class Finisher:
             self._count(ex)
         finally:
             self._leave(ex.route)
+
+    def _leases(self, ex: Exchange) -> list[tuple[QuotaStore, Lease]]:
+        """Every lease the request holds, with its store: its upstream's, then the route's."""
+        leases = list(ex.upstream_leases)
+        if ex.lease is not None:
+            leases.append((ex.lease_store or self.store, ex.lease))
+        return leases
 
     def cost_to_charge(self, ex: Exchange, lease: Lease | None) -> int | None:
         """The actual cost (micro-units) of a lease that reserved some; None: the store's default (0 when
