@@ -13,7 +13,6 @@ rounded up. Cached prompt tokens are priced at ``cachedInputPerMillion`` (defaul
 
 from __future__ import annotations
 
-import fnmatch
 import math
 from collections.abc import Sequence
 
@@ -22,12 +21,13 @@ from llmroute_sidecar.bounded_labels import BoundedLabel
 from llmroute_sidecar.metrics import SidecarMetrics
 from llmroute_sidecar.openai.requests import ParsedRequest
 from llmroute_sidecar.openai.tokens import estimate_prompt_tokens
+from llmroute_sidecar.policy import model_matches
 from llmroute_sidecar.token_timing import MAX_MODELS_PER_ROUTE
 
 
 def price_of(model: str, pricing: Sequence[ModelPrice]) -> ModelPrice | None:
     """The first entry whose model (a name or a glob) matches ``model``; None when unpriced."""
-    return next((p for p in pricing if p.model == model or fnmatch.fnmatchcase(model, p.model)), None)
+    return next((p for p in pricing if model_matches(model, (p.model,))), None)
 
 
 def cost(prompt_tokens: int, completion_tokens: int, price: ModelPrice, cached_tokens: int = 0) -> float:

@@ -12,20 +12,17 @@ from __future__ import annotations
 import json
 import random
 from collections.abc import Container, Sequence
-from fnmatch import fnmatchcase
 from typing import Any
 
 from llmroute_sidecar.api.spec import RoutedUpstream
-from llmroute_sidecar.policy import UpstreamTarget
+from llmroute_sidecar.policy import UpstreamTarget, model_matches
 
 GLOB_CHARACTERS = frozenset("*?[")
 
 
 def serves(upstream: RoutedUpstream, model: str | None) -> bool:
     """Whether ``upstream`` serves ``model`` (None: only upstreams serving every model do)."""
-    if not upstream.models:
-        return True
-    return model is not None and any(fnmatchcase(model, pattern) for pattern in upstream.models)
+    return not upstream.models or model_matches(model, upstream.models)
 
 
 def eligible(upstreams: Sequence[UpstreamTarget], model: str | None) -> list[UpstreamTarget]:
