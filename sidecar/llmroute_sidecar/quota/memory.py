@@ -330,9 +330,7 @@ class MemoryQuotaStore:
                 log.entries.remove(entry)
                 log.total -= entry.charge
         for item in hold.bursts:  # give the request back to the bucket
-            level = min(float(item.value), self._level(item, now) + 1.0)
-            full_at = now + (item.value - level) / item.rate if item.rate > 0 else math.inf
-            self._buckets[item.key] = _Bucket(level, now, full_at)
+            self._fill(item, min(float(item.value), self._level(item, now) + 1.0), now)
         for held in hold.budgets:
             self._recharge(lease, held, 0)
         self._signal()
@@ -526,7 +524,10 @@ class MemoryQuotaStore:
         top.spend[item.check.subject] = top.spend.get(item.check.subject, 0) + charge
 
     def _take(self, item: _Item, now: float) -> None:
-        level = max(0.0, self._level(item, now) - 1.0)
+        self._fill(item, max(0.0, self._level(item, now) - 1.0), now)
+
+    def _fill(self, item: _Item, level: float, now: float) -> None:
+        """Set a burst bucket to ``level`` now (it refills from there)."""
         full_at = now + (item.value - level) / item.rate if item.rate > 0 else math.inf
         self._buckets[item.key] = _Bucket(level, now, full_at)
 
