@@ -298,9 +298,28 @@ return out
 """
 )
 
+#: A lease's charge of a day/month budget replaced by ``spent`` in the window it was made in (if that
+#: window is still the budget's): total and the subject's top-consumers spend move by the difference;
+#: the lease's field goes, so a second settlement changes nothing.
+SETTLE_BUDGET_LUA = r"""
+local function settle_budget(key, top, lease_id, wid, spent, member)
+  local cur = redis.call('HMGET', key, 'w', lease_id)
+  if tonumber(cur[1]) == wid and cur[2] then
+    local delta = spent - tonumber(cur[2])
+    redis.call('HDEL', key, lease_id)
+    redis.call('HINCRBY', key, 'u', delta)
+    if member ~= '' and tonumber(redis.call('ZSCORE', top, '_w')) == -wid then
+      redis.call('ZINCRBY', top, delta, member)
+    end
+  end
+end
+"""
+
 #: ARGV: lease id, actual tokens, item count, the items' dimension codes, then actual cost, the
 #: lease's day and month ids and the items' budget subjects ('' for none).
-SETTLE = r"""
+SETTLE = (
+    SETTLE_BUDGET_LUA
+    + r"""
 local lease_id = ARGV[1]
 local actual = tonumber(ARGV[2])
 local n = tonumber(ARGV[3])
@@ -324,20 +343,12 @@ for i = 1, n do
     if dim == 7 or dim == 9 then wid = month end
     local spent = actual
     if dim >= 8 then spent = cost end
-    local cur = redis.call('HMGET', key, 'w', lease_id)
-    if tonumber(cur[1]) == wid and cur[2] then
-      local delta = spent - tonumber(cur[2])
-      redis.call('HDEL', key, lease_id)
-      redis.call('HINCRBY', key, 'u', delta)
-      local member = ARGV[6 + n + i]
-      if member ~= '' and tonumber(redis.call('ZSCORE', hkey, '_w')) == -wid then
-        redis.call('ZINCRBY', hkey, delta, member)
-      end
-    end
+    settle_budget(key, hkey, lease_id, wid, spent, ARGV[6 + n + i])
   end
 end
 return 1
 """
+)
 
 #: Live usage of a stream: raise each tokensPerMinute entry of the lease to ARGV[2] (never lower it),
 #: and the lease's charge of each day/month budget (tokens: ARGV[2], cost: ARGV[4] unless it is -1)
@@ -392,7 +403,9 @@ return raised
 #: not settled yet; a second cancel does nothing (the lease is no longer where it was admitted).
 #: KEYS: (key, hkey) per item, as admitted; ARGV: lease id, item count, the lease's day and month,
 #: then (dimension code, limit value, budget subject) per item.
-CANCEL = r"""
+CANCEL = (
+    SETTLE_BUDGET_LUA
+    + r"""
 local lease_id = ARGV[1]
 local n = tonumber(ARGV[2])
 local day = tonumber(ARGV[3])
@@ -433,17 +446,9 @@ for i = 1, n do
   elseif dim >= 6 then
     local wid = day
     if dim == 7 or dim == 9 then wid = month end
-    local cur = redis.call('HMGET', key, 'w', lease_id)
-    if tonumber(cur[1]) == wid and cur[2] then
-      local delta = -tonumber(cur[2])
-      redis.call('HDEL', key, lease_id)
-      redis.call('HINCRBY', key, 'u', delta)
-      local member = ARGV[base + 3]
-      if member ~= '' and tonumber(redis.call('ZSCORE', hkey, '_w')) == -wid then
-        redis.call('ZINCRBY', hkey, delta, member)
-      end
-    end
+    settle_budget(key, hkey, lease_id, wid, 0, ARGV[base + 3])
   end
 end
 return 1
 """
+)
