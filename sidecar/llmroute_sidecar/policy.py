@@ -38,6 +38,8 @@ SUBJECT_HEX = 32
 LOOKUP_HEX = 16
 NO_HEADER_SUBJECT = "-"
 """The one subject header-less (or claim-less) requests share under ``whenMissing: shared``."""
+#: LimitChecks kept per route policy (one per limit and counted identity) before the cache restarts.
+CHECKS_CACHE_SIZE = 4096
 
 
 def sha256_hex(text: str) -> str:
@@ -102,9 +104,15 @@ class RoutePolicy:
         """Digest prefix -> (full digest, tier), for the constant-time check in ``identify``."""
         return {digest[:LOOKUP_HEX]: (digest, tier) for digest, tier in (self.keys or {}).items()}
 
-    @property
+    @cached_property
     def name(self) -> str:
         return self.route.key
+
+    @cached_property
+    def checks_cache(self) -> dict[tuple[str, str, str], LimitCheck]:
+        """``build_checks``' LimitChecks by (limit, subject, tier): one object per counted identity, so
+        the stores' per-check caches hit (bounded: cleared past ``CHECKS_CACHE_SIZE`` entries)."""
+        return {}
 
     @property
     def uses_api_keys(self) -> bool:
@@ -392,6 +400,7 @@ def build_checks(
     """
     spec = policy.route.spec
     checks = []
+    cache = policy.checks_cache
     for limit in spec.limits:
         if limit.upstream != upstream:
             continue
@@ -418,11 +427,13 @@ def build_checks(
                 continue
             else:
                 raise missing_limit_claim(limit) if claim is not None else missing_limit_header(limit)
-        values = _merged(limit, tier)
-        if all(value is None for value in values.values()):
-            continue
-        checks.append(
-            LimitCheck(
+        cache_key = (limit.name, subject, identity.tier if tier is not None else "")
+        check = cache.get(cache_key)
+        if check is None:
+            values = _merged(limit, tier)
+            if all(value is None for value in values.values()):
+                continue
+            check = LimitCheck(
                 limit=limit.name,
                 scope=limit.key,
                 subject=subject,
@@ -430,7 +441,10 @@ def build_checks(
                 shadow=limit.mode is LimitMode.SHADOW,
                 **values,
             )
-        )
+            if len(cache) >= CHECKS_CACHE_SIZE:
+                cache.clear()
+            cache[cache_key] = check
+        checks.append(check)
     return tuple(checks)
 
 

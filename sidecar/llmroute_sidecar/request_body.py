@@ -119,4 +119,6 @@ class BodyReader:
             length = self._request.content_length
             if length is not None and length > self.limit:
                 raise too_large(self.limit)
+            if length is not None:  # the parser delivers exactly ``length`` bytes: one read
+                return await self._request.content.read()
         return b"".join([chunk async for chunk in self.chunks()])

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import os
 import re
-import secrets
 from dataclasses import dataclass
 
 _TRACEPARENT = re.compile(r"^([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})$")
@@ -14,7 +14,7 @@ def request_id(incoming: str | None) -> str:
     """The client's ``X-Request-ID`` when it is sane (printable, <= 200 chars), else a new one."""
     if incoming and _REQUEST_ID.match(incoming):
         return incoming
-    return secrets.token_hex(16)
+    return os.urandom(16).hex()
 
 
 @dataclass(frozen=True)
@@ -43,10 +43,11 @@ def child_trace(incoming: str | None, sampling_ratio: float = 1.0) -> TraceConte
     of OpenTelemetry's ``TraceIdRatioBased``, so the flag sent upstream agrees with what is exported.
     """
     match = _TRACEPARENT.match((incoming or "").strip().lower())
-    span = secrets.token_hex(8)
+    fresh = os.urandom(24).hex()  # this hop's span id, and a trace id should a new trace start
+    span = fresh[:16]
     if match and match.group(1) != "ff" and set(match.group(2)) != {"0"} and set(match.group(3)) != {"0"}:
         return TraceContext(match.group(2), span, match.group(4), match.group(3))
-    trace_id = secrets.token_hex(16)
+    trace_id = fresh[16:]
     sampled = sampling_ratio >= 1.0 or ratio_sampled(trace_id, sampling_ratio)
     return TraceContext(trace_id, span, "01" if sampled else "00")
 

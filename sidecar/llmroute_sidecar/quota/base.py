@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import StrEnum
+from functools import cached_property
 from typing import Protocol
 
 
@@ -81,7 +82,11 @@ class LimitCheck:
     shadow: bool = False
 
     def values(self) -> dict[Dimension, int]:
-        """The dimensions this check sets, with their limit values."""
+        """The dimensions this check sets, with their limit values (one dict per check: do not modify)."""
+        return self._values
+
+    @cached_property
+    def _values(self) -> dict[Dimension, int]:
         pairs = {
             Dimension.REQUESTS_PER_MINUTE: self.requests_per_minute,
             Dimension.REQUESTS_PER_HOUR: self.requests_per_hour,

@@ -59,8 +59,8 @@ import asyncio
 import contextlib
 import heapq
 import math
+import os
 import time
-import uuid
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -218,12 +218,31 @@ class _Item:
         )
 
 
-def _items(request: AdmissionRequest) -> list[_Item]:
-    return [
-        _Item(check, dimension, value, (request.route, check.limit, check.subject, dimension))
-        for check in request.checks
+#: Each check's items by ``id(check)``, with the check itself so a reused id never matches: policies
+#: hand out one LimitCheck per limit and counted identity (``build_checks``), so this usually hits.
+_item_cache: dict[int, tuple[str, LimitCheck, tuple[_Item, ...]]] = {}
+_ITEM_CACHE_SIZE = 4096
+
+
+def _check_items(route: str, check: LimitCheck) -> tuple[_Item, ...]:
+    cached = _item_cache.get(id(check))
+    if cached is not None and cached[1] is check and cached[0] == route:
+        return cached[2]
+    items = tuple(
+        _Item(check, dimension, value, (route, check.limit, check.subject, dimension))
         for dimension, value in check.values().items()
-    ]
+    )
+    if len(_item_cache) >= _ITEM_CACHE_SIZE:
+        _item_cache.clear()
+    _item_cache[id(check)] = (route, check, items)
+    return items
+
+
+def _items(request: AdmissionRequest) -> list[_Item]:
+    checks = request.checks
+    if len(checks) == 1:
+        return list(_check_items(request.route, checks[0]))
+    return [item for check in checks for item in _check_items(request.route, check)]
 
 
 def _window(dimension: Dimension, wall: float) -> tuple[int, float]:
@@ -276,7 +295,7 @@ class MemoryQuotaStore:
         lease = None
         if not failing:
             day, month = (day_window(wall)[0], month_window(wall)[0]) if wall else (0, 0)
-            lease = Lease(uuid.uuid4().hex, request, tokens, day, month)
+            lease = Lease(os.urandom(16).hex(), request, tokens, day, month)
             self._consume(items, lease, now, wall)
         states = tuple(self._state(item, tokens, now, request.cost, wall) for item in items)
         enforced = [state for item, state in zip(items, states, strict=True) if not item.check.shadow]

@@ -28,7 +28,6 @@ import functools
 import logging
 import os
 import time
-import uuid
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from pathlib import Path
 from typing import Any
@@ -241,7 +240,7 @@ class RedisQuotaStore:
         self.client = client
         self._lean = lean_pool(client)
         """Script calls on a standalone Redis skip redis-py (``resp.py``); None: through redis-py."""
-        self.member = member or uuid.uuid4().hex[:12]
+        self.member = member or os.urandom(16).hex()[:12]
         self._admit = client.register_script(ADMIT)
         self._settle = client.register_script(SETTLE)
         self._charge = client.register_script(CHARGE)
@@ -475,7 +474,7 @@ class RedisQuotaStore:
         items = _items(request)
         if not items:
             return Decision(admitted=True)
-        lease_id = uuid.uuid4().hex
+        lease_id = os.urandom(16).hex()
         keys: list[Any] = []
         args: list[Any] = [
             lease_id,
