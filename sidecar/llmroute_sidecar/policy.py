@@ -427,7 +427,7 @@ def build_checks(
                 continue
             else:
                 raise missing_limit_claim(limit) if claim is not None else missing_limit_header(limit)
-        cache_key = (limit.name, subject, identity.tier if tier is not None else "")
+        cache_key = (limit.name, subject, identity.tier or "" if tier is not None else "")
         check = cache.get(cache_key)
         if check is None:
             values = _merged(limit, tier)
