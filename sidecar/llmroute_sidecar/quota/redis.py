@@ -29,6 +29,7 @@ import logging
 import os
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlsplit
@@ -118,14 +119,59 @@ def key_prefix(route: str) -> str:
     return f"llmr:{{{route}}}"
 
 
-def _items(request: AdmissionRequest) -> list[tuple[LimitCheck, Dimension, int]]:
-    items = []
-    for check in request.checks:
-        values = check.values()
-        for dimension in ORDER:
-            if dimension in values:
-                items.append((check, dimension, values[dimension]))
-    return items
+Item = tuple[LimitCheck, Dimension, int]
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """What one check sends to Redis, worked out once per (route, check): its items in ``ORDER``,
+    their admission KEYS and ARGV as bytes, and the settlement's keys, codes and members."""
+
+    items: tuple[Item, ...]
+    admit_keys: tuple[bytes, ...]
+    admit_args: tuple[bytes, ...]
+    settle_keys: tuple[str, ...]
+    settle_codes: tuple[int, ...]
+    settle_members: tuple[str, ...]
+
+
+#: Plans by ``id(check)``, with the route and the check itself (so a reused id never matches):
+#: policies hand out one LimitCheck per limit and counted identity, so this usually hits.
+_plans: dict[int, tuple[str, LimitCheck, _Plan]] = {}
+_PLANS_SIZE = 4096
+
+
+def _plan(route: str, check: LimitCheck) -> _Plan:
+    cached = _plans.get(id(check))
+    if cached is not None and cached[1] is check and cached[0] == route:
+        return cached[2]
+    values = check.values()
+    items = tuple((check, dimension, values[dimension]) for dimension in ORDER if dimension in values)
+    admit_keys: list[bytes] = []
+    admit_args: list[bytes] = []
+    settled = [
+        (dimension, _keys(route, check, dimension)) for _, dimension, _ in items if dimension in SETTLED
+    ]
+    for _, dimension, value in items:
+        item_keys, item_args = _encoded_item(route, check, dimension, value)
+        admit_keys.extend(item_keys)
+        admit_args.extend(item_args)
+    plan = _Plan(
+        items,
+        tuple(admit_keys),
+        tuple(admit_args),
+        tuple(key for _, keys in settled for key in keys),
+        tuple(DIMENSION_CODES[dimension.value] for dimension, _ in settled),
+        tuple(_member(check) if dimension in BUDGET_DIMENSIONS else "" for dimension, _ in settled),
+    )
+    if len(_plans) >= _PLANS_SIZE:
+        _plans.clear()
+    _plans[id(check)] = (route, check, plan)
+    return plan
+
+
+def _items(request: AdmissionRequest) -> list[Item]:
+    return [item for check in request.checks for item in _plan(request.route, check).items]
 
 
 @functools.lru_cache(maxsize=4096)
@@ -483,10 +529,10 @@ class RedisQuotaStore:
             len(items),
             max(0, request.cost),
         ]
-        for check, dimension, value in items:
-            item_keys, item_args = _encoded_item(request.route, check, dimension, value)
-            keys.extend(item_keys)
-            args.extend(item_args)
+        for check in request.checks:
+            plan = _plan(request.route, check)
+            keys.extend(plan.admit_keys)
+            args.extend(plan.admit_args)
 
         def orphaned(raw: Any) -> None:  # admitted for a caller that went away: release at once
             if raw and int(raw[0]) == 1:
@@ -543,16 +589,14 @@ class RedisQuotaStore:
     def _settle_operation(
         self, lease: Lease, actual_tokens: int, actual_cost: int | None, deadline: float
     ) -> Operation | None:
-        items = [(check, dimension) for check, dimension, _ in _items(lease.request) if dimension in SETTLED]
-        if not items:
+        plans = [_plan(lease.request.route, check) for check in lease.request.checks]
+        codes = [code for plan in plans for code in plan.settle_codes]
+        if not codes:
             return None
-        keys: list[str] = []
-        args: list[Any] = [lease.lease_id, max(0, actual_tokens), len(items)]
-        for check, dimension in items:
-            keys.extend(_keys(lease.request.route, check, dimension))
-            args.append(DIMENSION_CODES[dimension.value])
+        keys = [key for plan in plans for key in plan.settle_keys]
+        args: list[Any] = [lease.lease_id, max(0, actual_tokens), len(codes), *codes]
         args.extend((settled_cost(lease, actual_tokens, actual_cost), lease.day, lease.month))
-        args.extend(_member(check) if dimension in BUDGET_DIMENSIONS else "" for check, dimension in items)
+        args.extend(member for plan in plans for member in plan.settle_members)
         script: Any = self._settle
         return Operation(script.sha, script.script, keys, args, deadline)
 

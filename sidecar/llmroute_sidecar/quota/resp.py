@@ -31,12 +31,10 @@ Arg = bytes | str | int
 
 
 def command(*args: Arg) -> bytes:
-    """One command in RESP: an array of bulk strings (str as UTF-8, int in decimal)."""
-    parts = [b"*%d\r\n" % len(args)]
-    for arg in args:
-        data = arg if isinstance(arg, bytes) else arg.encode() if isinstance(arg, str) else b"%d" % arg
-        parts.append(b"$%d\r\n%s\r\n" % (len(data), data))
-    return b"".join(parts)
+    """One command in RESP: an array of bulk strings (str as UTF-8, int in decimal), packed by hiredis
+    in C (about a third of the cost of building it in Python)."""
+    packed: bytes = hiredis.pack_command(args)  # type: ignore[arg-type]
+    return packed
 
 
 def evalsha(sha: str, keys: list[Any], args: list[Any]) -> bytes:
