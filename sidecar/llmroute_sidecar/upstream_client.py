@@ -531,6 +531,12 @@ class UpstreamClient:
         """Idle pooled connections (all origins)."""
         return sum(len(origin.idle) for origin in self._pools)
 
+    async def __aenter__(self) -> UpstreamClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
     async def close(self) -> None:
         """Close every connection, idle or in use; later requests fail."""
         self._closed = True
