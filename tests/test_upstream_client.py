@@ -398,6 +398,50 @@ async def test_chunked_with_extensions_trailers_and_split_chunks(client: Upstrea
         assert server.connections == 1
 
 
+async def test_a_response_trickled_byte_by_byte(client: UpstreamClient) -> None:
+    wire = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nX-A: 1\r\n\r\n3\r\nabc\r\n0\r\n\r\n"
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while (await read_request(reader))[0]:
+            for index in range(len(wire)):
+                writer.write(wire[index : index + 1])
+                await writer.drain()
+
+    async with RawServer(handler) as server:
+        for _ in range(2):
+            response, body = await get(client, server.url + "/")
+            assert (response.headers["X-A"], body) == ("1", b"abc")
+        assert server.connections == 1
+
+
+async def test_a_cancelled_read_leaves_the_body_readable(client: UpstreamClient) -> None:
+    """The relay's watchdog cancels a pending ``readany`` (a heartbeat is due); reading goes on."""
+    go_on = asyncio.Event()
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nfirst")
+        await go_on.wait()
+        writer.write(b"after")
+        await writer.drain()
+        await reader.read()
+
+    async with RawServer(handler) as server:
+        async with asyncio.timeout(WAIT):
+            response = await client.request("GET", server.url + "/", CIMultiDict(), None)
+            assert await response.content.readany() == b"first"
+            read = asyncio.create_task(response.content.readany())
+            await asyncio.sleep(0)  # one loop turn: the read starts waiting
+            assert response._waiter is not None
+            read.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await read
+            go_on.set()
+            assert await read_all(response) == b"after"
+            response.release()
+        assert client.idle_count() == 1
+
+
 async def test_read_until_close(client: UpstreamClient) -> None:
     async with RawServer(
         answer_each(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n\r\nall of it")

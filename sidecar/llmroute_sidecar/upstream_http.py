@@ -109,7 +109,7 @@ def parse_head(data: bytes, head_request: bool) -> Head:
     else:
         framing, keep_alive = UNTIL_CLOSE, False
     content_type = headers.get("Content-Type")
-    if content_type is None:
+    if not content_type:
         content_type = DEFAULT_TYPE
     elif ";" in content_type:
         content_type = content_type.partition(";")[0].strip().lower()
