@@ -96,7 +96,6 @@ class UpstreamResponse:
         "_paused",
         "_size",
         "_waiter",
-        "content",
         "content_length",
         "content_type",
         "headers",
@@ -119,7 +118,6 @@ class UpstreamResponse:
         self.headers = headers
         self.content_type = content_type
         self.content_length = content_length
-        self.content = self
         self._conn: _Connection | None = conn
         self._keep_alive = keep_alive
         self._chunks: list[bytes] = []
@@ -128,6 +126,11 @@ class UpstreamResponse:
         self._error: UpstreamPayloadError | None = None
         self._waiter: asyncio.Future[None] | None = None
         self._paused = False
+
+    @property
+    def content(self) -> UpstreamResponse:
+        """The body reader: the response itself (a property, not an attribute: no reference cycle)."""
+        return self
 
     async def readany(self) -> bytes:
         """The body bytes buffered, waiting for some if none; ``b""`` at the end of the body."""
