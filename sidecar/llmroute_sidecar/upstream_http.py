@@ -22,6 +22,7 @@ _STATUS = {str(code): code for code in range(100, 1000)}
 _HEX = b"0123456789abcdefABCDEF"
 _NO_BODY_STATUS = frozenset({204, 304})
 _LENGTH_METHODS = frozenset({"POST", "PUT", "PATCH"})
+_WS = (" ", "\t")
 
 Head = tuple[int, str, CIMultiDictProxy[str], str, int | None, int, bool]
 """status, reason, headers, content type, Content-Length (or None), framing (a length, CHUNKED or
@@ -89,7 +90,11 @@ def parse_head(data: bytes, head_request: bool) -> Head:
         name, colon, value = line.partition(":")
         if not colon or not name or " " in name or "\t" in name:
             raise ProtocolError(f"bad header line: {line[:80]!r}")
-        pairs.append((name, value.strip(" \t")))
+        if value[:1] == " " and value[1:2] not in _WS and value[-1:] not in _WS:
+            value = value[1:]  # the usual "Name: value": no call to strip
+        else:
+            value = value.strip(" \t")
+        pairs.append((name, value))
     headers = CIMultiDict(pairs)
     if "Connection" in headers:
         tokens = {t.strip().lower() for v in headers.getall("Connection") for t in v.split(",")}
@@ -131,6 +136,19 @@ def _content_length(values: list[str]) -> int:
 
 
 _SIZE, _DATA, _DATA_END, _TRAILER, _DONE = range(5)
+#: Chunk-size lines seen (plain hex, no extension) and their value: a stream's sizes repeat.
+_SIZES: dict[bytes, int] = {}
+
+
+def _chunk_size(line: bytes) -> int:
+    """The size on a chunk-size line (hex, extensions ignored); remembered when the line is plain."""
+    size = line.partition(b";")[0].strip(b" \t")
+    if not size or len(size) > 16 or size.translate(None, _HEX):
+        raise ProtocolError(f"bad chunk size: {line[:40]!r}")
+    value = int(size, 16)
+    if size == line and len(_SIZES) < 4096:
+        _SIZES[line] = value
+    return value
 
 
 class ChunkedDecoder:
@@ -168,36 +186,42 @@ class ChunkedDecoder:
                     self._remaining = stop - end
                     if stop == end:
                         state = _DATA_END
-                    pos = end
                     break
                 out.append(data[pos:stop])
                 added += remaining
                 pos = stop
                 state = _DATA_END
-                continue
-            if state == _DONE:
+            elif state == _DATA_END:
+                crlf = data[pos : pos + 2]
+                if crlf == b"\r\n":
+                    pos += 2
+                    state = _SIZE
+                elif crlf == b"\r":  # the last byte so far
+                    self._pending = crlf
+                    break
+                else:
+                    raise ProtocolError("chunk data longer than its size")
+            elif state == _DONE:
                 self.extra += end - pos
                 break
-            newline = data.find(b"\r\n", pos)
-            if newline < 0:
-                if end - pos > MAX_LINE:
-                    raise ProtocolError("chunk-size or trailer line too long")
-                self._pending = data[pos:]
-                break
-            line = data[pos:newline]
-            pos = newline + 2
-            if state == _SIZE:
-                size = line.partition(b";")[0].strip(b" \t")
-                if not size or len(size) > 16 or size.translate(None, _HEX):
-                    raise ProtocolError(f"bad chunk size: {line[:40]!r}")
-                self._remaining = int(size, 16)
-                state = _DATA if self._remaining else _TRAILER
-            elif state == _DATA_END:
-                if line:
-                    raise ProtocolError("chunk data longer than its size")
-                state = _SIZE
-            elif not line:  # _TRAILER: the blank line ends the body
-                state = _DONE
-                self.done = True
+            else:
+                newline = data.find(b"\r\n", pos)
+                if newline < 0:
+                    if end - pos > MAX_LINE:
+                        raise ProtocolError("chunk-size or trailer line too long")
+                    self._pending = data[pos:]
+                    break
+                line = data[pos:newline]
+                pos = newline + 2
+                if state == _SIZE:
+                    try:
+                        size = _SIZES[line]
+                    except KeyError:
+                        size = _chunk_size(line)
+                    self._remaining = size
+                    state = _DATA if size else _TRAILER
+                elif not line:  # _TRAILER: the blank line ends the body
+                    state = _DONE
+                    self.done = True
         self._state = state
         return added
