@@ -14,11 +14,15 @@ import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
+import aiohttp
 import pytest
 from aiohttp import web
 from multidict import CIMultiDict
 
 from llmroute_operator import certs
+from llmroute_sidecar.health import HealthState
+from llmroute_sidecar.metrics import SidecarMetrics
+from llmroute_sidecar.upstream import Upstream, UpstreamAttemptError
 from llmroute_sidecar.upstream_client import (
     HIGH_WATER,
     InvalidRequestError,
@@ -679,6 +683,61 @@ async def test_close_fails_requests_in_flight_and_later_ones() -> None:
                 await task
         with pytest.raises(UpstreamConnectionError):
             await client.request("GET", server.url + "/", CIMultiDict(), None)
+
+
+# -- wired into the sidecar's upstream attempts -----------------------------------------------
+
+
+async def test_attempts_use_the_lean_client_unless_the_body_is_streamed(
+    web_server: tuple[str, set[object]],
+) -> None:
+    url, _ = web_server
+    upstream = Upstream(SidecarMetrics(), HealthState())
+    await upstream.start()
+
+    async def streamed() -> AsyncIterator[bytes]:
+        yield b'{"a": '
+        yield b"1}"
+
+    try:
+        for body in (b'{"a": 1}', None):
+            response = await upstream._attempt("POST", f"{url}/echo", CIMultiDict(), body, 5.0)
+            assert isinstance(response, UpstreamResponse) and response.status == 200
+            await read_all(response)
+            response.release()
+        response_other = await upstream._attempt("POST", f"{url}/echo", CIMultiDict(), streamed(), 5.0)
+        assert not isinstance(response_other, UpstreamResponse)
+        assert isinstance(response_other, aiohttp.ClientResponse)
+        assert json.loads(await response_other.read())["body"] == '{"a": 1}'
+        response_other.release()
+    finally:
+        await upstream.close()
+
+
+async def test_attempt_errors_of_the_lean_client_are_mapped() -> None:
+    upstream = Upstream(SidecarMetrics(), HealthState())
+    await upstream.start()
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        refused = f"http://127.0.0.1:{sock.getsockname()[1]}/"
+
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        await reader.read()
+
+    try:
+        async with RawServer(silent) as server:
+            with pytest.raises(UpstreamAttemptError) as caught:
+                await upstream._attempt("POST", refused, CIMultiDict(), b"{}", 5.0)
+            assert caught.value.kind == "connect_error"
+            with pytest.raises(UpstreamAttemptError) as caught:
+                await upstream._attempt("GET", server.url + "/", CIMultiDict([("X", "a\nb")]), None, 5.0)
+            assert caught.value.kind == "connect_error"
+            with pytest.raises(UpstreamAttemptError) as caught:
+                await upstream._attempt("GET", server.url + "/", CIMultiDict(), None, 0.1)
+            assert caught.value.kind == "timeout"
+    finally:
+        await upstream.close()
 
 
 # -- TLS ----------------------------------------------------------------------------------------

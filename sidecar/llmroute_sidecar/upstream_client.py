@@ -487,6 +487,8 @@ class UpstreamClient:
         return origin, parsed.raw_path_qs
 
     async def _connect(self, origin: _Origin) -> _Connection:
+        if self._closed:
+            raise UpstreamConnectionError("the upstream client is closed")
         loop = asyncio.get_running_loop()
         try:
             _, conn = await loop.create_connection(
