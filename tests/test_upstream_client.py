@@ -66,6 +66,7 @@ class RawServer:
         self.connections = 0
         self.requests: list[bytes] = []
         self._server: asyncio.Server | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
         self.port = 0
 
     async def __aenter__(self) -> RawServer:
@@ -76,6 +77,9 @@ class RawServer:
     async def __aexit__(self, *exc: object) -> None:
         assert self._server is not None
         self._server.close()
+        for task in self._tasks:
+            task.cancel()  # handlers still waiting: they end quietly (see _serve)
+        await asyncio.gather(*self._tasks)
 
     @property
     def url(self) -> str:
@@ -83,12 +87,16 @@ class RawServer:
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.connections += 1
+        task = asyncio.current_task()
+        assert task is not None
+        self._tasks.add(task)
         try:
             await self.handler(reader, writer)
-        except (ConnectionError, asyncio.IncompleteReadError):
-            pass
+        except (ConnectionError, asyncio.IncompleteReadError, asyncio.CancelledError):
+            pass  # a cancelled handler returns: asyncio 3.11 logs an error for a cancelled one
         finally:
             writer.close()
+            self._tasks.discard(task)
 
 
 def answer_each(*responses: bytes) -> Handler:
