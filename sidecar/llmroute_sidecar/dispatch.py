@@ -16,7 +16,6 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-import aiohttp
 from aiohttp import web
 
 from llmroute_sidecar.admission import Admission
@@ -27,6 +26,7 @@ from llmroute_sidecar.policy import ClientIdentity, RoutePolicy, UpstreamTarget,
 from llmroute_sidecar.quota.base import Decision
 from llmroute_sidecar.routing import upstream_model, with_model
 from llmroute_sidecar.upstream import Body, CandidateFailed, Upstream, breaker_open
+from llmroute_sidecar.upstream_client import RelayedResponse
 from llmroute_sidecar.upstream_state import UpstreamStates
 
 
@@ -56,7 +56,7 @@ class Dispatcher:
         candidates: list[UpstreamTarget],
         identity: ClientIdentity,
         headers: Mapping[str, str],
-    ) -> aiohttp.ClientResponse:
+    ) -> RelayedResponse:
         """The response of the first candidate that gives one; raises the error of the last failure
         (502/503), or the 429 of the attached quotas when they rejected every candidate."""
         if not (body is None or isinstance(body, bytes)):

@@ -28,6 +28,7 @@ from llmroute_sidecar.openai.sse import (
 )
 from llmroute_sidecar.openai.tokens import estimate_prompt_tokens
 from llmroute_sidecar.policy import RoutePolicy
+from llmroute_sidecar.upstream_client import RelayedResponse, UpstreamConnectionError
 
 #: JSON responses up to this size are kept to read their usage.
 USAGE_BODY_LIMIT = 8 * 1024 * 1024
@@ -57,7 +58,7 @@ class Relay:
         request: web.Request,
         policy: RoutePolicy,
         ex: Exchange,
-        upstream: aiohttp.ClientResponse,
+        upstream: RelayedResponse,
         parsed: ParsedRequest | None,
         strip_usage: bool,
     ) -> web.StreamResponse:
@@ -150,7 +151,7 @@ class Relay:
 
     async def _chunks(
         self,
-        upstream: aiohttp.ClientResponse,
+        upstream: RelayedResponse,
         response: web.StreamResponse,
         timeout: float,
         parser: SSEStream | None,
@@ -218,7 +219,11 @@ class Relay:
                     if is_sse and (parser is None or not parser.pending()):
                         await response.write(heartbeat())
                     continue
-                except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError) as error:
+                except (
+                    aiohttp.ClientPayloadError,
+                    aiohttp.ClientConnectionError,
+                    UpstreamConnectionError,
+                ) as error:
                     raise errors.upstream_failed(
                         f"the upstream connection broke mid-response: {error}"
                     ) from None

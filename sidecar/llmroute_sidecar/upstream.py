@@ -22,6 +22,12 @@ from llmroute_sidecar.health import HealthState
 from llmroute_sidecar.metrics import SidecarMetrics
 from llmroute_sidecar.openai.requests import kind_for_path
 from llmroute_sidecar.policy import RoutePolicy, UpstreamTarget
+from llmroute_sidecar.upstream_client import (
+    InvalidRequestError,
+    RelayedResponse,
+    UpstreamClient,
+    UpstreamConnectionError,
+)
 
 Body = bytes | AsyncIterable[bytes] | None
 
@@ -61,14 +67,20 @@ def breaker_open() -> ProxyError:
 
 
 class Upstream:
-    """Sends a request upstream: attempts, retries, breaker bookkeeping, upstream metrics."""
+    """Sends a request upstream: attempts, retries, breaker bookkeeping, upstream metrics.
+
+    Attempts with a buffered body (or none) go through the lean ``UpstreamClient``; a streamed body
+    goes through aiohttp's ``ClientSession`` (``session``, also what health probes use).
+    """
 
     def __init__(self, metrics: SidecarMetrics, health: HealthState) -> None:
         self.metrics = metrics
         self.health = health
         self._session: aiohttp.ClientSession | None = None
+        self._client: UpstreamClient | None = None
 
     async def start(self) -> None:
+        self._client = UpstreamClient()
         connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=30, enable_cleanup_closed=True)
         self._session = aiohttp.ClientSession(
             connector=connector,
@@ -78,6 +90,8 @@ class Upstream:
         )
 
     async def close(self) -> None:
+        if self._client is not None:
+            await self._client.close()
         if self._session is not None:
             await self._session.close()
 
@@ -119,7 +133,7 @@ class Upstream:
         target: UpstreamTarget,
         breaker: CircuitBreaker,
         last: bool = True,
-    ) -> aiohttp.ClientResponse:
+    ) -> RelayedResponse:
         """Attempts on ``target`` with its retries; returns the response to relay.
 
         Raises ``CandidateFailed`` when it leaves nothing to relay: its breaker refuses, attempts fail,
@@ -128,7 +142,7 @@ class Upstream:
         """
         spec = policy.route.spec
         upstream = target.spec
-        url = URL(target.url + request.raw_path, encoded=True)
+        url = target.url + request.raw_path
         headers = self.headers(request, policy, ex, target.vendor_key)
         retryable_body = body is None or isinstance(body, bytes)
         attempts_allowed = 1 + (upstream.retries if retryable_body else 0)
@@ -176,15 +190,29 @@ class Upstream:
         raise CandidateFailed(last_kind, _failed(ex, last_error))
 
     async def _attempt(
-        self, method: str, url: URL, headers: CIMultiDict[str], body: Body, timeout: float
-    ) -> aiohttp.ClientResponse:
+        self, method: str, url: str, headers: CIMultiDict[str], body: Body, timeout: float
+    ) -> RelayedResponse:
+        client = self._client
         try:
             async with asyncio.timeout(timeout):
+                if (
+                    client is not None
+                    and (body is None or isinstance(body, bytes))
+                    and url.startswith(("http://", "https://"))
+                ):
+                    return await client.request(method, url, headers, body)
                 return await self.session.request(
-                    method, url, headers=headers, data=body, allow_redirects=False, compress=None
+                    method,
+                    URL(url, encoded=True),
+                    headers=headers,
+                    data=body,
+                    allow_redirects=False,
+                    compress=None,
                 )
         except TimeoutError:
             raise UpstreamAttemptError("timeout", f"no response within {timeout:g}s") from None
+        except (UpstreamConnectionError, InvalidRequestError) as error:
+            raise UpstreamAttemptError("connect_error", str(error)) from None
         except aiohttp.ClientConnectorError as error:
             raise UpstreamAttemptError("connect_error", str(error)) from None
         except (aiohttp.ClientOSError, aiohttp.ServerDisconnectedError, aiohttp.ClientPayloadError) as error:
