@@ -28,7 +28,7 @@ from llmroute_sidecar.openai.sse import (
 )
 from llmroute_sidecar.openai.tokens import estimate_prompt_tokens
 from llmroute_sidecar.policy import RoutePolicy
-from llmroute_sidecar.upstream_client import RelayedResponse, UpstreamConnectionError
+from llmroute_sidecar.upstream_client import RelayedResponse, UpstreamConnectionError, UpstreamResponse
 
 #: JSON responses up to this size are kept to read their usage.
 USAGE_BODY_LIMIT = 8 * 1024 * 1024
@@ -71,7 +71,10 @@ class Relay:
             headers = end_to_end(upstream.headers, drop)
             headers.update(ex.headers)
             headers["X-Request-ID"] = ex.request_id
-            response_type = web.StreamResponse if is_sse else HeadersWithBody
+            # An SSE response's headers go at once (clients see the stream open) unless body bytes are
+            # already in: then they leave together, in one send.
+            ready = isinstance(upstream, UpstreamResponse) and upstream.buffered > 0
+            response_type = web.StreamResponse if (is_sse and not ready) else HeadersWithBody
             response = response_type(status=upstream.status, headers=headers)
             request[RESPONSE_KEY] = response
             ex.status = upstream.status
@@ -89,6 +92,8 @@ class Relay:
             live = self._live_charge(policy, ex, prompt) if usage is not None else None
             timeout = ex.upstream_timeout
             chars = 0
+            at_eof = upstream.content.at_eof
+            tail, tail_terminal = b"", False  # the body's last bytes: they leave with its end
             chunks = self._chunks(upstream, response, timeout, sse, is_sse, policy.name, ex.upstream)
             async for chunk in chunks:
                 if ex.first_byte is None:
@@ -110,15 +115,19 @@ class Relay:
                     _charge_live(live, ex)  # the store sees a stream outgrowing its reservation
                 elif kept is not None and len(kept) + len(chunk) <= USAGE_BODY_LIMIT:
                     kept.extend(chunk)
+                if out and at_eof():  # nothing more is coming: write it with the end of the body
+                    tail, tail_terminal = out, terminal
+                    continue
                 if out:
                     await response.write(out)
                 ex.delivered = ex.delivered or terminal
             if sse is not None and strip_usage and sse.pending():
-                await response.write(sse.pending())
-            ex.delivered = True  # the whole upstream body reached the client
+                tail += sse.pending()
             if kept is not None and upstream.status < 400:
                 _json_usage_into(ex, bytes(kept))
-            await response.write_eof()
+            ex.delivered = ex.delivered or tail_terminal
+            await response.write_eof(tail)
+            ex.delivered = True  # the whole upstream body reached the client
             return response
         except (ConnectionResetError, errors.ProxyError):
             if not ex.delivered:

@@ -63,6 +63,7 @@ class _Stale(UpstreamConnectionError):
 
 class BodyReader(Protocol):
     async def readany(self) -> bytes: ...
+    def at_eof(self) -> bool: ...
 
 
 class RelayedResponse(Protocol):
@@ -152,6 +153,15 @@ class UpstreamResponse:
             if self._conn is not None and not self._conn.dead:
                 self._conn.transport.resume_reading()
         return data
+
+    def at_eof(self) -> bool:
+        """The whole body is in and has been read (as aiohttp's ``StreamReader.at_eof``)."""
+        return self._eof and not self._chunks and self._error is None
+
+    @property
+    def buffered(self) -> int:
+        """Body bytes received and not read yet."""
+        return sum(len(chunk) for chunk in self._chunks) if self._chunks else 0
 
     def release(self) -> None:
         """Back to the pool after a complete keep-alive response; else the connection is closed."""
