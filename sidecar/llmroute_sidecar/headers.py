@@ -53,7 +53,13 @@ def end_to_end(
     if "Connection" in headers:
         values = headers.getall("Connection")
         excluded = excluded | {token.strip().lower() for value in values for token in value.split(",")}
-    return CIMultiDict([(name, value) for name, value in headers.items() if name.lower() not in excluded])
+    # A copy (order and spelling kept) less every excluded name: ``in`` and ``del`` match any case, so
+    # no per-header lower() (a header repeated is dropped whole, like the filter over its entries did).
+    kept = CIMultiDict(headers)
+    for name in excluded:
+        if name in kept:
+            del kept[name]
+    return kept
 
 
 #: Dimensions counting requests (OpenAI's ``*-requests`` headers); tokensPerMinute counts tokens.
