@@ -96,6 +96,9 @@ RANK_WINDOWS = {
     **BUDGET_WINDOW_SECONDS,
 }
 TOKEN_WINDOW = WINDOW_SECONDS[Dimension.TOKENS_PER_MINUTE]
+#: Lease ids: 16 random bytes in hex each, read from the OS 256 at a time.
+_ID_CHARS = 32
+_ID_POOL_CHARS = _ID_CHARS * 256
 
 Key = tuple[str, str, str, Dimension]
 """(route, limit name, subject, dimension)."""
@@ -311,6 +314,8 @@ class MemoryQuotaStore:
         self._deadlines: list[tuple[float, str]] = []
         self._freed: asyncio.Event | None = None
         self._next_sweep = clock() + SWEEP_SECONDS
+        self._ids = ""
+        self._ids_at = _ID_POOL_CHARS
 
     # -- QuotaStore ------------------------------------------------------------------------------
 
@@ -379,7 +384,12 @@ class MemoryQuotaStore:
         lease = None
         if failing < 0:
             day, month = (day_window(wall)[0], month_window(wall)[0]) if wall else (0, 0)
-            lease = Lease(os.urandom(16).hex(), request, tokens, day, month)
+            offset = self._ids_at
+            if offset >= _ID_POOL_CHARS:
+                self._ids = os.urandom(_ID_POOL_CHARS // 2).hex()
+                offset = 0
+            self._ids_at = offset + _ID_CHARS
+            lease = Lease(self._ids[offset : offset + _ID_CHARS], request, tokens, day, month)
             self._consume(items, lease, now, wall)
         # States (after consumption when admitted); tightest: the enforced one with the least remaining
         # (ties: the shorter window; the first of equals).
@@ -436,12 +446,21 @@ class MemoryQuotaStore:
     def settle_now(self, lease: Lease, actual_tokens: int, actual_cost: int | None = None) -> None:
         """``settle`` without awaiting anything (the request path's finish calls it directly)."""
         now = self._clock()
-        self._maintain(now)
+        deadlines = self._deadlines
+        if (deadlines and deadlines[0][0] <= now) or now >= self._next_sweep:
+            self._maintain(now)
         hold = self._holds.pop(lease.lease_id, None)
         if hold is None:
             return
-        if hold.slots:
-            self._release(lease.lease_id, hold)
+        if hold.slots:  # ``_release``
+            for key in hold.slots:
+                holders = self._slots.get(key)
+                if holders is None:
+                    continue
+                holders.discard(lease.lease_id)
+                if not holders:
+                    del self._slots[key]
+            hold.slots.clear()
         actual = actual_tokens if actual_tokens > 0 else 0
         for key, entry in hold.charges:
             log = self._logs.get(key)
