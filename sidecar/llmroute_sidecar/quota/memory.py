@@ -104,13 +104,13 @@ Key = tuple[str, str, str, Dimension]
 """(route, limit name, subject, dimension)."""
 
 
-@dataclass
+@dataclass(slots=True)
 class _Entry:
     at: float
     charge: int
 
 
-@dataclass
+@dataclass(slots=True)
 class _Log:
     """A sliding log: entries oldest first and the sum of their charges."""
 
@@ -138,14 +138,14 @@ class _Log:
         return next((entry.at for entry in reversed(self.entries) if entry.charge > 0), None)
 
 
-@dataclass
+@dataclass(slots=True)
 class _Bucket:
     level: float
     at: float
     full_at: float
 
 
-@dataclass
+@dataclass(slots=True)
 class _Budget:
     """One subject's counter in one calendar window."""
 
@@ -159,7 +159,7 @@ TopKey = tuple[str, str, Dimension]
 """(route, limit name, budget dimension)."""
 
 
-@dataclass
+@dataclass(slots=True)
 class _Top:
     """Spend per subject of one budget in one window."""
 
@@ -168,7 +168,7 @@ class _Top:
     spend: dict[str, int] = field(default_factory=dict)
 
 
-@dataclass
+@dataclass(slots=True)
 class _Hold:
     """What a lease holds until settled: concurrency slots, token-log entries, budget charges."""
 
@@ -186,7 +186,7 @@ class _Hold:
     """Burst buckets taken from, kept only for cancellable admissions."""
 
 
-@dataclass
+@dataclass(slots=True)
 class _BudgetCharge:
     item: _Item
     charge: int
