@@ -50,8 +50,9 @@ class Admission:
         self._policy: RoutePolicy | None = None
         """The policy ``_bound`` was made for: what ``admit`` derives from a policy is kept for the
         last one seen (a sidecar serves one route; a reload brings a new policy object)."""
-        self._bound: tuple[frozenset[str], Any, Any] = (frozenset(), None, None)
-        """(shadow limit names, queue-wait histogram child, reserved-tokens counter child)."""
+        self._bound: list[Any] = [frozenset(), None, None]
+        """[shadow limit names, queue-wait histogram child, reserved-tokens counter child]; the
+        counter's child is made at the first reservation, as before (a child is a series at 0)."""
 
     async def admit(
         self,
@@ -75,21 +76,20 @@ class Admission:
         decision, ex.lease_store = await self._admit_waiting(
             policy, admission, ex, spec.queue_timeout_seconds
         )
+        bound = self._bound
         if policy is not self._policy:
-            self._bound = (
-                _shadow(policy),
-                self.metrics.queue_wait_seconds.labels(policy.name),
-                self.metrics.tokens_total.labels(policy.name, "reserved"),
-            )
+            bound = self._bound = [_shadow(policy), self.metrics.queue_wait_seconds.labels(policy.name), None]
             self._policy = policy
-        shadow, queue_wait, reserved = self._bound
-        queue_wait.observe(ex.queue_wait)
+        bound[1].observe(ex.queue_wait)
         if decision.admitted:
             ex.lease = decision.lease
             if decision.lease is not None:
+                reserved = bound[2]
+                if reserved is None:
+                    reserved = bound[2] = self.metrics.tokens_total.labels(policy.name, "reserved")
                 reserved.inc(tokens)
             size = None if decision.degraded else tokens  # _size
-            ex.headers.update(rate_limit_headers(decision, shadow, size, ex.cost_reserved))
+            ex.headers.update(rate_limit_headers(decision, bound[0], size, ex.cost_reserved))
             near = near_limit(policy, decision)
             if near:
                 ex.headers["x-llmroute-budget-warning"] = warning_header(near)
