@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from collections.abc import Mapping
 from dataclasses import replace
+from typing import Any
 
 from llmroute_sidecar import errors
 from llmroute_sidecar.api.spec import LimitMode, StoreFailurePolicy
@@ -46,6 +47,12 @@ class Admission:
         self.metrics = metrics
         self.health = health
         self.utilization = QuotaUtilization(metrics)
+        self._policy: RoutePolicy | None = None
+        """The policy ``_bound`` was made for: what ``admit`` derives from a policy is kept for the
+        last one seen (a sidecar serves one route; a reload brings a new policy object)."""
+        self._bound: list[Any] = [frozenset(), None, None]
+        """[shadow limit names, queue-wait histogram child, reserved-tokens counter child]; the
+        counter's child is made at the first reservation, as before (a child is a series at 0)."""
 
     async def admit(
         self,
@@ -69,13 +76,20 @@ class Admission:
         decision, ex.lease_store = await self._admit_waiting(
             policy, admission, ex, spec.queue_timeout_seconds
         )
-        self.metrics.queue_wait_seconds.labels(policy.name).observe(ex.queue_wait)
+        bound = self._bound
+        if policy is not self._policy:
+            bound = self._bound = [_shadow(policy), self.metrics.queue_wait_seconds.labels(policy.name), None]
+            self._policy = policy
+        bound[1].observe(ex.queue_wait)
         if decision.admitted:
             ex.lease = decision.lease
             if decision.lease is not None:
-                self.metrics.tokens_total.labels(policy.name, "reserved").inc(tokens)
-            size = _size(decision, tokens)
-            ex.headers.update(rate_limit_headers(decision, _shadow(policy), size, ex.cost_reserved))
+                reserved = bound[2]
+                if reserved is None:
+                    reserved = bound[2] = self.metrics.tokens_total.labels(policy.name, "reserved")
+                reserved.inc(tokens)
+            size = None if decision.degraded else tokens  # _size
+            ex.headers.update(rate_limit_headers(decision, bound[0], size, ex.cost_reserved))
             near = near_limit(policy, decision)
             if near:
                 ex.headers["x-llmroute-budget-warning"] = warning_header(near)
@@ -107,9 +121,12 @@ class Admission:
         queue_deadline = started + queue_for
         while True:
             decision, store = await self._store_admit(policy, admission)
-            self._count_shadow(policy, decision)
+            if decision.shadow_rejections:
+                self._count_shadow(policy, decision)
+            if decision.admitted or not decision.waits_for_concurrency:
+                break
             remaining = queue_deadline - time.monotonic()
-            if decision.admitted or not decision.waits_for_concurrency or remaining <= 0:
+            if remaining <= 0:
                 break
             if _never_fitting(policy, decision, admission.tokens, admission.cost):
                 break

@@ -53,7 +53,13 @@ def end_to_end(
     if "Connection" in headers:
         values = headers.getall("Connection")
         excluded = excluded | {token.strip().lower() for value in values for token in value.split(",")}
-    return CIMultiDict([(name, value) for name, value in headers.items() if name.lower() not in excluded])
+    # A copy (order and spelling kept) less every excluded name: ``in`` and ``del`` match any case, so
+    # no per-header lower() (a header repeated is dropped whole, like the filter over its entries did).
+    kept = CIMultiDict(headers)
+    for name in excluded:
+        if name in kept:
+            del kept[name]
+    return kept
 
 
 #: Dimensions counting requests (OpenAI's ``*-requests`` headers); tokensPerMinute counts tokens.
@@ -96,90 +102,40 @@ def duration(milliseconds: int) -> str:
         return "0s"
     if milliseconds < 1000:
         return f"{milliseconds}ms"
-    hours, rest = divmod(milliseconds, 3_600_000)
-    minutes, rest = divmod(rest, 60_000)
-    seconds = f"{rest // 1000}.{rest % 1000:03d}".rstrip("0").rstrip(".")
-    if hours:
-        return f"{hours}h{minutes}m{seconds}s"
-    if minutes:
-        return f"{minutes}m{seconds}s"
+    # Trailing zeros of the fraction dropped (no divmod, no rstrip: this runs twice per response).
+    whole, fraction = milliseconds // 1000, milliseconds % 1000
+    if fraction == 0:
+        seconds = f"{whole % 60}"
+    elif fraction % 100 == 0:
+        seconds = f"{whole % 60}.{fraction // 100}"
+    elif fraction % 10 == 0:
+        seconds = f"{whole % 60}.{fraction // 10:02d}"
+    else:
+        seconds = f"{whole % 60}.{fraction:03d}"
+    if whole >= 3600:
+        return f"{whole // 3600}h{whole // 60 % 60}m{seconds}s"
+    if whole >= 60:
+        return f"{whole // 60}m{seconds}s"
     return f"{seconds}s"
 
 
-class RateLimitView:
-    """What the client headers say about one decision: the visible states and when each resets.
-
-    Shadow-mode limits are invisible, as are states the request can never fit (it is refused with a
-    400, not told to wait). The rejecting state resets when the request could pass: its reset is the
-    decision's ``retry_after``, so ``Retry-After``, ``X-RateLimit-Reset``, ``RateLimit t=`` and
-    ``x-ratelimit-reset-*`` agree. Other rate states reset when their window frees what they count;
-    a concurrency slot has no schedule (no reset) unless it is what rejected.
-
-    Built once per response on the request path: each state's reset and nearness are computed once.
-    """
-
-    __slots__ = ("_nearness", "rejected", "resets", "states")
-
-    def __init__(
-        self, decision: Decision, shadow: Collection[str] = (), tokens: int | None = None, cost: int = 0
-    ) -> None:
-        self.states = tuple(
-            s
-            for s in decision.states
-            if s.limit not in shadow and not (tokens is not None and never_fits(s, tokens, cost))
-        )
-        rejected = decision.rejected
-        self.rejected = rejected if rejected is not None and rejected in self.states else None
-        resets: list[int | None] = []
-        nearness: list[tuple[bool, float, int, int]] = []
-        for state in self.states:
-            if self.rejected is not None and state == self.rejected:
-                reset: int | None = max(1, _milliseconds(decision.retry_after))
-            elif state.dimension is Dimension.CONCURRENT_REQUESTS:
-                reset = None
-            else:
-                reset = _milliseconds(state.reset_seconds)
-            resets.append(reset)
-            share = state.remaining / state.limit_value if state.limit_value > 0 else 0.0
-            last = state.dimension is Dimension.CONCURRENT_REQUESTS
-            nearness.append((last, share, state.remaining, -(reset or 0)))
-        self.resets = resets
-        self._nearness = nearness
-
-    def reset_ms(self, state: LimitState) -> int | None:
-        """Milliseconds until ``state`` (one of ``states``) resets; None for a concurrency slot that did
-        not reject."""
-        return self.resets[self.states.index(state)]  # index() tries identity first
-
-    def binding(self, among: Collection[Dimension] | None = None) -> LimitState | None:
-        """The rejecting state, else the rate limit with the smallest share left (concurrency last)."""
-        rejected = self.rejected
-        if rejected is not None and (among is None or rejected.dimension in among):
-            return rejected
-        best: LimitState | None = None
-        best_key: tuple[bool, float, int, int] | None = None
-        for state, key in zip(self.states, self._nearness, strict=True):
-            if among is not None and state.dimension not in among:
-                continue
-            if best_key is None or key < best_key:
-                best, best_key = state, key
-        return best
-
-
-#: ``RateLimit-Policy`` values by the visible states' (limit, dimension, value): they change only when
-#: the limits do. Bounded: cleared when it grows past ``_POLICY_CACHE_SIZE`` entries.
-_policy_cache: dict[tuple[tuple[str, Dimension, int], ...], str] = {}
+#: ``RateLimit-Policy`` values by the visible states' (limit, dimension, value) triples, flattened: they
+#: change only when the limits do. Bounded: cleared when it grows past ``_POLICY_CACHE_SIZE`` entries.
+_policy_cache: dict[tuple[str | Dimension | int, ...], str] = {}
 _POLICY_CACHE_SIZE = 1024
+#: Per (limit, dimension): the quoted ``"limit-dimension"`` item name and the ``limit/dimension`` scope
+#: (they depend only on the limit). Bounded like ``_policy_cache``.
+_labels: dict[tuple[str, Dimension], tuple[str, str]] = {}
+_LABELS_SIZE = 4096
 
 
-def _policy_header(states: tuple[LimitState, ...]) -> str:
-    key = tuple((s.limit, s.dimension, s.limit_value) for s in states)
-    value = _policy_cache.get(key)
-    if value is None:
-        if len(_policy_cache) >= _POLICY_CACHE_SIZE:
-            _policy_cache.clear()
-        value = _policy_cache[key] = ", ".join(_policy(s) for s in states)
-    return value
+def _labels_of(limit: str, dimension: Dimension) -> tuple[str, str]:
+    labels = _labels.get((limit, dimension))
+    if labels is None:
+        if len(_labels) >= _LABELS_SIZE:
+            _labels.clear()
+        labels = _labels[(limit, dimension)] = (f'"{limit}-{dimension.value}"', f"{limit}/{dimension.value}")
+    return labels
 
 
 def rate_limit_headers(
@@ -194,37 +150,131 @@ def rate_limit_headers(
     - IETF ``RateLimit-Policy`` (every visible limit) and ``RateLimit`` (binding first, then the rest).
     ``shadow`` names limits in shadow mode (never shown); ``tokens`` is the request's reservation,
     ``cost`` its reserved cost (micro-units).
+
+    Shadow-mode limits are invisible, as are states the request can never fit (``never_fits``: it is
+    refused with a 400, not told to wait). The rejecting state resets when the request could pass: its
+    reset is the decision's ``retry_after``, so ``Retry-After``, ``X-RateLimit-Reset``, ``RateLimit t=``
+    and ``x-ratelimit-reset-*`` agree. Other rate states reset when their window frees what they count;
+    a concurrency slot has no schedule (no reset) unless it is what rejected. The nearest state has the
+    smallest share left (concurrency last; then the least remaining, then the latest reset; the first
+    of equals).
+
+    On the request path of every response: one pass over the states finds the visible ones, their
+    resets, the three binding states and the RateLimit items.
     """
-    if not decision.states:
+    states = decision.states
+    if not states:
         return {}
-    view = RateLimitView(decision, shadow, tokens, cost)
-    binding = view.binding()
+    rejected = decision.rejected
+    rejected_reset = 0
+    rejected_labels: tuple[str, str] | None = None
+    visible: tuple[LimitState, ...] = ()
+    items: tuple[str, ...] = ()
+    policy_key: tuple[str | Dimension | int, ...] = ()
+    best: LimitState | None = None
+    best_requests: LimitState | None = None
+    best_tokens: LimitState | None = None
+    best_key: tuple[bool, float, int, int] | None = None
+    requests_key: tuple[bool, float, int, int] | None = None
+    tokens_key: tuple[bool, float, int, int] | None = None
+    best_reset: int | None = None
+    requests_reset: int | None = None
+    tokens_reset: int | None = None
+    best_labels = ("", "")
+    for state in states:
+        limit = state.limit
+        if limit in shadow:
+            continue
+        dimension = state.dimension
+        value = state.limit_value
+        if tokens is not None:
+            if dimension in BUDGET_DIMENSIONS:
+                charge = cost if dimension in COST_DIMENSIONS else tokens
+            else:
+                charge = tokens if dimension is Dimension.TOKENS_PER_MINUTE else 1
+            if charge > value:  # never_fits
+                continue
+        labels = _labels.get((limit, dimension)) or _labels_of(limit, dimension)
+        remaining = state.remaining
+        reset: int | None
+        if rejected is not None and (state is rejected or state == rejected):
+            if rejected_labels is None:
+                rejected_reset = max(1, _milliseconds(decision.retry_after))
+                rejected_labels = labels
+            reset = rejected_reset
+        elif dimension is Dimension.CONCURRENT_REQUESTS:
+            reset = None
+        else:
+            reset = math.ceil(state.reset_seconds * 1000 - 1e-6)
+            if reset < 0:
+                reset = 0
+        key = (
+            dimension is Dimension.CONCURRENT_REQUESTS,
+            remaining / value if value > 0 else 0.0,
+            remaining,
+            -(reset or 0),
+        )
+        if best_key is None or key < best_key:
+            best, best_key, best_reset, best_labels = state, key, reset, labels
+        if dimension in REQUEST_DIMENSIONS and (requests_key is None or key < requests_key):
+            best_requests, requests_key, requests_reset = state, key, reset
+        elif dimension is Dimension.TOKENS_PER_MINUTE and (tokens_key is None or key < tokens_key):
+            best_tokens, tokens_key, tokens_reset = state, key, reset
+        visible += (state,)
+        policy_key += (limit, dimension, value)
+        shown = remaining if remaining > 0 else 0
+        items += (
+            f"{labels[0]};r={shown}" if reset is None else f"{labels[0]};r={shown};t={-(-reset // 1000)}",
+        )
+    binding: LimitState | None
+    if rejected_labels is not None:  # the rejecting state is visible: it binds
+        assert rejected is not None
+        binding, reset, labels = rejected, rejected_reset, rejected_labels
+        if rejected.dimension in REQUEST_DIMENSIONS:
+            best_requests, requests_reset = rejected, rejected_reset
+        elif rejected.dimension is Dimension.TOKENS_PER_MINUTE:
+            best_tokens, tokens_reset = rejected, rejected_reset
+    else:
+        binding, reset, labels = best, best_reset, best_labels
     if binding is None:
         return {}
+    remaining = binding.remaining
     headers = {
         "X-RateLimit-Limit": str(binding.limit_value),
-        "X-RateLimit-Remaining": str(max(0, binding.remaining)),
+        "X-RateLimit-Remaining": str(remaining if remaining > 0 else 0),
     }
-    reset = view.reset_ms(binding)
     if reset is not None:
-        headers["X-RateLimit-Reset"] = str(_whole_seconds(reset))
-    headers["X-RateLimit-Scope"] = f"{binding.limit}/{binding.dimension.value}"
-    for suffix, among in (("requests", REQUEST_DIMENSIONS), ("tokens", TOKEN_DIMENSIONS)):
-        state = view.binding(among)
-        if state is None:
-            continue
-        headers[f"x-ratelimit-limit-{suffix}"] = str(state.limit_value)
-        headers[f"x-ratelimit-remaining-{suffix}"] = str(max(0, state.remaining))
-        headers[f"x-ratelimit-reset-{suffix}"] = duration(view.reset_ms(state) or 0)
-    headers["RateLimit-Policy"] = _policy_header(view.states)
-    items = [_item(binding, reset)]
-    items.extend(_item(s, r) for s, r in zip(view.states, view.resets, strict=True) if s is not binding)
-    headers["RateLimit"] = ", ".join(items)
+        headers["X-RateLimit-Reset"] = str(-(-reset // 1000))
+    headers["X-RateLimit-Scope"] = labels[1]
+    if best_requests is not None:
+        remaining = best_requests.remaining
+        headers["x-ratelimit-limit-requests"] = str(best_requests.limit_value)
+        headers["x-ratelimit-remaining-requests"] = str(remaining if remaining > 0 else 0)
+        headers["x-ratelimit-reset-requests"] = duration(requests_reset or 0)
+    if best_tokens is not None:
+        remaining = best_tokens.remaining
+        headers["x-ratelimit-limit-tokens"] = str(best_tokens.limit_value)
+        headers["x-ratelimit-remaining-tokens"] = str(remaining if remaining > 0 else 0)
+        headers["x-ratelimit-reset-tokens"] = duration(tokens_reset or 0)
+    policy = _policy_cache.get(policy_key)
+    if policy is None:
+        if len(_policy_cache) >= _POLICY_CACHE_SIZE:
+            _policy_cache.clear()
+        policy = _policy_cache[policy_key] = ", ".join([_policy(s) for s in visible])
+    headers["RateLimit-Policy"] = policy
+    remaining = binding.remaining
+    current = f"{labels[0]};r={remaining if remaining > 0 else 0}"
+    if reset is not None:
+        current += f";t={-(-reset // 1000)}"
+    for state, item in zip(visible, items, strict=True):
+        if state is not binding:
+            current += ", " + item
+    headers["RateLimit"] = current
     return headers
 
 
 def _name(state: LimitState) -> str:
-    return f'"{state.limit}-{state.dimension.value}"'
+    return _labels_of(state.limit, state.dimension)[0]
 
 
 def _policy(state: LimitState) -> str:
@@ -234,11 +284,6 @@ def _policy(state: LimitState) -> str:
     if state.dimension in COST_DIMENSIONS:
         unit = ';qu="micro-units"'
     return f"{_name(state)};q={state.limit_value};w={_window(state)}{unit}"
-
-
-def _item(state: LimitState, reset_ms: int | None) -> str:
-    reset = "" if reset_ms is None else f";t={_whole_seconds(reset_ms)}"
-    return f"{_name(state)};r={max(0, state.remaining)}{reset}"
 
 
 def retry_headers(decision: Decision) -> dict[str, str]:

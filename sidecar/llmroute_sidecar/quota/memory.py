@@ -96,18 +96,21 @@ RANK_WINDOWS = {
     **BUDGET_WINDOW_SECONDS,
 }
 TOKEN_WINDOW = WINDOW_SECONDS[Dimension.TOKENS_PER_MINUTE]
+#: Lease ids: 16 random bytes in hex each, read from the OS 256 at a time.
+_ID_CHARS = 32
+_ID_POOL_CHARS = _ID_CHARS * 256
 
 Key = tuple[str, str, str, Dimension]
 """(route, limit name, subject, dimension)."""
 
 
-@dataclass
+@dataclass(slots=True)
 class _Entry:
     at: float
     charge: int
 
 
-@dataclass
+@dataclass(slots=True)
 class _Log:
     """A sliding log: entries oldest first and the sum of their charges."""
 
@@ -135,14 +138,14 @@ class _Log:
         return next((entry.at for entry in reversed(self.entries) if entry.charge > 0), None)
 
 
-@dataclass
+@dataclass(slots=True)
 class _Bucket:
     level: float
     at: float
     full_at: float
 
 
-@dataclass
+@dataclass(slots=True)
 class _Budget:
     """One subject's counter in one calendar window."""
 
@@ -156,7 +159,7 @@ TopKey = tuple[str, str, Dimension]
 """(route, limit name, budget dimension)."""
 
 
-@dataclass
+@dataclass(slots=True)
 class _Top:
     """Spend per subject of one budget in one window."""
 
@@ -165,7 +168,7 @@ class _Top:
     spend: dict[str, int] = field(default_factory=dict)
 
 
-@dataclass
+@dataclass(slots=True)
 class _Hold:
     """What a lease holds until settled: concurrency slots, token-log entries, budget charges."""
 
@@ -183,66 +186,101 @@ class _Hold:
     """Burst buckets taken from, kept only for cancellable admissions."""
 
 
-@dataclass
+@dataclass(slots=True)
 class _BudgetCharge:
     item: _Item
     charge: int
 
 
-@dataclass(frozen=True)
+#: ``_Item.kind``: how a dimension is counted (a sliding log, slots, a bucket, a calendar budget).
+_LOG, _SLOTS, _BUCKET, _BUDGET = 0, 1, 2, 3
+
+
+@dataclass(frozen=True, slots=True)
 class _Item:
-    """One dimension of one check of a request."""
+    """One dimension of one check of a request (with what admission reads of it, resolved once)."""
 
     check: LimitCheck
     dimension: Dimension
     value: int
     key: Key
-
-    @property
-    def window(self) -> float:
-        return RANK_WINDOWS[self.dimension]
-
-    @property
-    def rate(self) -> float:
-        """Refill rate of a burst bucket, per second."""
-        return (self.check.requests_per_minute or 0) / 60.0
+    kind: int
+    window: float
+    """``RANK_WINDOWS`` of the dimension (a log's window)."""
+    rate: float
+    """Refill rate of a burst bucket, per second."""
+    limit: str
+    scope: str
+    shadow: bool
 
     def state(self, remaining: int, reset_seconds: float) -> LimitState:
         return LimitState(
-            self.check.limit,
-            self.check.scope,
+            self.limit,
+            self.scope,
             self.dimension,
             self.value,
-            max(0, remaining),
-            max(0.0, reset_seconds),
+            remaining if remaining > 0 else 0,
+            reset_seconds if reset_seconds > 0.0 else 0.0,
         )
 
 
-#: Each check's items by ``id(check)``, with the check itself so a reused id never matches: policies
+def _kind(dimension: Dimension) -> int:
+    if dimension in BUDGET_DIMENSIONS:
+        return _BUDGET
+    if dimension is Dimension.CONCURRENT_REQUESTS:
+        return _SLOTS
+    return _BUCKET if dimension is Dimension.BURST else _LOG
+
+
+Plan = tuple[tuple[_Item, ...], bool]
+"""A request's items, and whether one is a budget (then the wall clock is read)."""
+_NO_PLAN: Plan = ((), False)
+#: Each check's plan by ``id(check)``, with the check itself so a reused id never matches: policies
 #: hand out one LimitCheck per limit and counted identity (``build_checks``), so this usually hits.
-_item_cache: dict[int, tuple[str, LimitCheck, tuple[_Item, ...]]] = {}
+_item_cache: dict[int, tuple[str, LimitCheck, Plan]] = {}
 _ITEM_CACHE_SIZE = 4096
 
 
-def _check_items(route: str, check: LimitCheck) -> tuple[_Item, ...]:
+def _check_plan(route: str, check: LimitCheck) -> Plan:
     cached = _item_cache.get(id(check))
     if cached is not None and cached[1] is check and cached[0] == route:
         return cached[2]
+    rate = (check.requests_per_minute or 0) / 60.0
     items = tuple(
-        _Item(check, dimension, value, (route, check.limit, check.subject, dimension))
+        _Item(
+            check,
+            dimension,
+            value,
+            (route, check.limit, check.subject, dimension),
+            _kind(dimension),
+            RANK_WINDOWS[dimension],
+            rate,
+            check.limit,
+            check.scope,
+            check.shadow,
+        )
         for dimension, value in check.values().items()
     )
+    plan = (items, any(item.kind == _BUDGET for item in items))
     if len(_item_cache) >= _ITEM_CACHE_SIZE:
         _item_cache.clear()
-    _item_cache[id(check)] = (route, check, items)
-    return items
+    _item_cache[id(check)] = (route, check, plan)
+    return plan
 
 
-def _items(request: AdmissionRequest) -> list[_Item]:
-    checks = request.checks
-    if len(checks) == 1:
-        return list(_check_items(request.route, checks[0]))
-    return [item for check in checks for item in _check_items(request.route, check)]
+def _plan(request: AdmissionRequest) -> Plan:
+    """Every check's items in order (one cached plan for the usual single check)."""
+    plan = _NO_PLAN
+    route = request.route
+    for check in request.checks:
+        cached = _item_cache.get(id(check))
+        part = (
+            cached[2]
+            if cached is not None and cached[1] is check and cached[0] == route
+            else _check_plan(route, check)
+        )
+        plan = part if plan is _NO_PLAN else (plan[0] + part[0], plan[1] or part[1])
+    return plan
 
 
 def _window(dimension: Dimension, wall: float) -> tuple[int, float]:
@@ -276,38 +314,129 @@ class MemoryQuotaStore:
         self._deadlines: list[tuple[float, str]] = []
         self._freed: asyncio.Event | None = None
         self._next_sweep = clock() + SWEEP_SECONDS
+        self._ids = ""
+        self._ids_at = _ID_POOL_CHARS
 
     # -- QuotaStore ------------------------------------------------------------------------------
 
     async def admit(self, request: AdmissionRequest) -> Decision:
-        """Check every dimension of every check; consume all of them or none."""
+        """Check every dimension of every check; consume all of them or none.
+
+        The request path's hot spot: sliding logs and slots (the usual dimensions) are evaluated
+        inline, buckets and budgets through ``_verdict`` and ``_state``; the same semantics either way.
+        """
         now = self._clock()
-        self._maintain(now)
-        tokens = max(0, request.tokens)
-        items = _items(request)
-        wall = self._wall() if any(item.dimension in BUDGET_DIMENSIONS for item in items) else 0.0
-        retries = [self._verdict(item, tokens, now, request.cost, wall) for item in items]
-        failing = [
-            (index, retry)
-            for index, retry in enumerate(retries)
-            if retry is not None and not items[index].check.shadow
-        ]
+        deadlines = self._deadlines
+        if deadlines and deadlines[0][0] <= now:
+            self._expire(now)
+        if now >= self._next_sweep:
+            self._sweep(now)
+            self._next_sweep = now + SWEEP_SECONDS
+        tokens = request.tokens
+        if tokens < 0:
+            tokens = 0
+        cost = request.cost
+        items, budgets = _plan(request)
+        wall = self._wall() if budgets else 0.0
+        logs = self._logs
+        slots = self._slots
+        # Verdicts: the enforced failure with the largest retry (the first of equals), failing shadows.
+        failing = -1
+        failing_retry = 0.0
+        shadow_failing: tuple[int, ...] = ()
+        for index, item in enumerate(items):
+            kind = item.kind
+            retry: float | None
+            if kind == _LOG:
+                charge = tokens if item.dimension is Dimension.TOKENS_PER_MINUTE else 1
+                log = logs.get(item.key)
+                if log is not None:  # ``_log``: pruned, dropped when empty
+                    entries = log.entries
+                    horizon = now - item.window
+                    if not entries or entries[0].at <= horizon:
+                        log.prune(horizon)
+                        if not entries:
+                            del logs[item.key]
+                            log = None
+                if log is None:
+                    if charge <= item.value:
+                        continue
+                    retry = item.window
+                elif log.total + charge <= item.value:
+                    continue
+                elif charge > item.value:
+                    retry = item.window
+                else:
+                    retry = log.time_until(item.value - charge, item.window, now)
+            elif kind == _SLOTS:
+                holders = slots.get(item.key)
+                if (len(holders) if holders is not None else 0) < item.value:
+                    continue
+                retry = CONCURRENCY_RETRY_SECONDS
+            else:
+                retry = self._verdict(item, tokens, now, cost, wall)
+                if retry is None:
+                    continue
+            if item.shadow:
+                shadow_failing += (index,)
+            elif failing < 0 or retry > failing_retry:
+                failing, failing_retry = index, retry
         lease = None
-        if not failing:
+        if failing < 0:
             day, month = (day_window(wall)[0], month_window(wall)[0]) if wall else (0, 0)
-            lease = Lease(os.urandom(16).hex(), request, tokens, day, month)
+            offset = self._ids_at
+            if offset >= _ID_POOL_CHARS:
+                self._ids = os.urandom(_ID_POOL_CHARS // 2).hex()
+                offset = 0
+            self._ids_at = offset + _ID_CHARS
+            lease = Lease(self._ids[offset : offset + _ID_CHARS], request, tokens, day, month)
             self._consume(items, lease, now, wall)
-        states = tuple(self._state(item, tokens, now, request.cost, wall) for item in items)
-        enforced = [state for item, state in zip(items, states, strict=True) if not item.check.shadow]
-        tightest = min(enforced, key=lambda s: (s.remaining, RANK_WINDOWS[s.dimension]), default=None)
-        if failing:
-            index, retry = max(failing, key=lambda pair: pair[1])
-            return Decision(False, None, states[index], retry, tightest, states)
-        shadow = tuple(
-            state
-            for item, state, retry in zip(items, states, retries, strict=True)
-            if retry is not None and item.check.shadow
-        )
+        # States (after consumption when admitted); tightest: the enforced one with the least remaining
+        # (ties: the shorter window; the first of equals).
+        states: tuple[LimitState, ...] = ()
+        tightest: LimitState | None = None
+        tightest_window = 0.0
+        for item in items:
+            kind = item.kind
+            if kind == _LOG:
+                log = logs.get(item.key)  # pruned above (and only appended to since)
+                if log is None:
+                    used = 0
+                    reset = 0.0
+                else:
+                    used = log.total
+                    newest = log.entries[-1]
+                    at = newest.at if newest.charge > 0 else log.newest_charged()
+                    reset = at + item.window - now if at is not None else 0.0
+                value = item.value
+                charge = tokens if item.dimension is Dimension.TOKENS_PER_MINUTE else 1
+                remaining = 0 if charge > value else value - used
+                state = LimitState(
+                    item.limit,
+                    item.scope,
+                    item.dimension,
+                    value,
+                    remaining if remaining > 0 else 0,
+                    reset if reset > 0.0 else 0.0,
+                )
+            elif kind == _SLOTS:
+                holders = slots.get(item.key)
+                remaining = item.value - (len(holders) if holders is not None else 0)
+                state = LimitState(
+                    item.limit, item.scope, item.dimension, item.value, remaining if remaining > 0 else 0, 0.0
+                )
+            else:
+                state = self._state(item, tokens, now, cost, wall)
+            states += (state,)
+            if not item.shadow and (
+                tightest is None
+                or state.remaining < tightest.remaining
+                or (state.remaining == tightest.remaining and item.window < tightest_window)
+            ):
+                tightest, tightest_window = state, item.window
+        if failing >= 0:
+            return Decision(False, None, states[failing], failing_retry, tightest, states)
+        shadow = tuple(states[index] for index in shadow_failing) if shadow_failing else ()
         return Decision(True, lease, None, 0.0, tightest, states, shadow)
 
     async def settle(self, lease: Lease, actual_tokens: int, actual_cost: int | None = None) -> None:
@@ -317,22 +446,34 @@ class MemoryQuotaStore:
     def settle_now(self, lease: Lease, actual_tokens: int, actual_cost: int | None = None) -> None:
         """``settle`` without awaiting anything (the request path's finish calls it directly)."""
         now = self._clock()
-        self._maintain(now)
+        deadlines = self._deadlines
+        if (deadlines and deadlines[0][0] <= now) or now >= self._next_sweep:
+            self._maintain(now)
         hold = self._holds.pop(lease.lease_id, None)
         if hold is None:
             return
-        self._release(lease.lease_id, hold)
-        actual = max(0, actual_tokens)
+        if hold.slots:  # ``_release``
+            for key in hold.slots:
+                holders = self._slots.get(key)
+                if holders is None:
+                    continue
+                holders.discard(lease.lease_id)
+                if not holders:
+                    del self._slots[key]
+            hold.slots.clear()
+        actual = actual_tokens if actual_tokens > 0 else 0
         for key, entry in hold.charges:
             log = self._logs.get(key)
             if log is None or entry.at <= now - TOKEN_WINDOW:
                 continue
             log.total += actual - entry.charge
             entry.charge = actual
-        cost = settled_cost(lease, actual, actual_cost)
-        for held in hold.budgets:
-            self._recharge(lease, held, budget_charge(held.item.dimension, actual, cost))
-        self._signal()
+        if hold.budgets:
+            cost = settled_cost(lease, actual, actual_cost)
+            for held in hold.budgets:
+                self._recharge(lease, held, budget_charge(held.item.dimension, actual, cost))
+        if self._freed is not None:
+            self._signal()
 
     async def cancel(self, lease: Lease) -> None:
         """Undo a cancellable admission as if it had been rejected (``AdmissionRequest.cancellable``):
@@ -493,30 +634,42 @@ class MemoryQuotaStore:
 
     # -- consumption -----------------------------------------------------------------------------
 
-    def _consume(self, items: list[_Item], lease: Lease, now: float, wall: float = 0.0) -> None:
-        expires_at = now + lease.request.lease_seconds
+    def _consume(self, items: tuple[_Item, ...], lease: Lease, now: float, wall: float = 0.0) -> None:
+        request = lease.request
+        expires_at = now + request.lease_seconds
         hold = _Hold(expires_at, expires_at)
+        tokens = lease.reserved_tokens
         for item in items:
-            if item.dimension in BUDGET_DIMENSIONS:
-                charge = budget_charge(item.dimension, lease.reserved_tokens, lease.request.cost)
-                self._charge_budget(item, charge, wall)
-                hold.budgets.append(_BudgetCharge(item, charge))
-            elif item.dimension is Dimension.CONCURRENT_REQUESTS:
-                self._slots.setdefault(item.key, set()).add(lease.lease_id)
+            kind = item.kind
+            if kind == _LOG:
+                tpm = item.dimension is Dimension.TOKENS_PER_MINUTE
+                entry = _Entry(now, tokens if tpm else 1)
+                log = self._logs.get(item.key)
+                if log is None:
+                    log = self._logs[item.key] = _Log()
+                log.entries.append(entry)
+                log.total += entry.charge
+                if tpm:
+                    hold.charges.append((item.key, entry))
+                elif request.cancellable:
+                    hold.counts.append((item.key, entry))
+            elif kind == _SLOTS:
+                holders = self._slots.get(item.key)
+                if holders is None:
+                    holders = self._slots[item.key] = set()
+                holders.add(lease.lease_id)
                 hold.slots.append(item.key)
-            elif item.dimension is Dimension.BURST:
+            elif kind == _BUCKET:
                 self._take(item, now)
-                if lease.request.cancellable:
+                if request.cancellable:
                     hold.bursts.append(item)
             else:
-                entry = _Entry(now, _cost(item, lease.reserved_tokens))
-                self._logs.setdefault(item.key, _Log()).append(entry)
-                if item.dimension is Dimension.TOKENS_PER_MINUTE:
-                    hold.charges.append((item.key, entry))
-                elif lease.request.cancellable:
-                    hold.counts.append((item.key, entry))
+                charge = budget_charge(item.dimension, tokens, request.cost)
+                self._charge_budget(item, charge, wall)
+                hold.budgets.append(_BudgetCharge(item, charge))
         if hold.charges or hold.budgets:
-            hold.drop_at = max(expires_at, now + TOKEN_WINDOW)
+            token_end = now + TOKEN_WINDOW
+            hold.drop_at = token_end if token_end > expires_at else expires_at
         hold.recheck_at = hold.drop_at
         if hold.budgets:  # settleable until its windows end, as in Redis (only leaked leases stay)
             end = max(_window(held.item.dimension, wall)[1] for held in hold.budgets)
@@ -563,7 +716,9 @@ class MemoryQuotaStore:
     # -- housekeeping ----------------------------------------------------------------------------
 
     def _maintain(self, now: float) -> None:
-        self._expire(now)
+        deadlines = self._deadlines
+        if deadlines and deadlines[0][0] <= now:  # else nothing is due (``_expire`` would do nothing)
+            self._expire(now)
         if now >= self._next_sweep:
             self._sweep(now)
             self._next_sweep = now + SWEEP_SECONDS
