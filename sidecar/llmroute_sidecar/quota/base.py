@@ -12,43 +12,10 @@ process; the embedded default) and ``redis`` (exact across the fleet).
 
 from __future__ import annotations
 
-from dataclasses import MISSING, dataclass, field, fields
+from dataclasses import dataclass, field
 from enum import StrEnum
 from functools import cached_property
-from typing import Any, Protocol, TypeVar
-
-_Frozen = TypeVar("_Frozen")
-
-
-def _dict_init(cls: type[_Frozen]) -> type[_Frozen]:
-    """Give a frozen dataclass an ``__init__`` that fills the instance dict directly.
-
-    ``frozen=True`` generates one calling ``object.__setattr__`` per field, over twice as slow; the
-    request path builds several of these per request (decisions and their states, leases). Only
-    ``__init__`` changes, with the same signature and defaults: immutability, equality, hashing, repr
-    and ``dataclasses.replace`` stay the dataclass's own. Plain fields only (no default_factory,
-    ``init=False``, keyword-only fields or ``__post_init__``).
-    """
-    params: list[str] = []
-    defaults: dict[str, Any] = {}
-    for f in fields(cls):  # type: ignore[arg-type]
-        if f.default_factory is not MISSING or not f.init or f.kw_only:
-            raise TypeError(f"{cls.__name__}.{f.name}: only plain fields have a dict __init__")
-        if f.default is MISSING:
-            params.append(f.name)
-        else:
-            defaults[f"_default_{f.name}"] = f.default
-            params.append(f"{f.name}=_default_{f.name}")
-    if hasattr(cls, "__post_init__"):
-        raise TypeError(f"{cls.__name__} has a __post_init__")
-    body = "".join(f"    d[{f.name!r}] = {f.name}\n" for f in fields(cls))  # type: ignore[arg-type]
-    source = f"def __init__(self, {', '.join(params)}):\n    d = self.__dict__\n{body}"
-    exec(source, defaults)  # built from the dataclass's own field names, as dataclasses does
-    init = defaults["__init__"]
-    init.__qualname__ = f"{cls.__qualname__}.__init__"
-    init.__doc__ = cls.__init__.__doc__
-    cls.__init__ = init  # type: ignore[method-assign]
-    return cls
+from typing import Protocol
 
 
 class Dimension(StrEnum):
@@ -134,7 +101,6 @@ class LimitCheck:
         return {dimension: value for dimension, value in pairs.items() if value is not None}
 
 
-@_dict_init
 @dataclass(frozen=True)
 class AdmissionRequest:
     """Everything a store needs to admit one request."""
@@ -163,7 +129,6 @@ def budget_charge(dimension: Dimension, tokens: int, cost: int) -> int:
     return cost if dimension in COST_DIMENSIONS else tokens
 
 
-@_dict_init
 @dataclass(frozen=True)
 class LimitState:
     """One limit dimension's state after a decision, for headers and error bodies."""
@@ -178,7 +143,6 @@ class LimitState:
     month budgets the time until the window ends."""
 
 
-@_dict_init
 @dataclass(frozen=True)
 class Lease:
     """An admitted request's hold on the quota, ended by ``settle``."""
@@ -196,7 +160,6 @@ class Lease:
         return self.month if dimension in MONTH_DIMENSIONS else self.day
 
 
-@_dict_init
 @dataclass(frozen=True)
 class Decision:
     """The answer to ``admit``."""
