@@ -46,7 +46,8 @@ The Redis store is property-tested against this one, so the semantics here are t
   alone; a lease stays settleable until its windows end); cost settles to ``settled_cost``.
   ``charge`` raises an unsettled lease's budget charges the same way (tokens, or ``cost_so_far``
   when given; never lower). Per limit and dimension, each non-route subject's spend in the current
-  window is kept for ``top_consumers``.
+  window is kept for ``top_consumers`` (most first; equal spends in reverse subject order, as Redis
+  ranks them).
 - ``wait_for_capacity`` returns when a lease is settled or expires, or after ``timeout``.
 - Memory stays bounded: logs are pruned on access and swept every minute, empty counters and full
   buckets are dropped, lease records go once their slots expired and their entries left the window
@@ -516,11 +517,13 @@ class MemoryQuotaStore:
     def top_consumers(
         self, route: str, limit: str, dimension: Dimension, count: int = 5
     ) -> list[tuple[str, int]]:
-        """The ``count`` subjects that spent most of a budget in its current window, most first."""
+        """The ``count`` subjects that spent most of a budget in its current window, most first; equal
+        spends in reverse subject order, as Redis ranks them (``ZREVRANGEBYSCORE``: what the operator
+        reports)."""
         top = self._tops.get((route, limit, dimension))
         if top is None or top.end <= self._wall():
             return []
-        return sorted(top.spend.items(), key=lambda pair: (-pair[1], pair[0]))[:count]
+        return sorted(top.spend.items(), key=lambda pair: (pair[1], pair[0]), reverse=True)[:count]
 
     async def charge(self, lease: Lease, tokens_so_far: int, cost_so_far: int | None = None) -> None:
         """Raise the unsettled lease's token charges to ``tokens_so_far`` (and budgets' to it or to
