@@ -72,7 +72,7 @@ class UpstreamTarget:
     url: str
     vendor_key: str | None
 
-    @property
+    @cached_property
     def name(self) -> str:
         return self.spec.name
 
@@ -114,7 +114,7 @@ class RoutePolicy:
         the stores' per-check caches hit (bounded: cleared past ``CHECKS_CACHE_SIZE`` entries)."""
         return {}
 
-    @property
+    @cached_property
     def uses_api_keys(self) -> bool:
         return self.keys is not None or any(limit.key == "apiKey" for limit in self.route.spec.limits)
 
