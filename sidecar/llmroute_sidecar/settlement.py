@@ -5,7 +5,8 @@ next request on the same keep-alive connection never waits for Redis. A round st
 ``COALESCE_SECONDS`` after the first settlement that finds the settler idle and settles everything
 queued by then together (``settle_many``: one pipelined round trip per batch of leases, not one per
 request; a lease's slot and charge are corrected at most that much later, which only errs on the
-side of admitting less). A
+side of admitting less). A store that ``coalesces_settlements`` (Redis) gets the round at once and
+holds its settlements up to as long itself, to send them in the next admission's round trip. A
 failed settlement is retried with backoff until ``GIVE_UP_SECONDS`` (its lease expires by then
 anyway), counted once in ``llmroute_store_errors_total{operation="settle"}``, and a settlement
 given up on (or still pending at shutdown) in ``llmroute_settlements_lost_total``.
@@ -101,7 +102,12 @@ class Settler:
                 self._wake.clear()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), timeout)
-                if self._fresh and self.coalesce_seconds > 0 and len(self._fresh) < MAX_ROUND:
+                if (
+                    self._fresh
+                    and self.coalesce_seconds > 0
+                    and len(self._fresh) < MAX_ROUND
+                    and not getattr(self._fresh[0].store, "coalesces_settlements", False)
+                ):
                     await asyncio.sleep(self.coalesce_seconds)  # let more share the round trips
             now = time.monotonic()
             batch = [self._fresh.popleft() for _ in range(min(MAX_ROUND, len(self._fresh)))]

@@ -71,14 +71,33 @@ class Batcher:
         self._idle: list[asyncio.Future[None]] = []
         """One waiter per idle worker: a submission wakes one of them, not all."""
         self._tasks: list[asyncio.Task[None]] = []
+        self._lazy_timer: asyncio.TimerHandle | None = None
         self.in_flight = 0
 
-    def submit(self, operation: Operation) -> None:
+    def submit(self, operation: Operation, within: float | None = None) -> None:
+        """Queue ``operation`` for the next batch; a worker sends it at once, or, with ``within``, it
+        waits up to that many seconds to ride along with the next operation sent at once (a
+        settlement goes out with the next admission: one round trip for both)."""
         if not self._tasks:
             self._tasks = [
                 asyncio.create_task(self._work(), name=f"store-batcher-{n}") for n in range(self._workers)
             ]
         self._queue.append(operation)
+        if within is not None:
+            if self._lazy_timer is None:
+                self._lazy_timer = asyncio.get_running_loop().call_later(within, self._send_lazy)
+            return
+        self._wake_one()
+
+    def _send_lazy(self) -> None:
+        self._lazy_timer = None
+        if self._queue:
+            self._wake_one()
+
+    def _wake_one(self) -> None:
+        if self._lazy_timer is not None:  # whatever waits goes with this batch
+            self._lazy_timer.cancel()
+            self._lazy_timer = None
         while self._idle:
             waiter = self._idle.pop()
             if not waiter.done():
@@ -128,6 +147,9 @@ class Batcher:
         return batch
 
     async def close(self) -> None:
+        if self._lazy_timer is not None:
+            self._lazy_timer.cancel()
+            self._lazy_timer = None
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:

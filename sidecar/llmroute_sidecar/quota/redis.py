@@ -75,6 +75,8 @@ SCRIPT_ERROR_LOG_SECONDS = 10.0
 #: Concurrent round trips carrying batched operations, and the most operations in one.
 WORKERS = 4
 MAX_BATCH = 100
+#: A settlement waits at most this long in the batch queue for an admission to ride along with.
+SETTLE_WITHIN_SECONDS = 0.005
 #: Connections per sidecar: the workers, the health ping, the fleet heartbeat, spares.
 MAX_CONNECTIONS = 16
 MIN_PAUSE, MAX_PAUSE = 0.05, 0.5
@@ -281,6 +283,9 @@ class RedisQuotaStore:
 
     settles_in_background = True
     """Settlement may take a round trip or a retry: callers hand it off the response path."""
+    coalesces_settlements = True
+    """``settle_many`` itself lets settlements wait (``SETTLE_WITHIN_SECONDS``) for the next admission's
+    round trip: the settler need not wait before a round."""
 
     def __init__(self, client: Client, member: str = "") -> None:
         self.client = client
@@ -569,7 +574,7 @@ class RedisQuotaStore:
             actual_cost = settlement[2] if len(settlement) > 2 else None
             operation = self._settle_operation(lease, actual_tokens, actual_cost, deadline)
             if operation is not None:
-                self._batcher.submit(operation)
+                self._batcher.submit(operation, within=SETTLE_WITHIN_SECONDS)
                 waiting.append((index, operation.future))
         results: list[Any] = []
         if len(waiting) == 1:  # a lone settlement (one request at a time): no gather, no extra loop turn
