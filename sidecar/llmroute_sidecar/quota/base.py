@@ -12,10 +12,11 @@ process; the embedded default) and ``redis`` (exact across the fleet).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
 from functools import cached_property
-from typing import Protocol
+from typing import Generic, Protocol, TypeVar
 
 
 class Dimension(StrEnum):
@@ -99,6 +100,35 @@ class LimitCheck:
             Dimension.COST_PER_MONTH: self.cost_per_month,
         }
         return {dimension: value for dimension, value in pairs.items() if value is not None}
+
+
+_T = TypeVar("_T")
+
+
+class PerCheck(Generic[_T]):
+    """What a store works out once per (route, ``LimitCheck``) instead of per request.
+
+    Keyed by the check object's identity: policies hand out one LimitCheck per limit and counted
+    identity (``build_checks``), so this usually hits; the entry keeps the check, so a reused id never
+    matches. Cleared whole past ``size`` entries.
+    """
+
+    __slots__ = ("_entries", "_make", "_size")
+
+    def __init__(self, make: Callable[[str, LimitCheck], _T], size: int = 4096) -> None:
+        self._make = make
+        self._size = size
+        self._entries: dict[int, tuple[str, LimitCheck, _T]] = {}
+
+    def get(self, route: str, check: LimitCheck) -> _T:
+        cached = self._entries.get(id(check))
+        if cached is not None and cached[1] is check and cached[0] == route:
+            return cached[2]
+        value = self._make(route, check)
+        if len(self._entries) >= self._size:
+            self._entries.clear()
+        self._entries[id(check)] = (route, check, value)
+        return value
 
 
 @dataclass(frozen=True)

@@ -78,6 +78,7 @@ from llmroute_sidecar.quota.base import (
     Lease,
     LimitCheck,
     LimitState,
+    PerCheck,
     budget_charge,
     settled_cost,
 )
@@ -236,16 +237,10 @@ def _kind(dimension: Dimension) -> int:
 Plan = tuple[tuple[_Item, ...], bool]
 """A request's items, and whether one is a budget (then the wall clock is read)."""
 _NO_PLAN: Plan = ((), False)
-#: Each check's plan by ``id(check)``, with the check itself so a reused id never matches: policies
-#: hand out one LimitCheck per limit and counted identity (``build_checks``), so this usually hits.
-_item_cache: dict[int, tuple[str, LimitCheck, Plan]] = {}
-_ITEM_CACHE_SIZE = 4096
 
 
 def _check_plan(route: str, check: LimitCheck) -> Plan:
-    cached = _item_cache.get(id(check))
-    if cached is not None and cached[1] is check and cached[0] == route:
-        return cached[2]
+    """One check's items (worked out once per check: ``_check_plans``)."""
     rate = (check.requests_per_minute or 0) / 60.0
     items = tuple(
         _Item(
@@ -262,11 +257,10 @@ def _check_plan(route: str, check: LimitCheck) -> Plan:
         )
         for dimension, value in check.values().items()
     )
-    plan = (items, any(item.kind == _BUDGET for item in items))
-    if len(_item_cache) >= _ITEM_CACHE_SIZE:
-        _item_cache.clear()
-    _item_cache[id(check)] = (route, check, plan)
-    return plan
+    return items, any(item.kind == _BUDGET for item in items)
+
+
+_check_plans = PerCheck(_check_plan)
 
 
 def _plan(request: AdmissionRequest) -> Plan:
@@ -274,12 +268,7 @@ def _plan(request: AdmissionRequest) -> Plan:
     plan = _NO_PLAN
     route = request.route
     for check in request.checks:
-        cached = _item_cache.get(id(check))
-        part = (
-            cached[2]
-            if cached is not None and cached[1] is check and cached[0] == route
-            else _check_plan(route, check)
-        )
+        part = _check_plans.get(route, check)
         plan = part if plan is _NO_PLAN else (plan[0] + part[0], plan[1] or part[1])
     return plan
 

@@ -49,6 +49,7 @@ from llmroute_sidecar.quota.base import (
     Lease,
     LimitCheck,
     LimitState,
+    PerCheck,
     StoreState,
     StoreUnavailableError,
     settled_cost,
@@ -137,16 +138,7 @@ class _Plan:
     settle_members: tuple[str, ...]
 
 
-#: Plans by ``id(check)``, with the route and the check itself (so a reused id never matches):
-#: policies hand out one LimitCheck per limit and counted identity, so this usually hits.
-_plans: dict[int, tuple[str, LimitCheck, _Plan]] = {}
-_PLANS_SIZE = 4096
-
-
-def _plan(route: str, check: LimitCheck) -> _Plan:
-    cached = _plans.get(id(check))
-    if cached is not None and cached[1] is check and cached[0] == route:
-        return cached[2]
+def _make_plan(route: str, check: LimitCheck) -> _Plan:
     values = check.values()
     items = tuple((check, dimension, values[dimension]) for dimension in ORDER if dimension in values)
     admit_keys: list[bytes] = []
@@ -166,10 +158,10 @@ def _plan(route: str, check: LimitCheck) -> _Plan:
         tuple(DIMENSION_CODES[dimension.value] for dimension, _ in settled),
         tuple(_member(check) if dimension in BUDGET_DIMENSIONS else "" for dimension, _ in settled),
     )
-    if len(_plans) >= _PLANS_SIZE:
-        _plans.clear()
-    _plans[id(check)] = (route, check, plan)
     return plan
+
+
+_plan = PerCheck(_make_plan).get
 
 
 def _items(request: AdmissionRequest) -> list[Item]:
