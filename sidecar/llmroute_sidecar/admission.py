@@ -5,7 +5,6 @@ from __future__ import annotations
 import time
 from collections.abc import Mapping
 from dataclasses import replace
-from typing import Any
 
 from llmroute_sidecar import errors
 from llmroute_sidecar.api.spec import LimitMode, StoreFailurePolicy
@@ -47,12 +46,6 @@ class Admission:
         self.metrics = metrics
         self.health = health
         self.utilization = QuotaUtilization(metrics)
-        self._policy: RoutePolicy | None = None
-        """The policy ``_bound`` was made for: what ``admit`` derives from a policy is kept for the
-        last one seen (a sidecar serves one route; a reload brings a new policy object)."""
-        self._bound: list[Any] = [frozenset(), None, None]
-        """[shadow limit names, queue-wait histogram child, reserved-tokens counter child]; the
-        counter's child is made at the first reservation, as before (a child is a series at 0)."""
 
     async def admit(
         self,
@@ -76,20 +69,13 @@ class Admission:
         decision, ex.lease_store = await self._admit_waiting(
             policy, admission, ex, spec.queue_timeout_seconds
         )
-        bound = self._bound
-        if policy is not self._policy:
-            bound = self._bound = [_shadow(policy), self.metrics.queue_wait_seconds.labels(policy.name), None]
-            self._policy = policy
-        bound[1].observe(ex.queue_wait)
+        self.metrics.queue_wait_seconds.labels(policy.name).observe(ex.queue_wait)
         if decision.admitted:
             ex.lease = decision.lease
             if decision.lease is not None:
-                reserved = bound[2]
-                if reserved is None:
-                    reserved = bound[2] = self.metrics.tokens_total.labels(policy.name, "reserved")
-                reserved.inc(tokens)
-            size = None if decision.degraded else tokens  # _size
-            ex.headers.update(rate_limit_headers(decision, bound[0], size, ex.cost_reserved))
+                self.metrics.tokens_total.labels(policy.name, "reserved").inc(tokens)
+            size = _size(decision, tokens)
+            ex.headers.update(rate_limit_headers(decision, policy.shadow_limits, size, ex.cost_reserved))
             near = near_limit(policy, decision)
             if near:
                 ex.headers["x-llmroute-budget-warning"] = warning_header(near)
@@ -169,7 +155,9 @@ class Admission:
         self.metrics.quota_rejections_total.labels(
             policy.name, rejected.limit, rejected.dimension.value
         ).inc()
-        headers = rate_limit_headers(decision, _shadow(policy), _size(decision, tokens), ex.cost_reserved)
+        headers = rate_limit_headers(
+            decision, policy.shadow_limits, _size(decision, tokens), ex.cost_reserved
+        )
         status = 400 if oversize is not None else 429
         retry = None if oversize is not None else max(0.0, decision.retry_after)
         self.recent.record(
@@ -252,11 +240,6 @@ def _share(check: LimitCheck, replicas: int) -> LimitCheck:
     )
 
 
-def _shadow(policy: RoutePolicy) -> frozenset[str]:
-    """Names of the route's shadow-mode limits: they never appear in client headers."""
-    return frozenset(limit.name for limit in policy.route.spec.limits if limit.mode is LimitMode.SHADOW)
-
-
 def _never_fitting(policy: RoutePolicy, decision: Decision, tokens: int, cost: int = 0) -> LimitState | None:
     """The enforced state this request can never fit, however long it waits (None if every one can).
 
@@ -268,7 +251,7 @@ def _never_fitting(policy: RoutePolicy, decision: Decision, tokens: int, cost: i
     """
     if decision.admitted or decision.degraded:
         return None
-    shadow = _shadow(policy)
+    shadow = policy.shadow_limits
     return next((s for s in decision.states if s.limit not in shadow and never_fits(s, tokens, cost)), None)
 
 

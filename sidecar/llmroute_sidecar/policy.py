@@ -115,6 +115,11 @@ class RoutePolicy:
         return {}
 
     @cached_property
+    def shadow_limits(self) -> frozenset[str]:
+        """Names of the route's shadow-mode limits: they never reject and never appear in headers."""
+        return frozenset(limit.name for limit in self.route.spec.limits if limit.mode is LimitMode.SHADOW)
+
+    @cached_property
     def uses_api_keys(self) -> bool:
         return self.keys is not None or any(limit.key == "apiKey" for limit in self.route.spec.limits)
 

@@ -8,31 +8,29 @@ fallback (store down) describe this pod's share only and are skipped.
 
 from __future__ import annotations
 
-from typing import Any
-
 from llmroute_sidecar.metrics import SidecarMetrics
 from llmroute_sidecar.quota.base import Decision, Dimension
 
 ROUTE_SCOPE = "route"
-#: Gauge children kept per (route, limit, dimension) before the cache restarts (they stay in the
-#: gauge: a restart only binds them again).
-CHILDREN_SIZE = 4096
+#: Values remembered per (route, limit, dimension) before the memory restarts (a restart only sets
+#: each series once more).
+LAST_SIZE = 4096
 
 
 class QuotaUtilization:
-    """Sets the gauge from each decision: each series' child bound once, set only when its value moved
-    (this is the only writer of the gauge, and its series are never removed)."""
+    """Sets the gauge from each decision, each series only when its value moved (this is the only
+    writer of the gauge, and its series are never removed; label children are kept by ``metrics``)."""
 
     def __init__(self, metrics: SidecarMetrics) -> None:
         self.metrics = metrics
-        self._children: dict[tuple[str, str, Dimension], list[Any]] = {}
-        """(route, limit, dimension) -> [gauge child, the value last set]."""
+        self._last: dict[tuple[str, str, Dimension], float] = {}
+        """(route, limit, dimension) -> the value last set."""
 
     def record(self, route: str, decision: Decision) -> None:
         """The used share of every route-scoped limit dimension in ``decision`` (0 to 1)."""
         if decision.degraded:
             return
-        children = self._children
+        last = self._last
         for state in decision.states:
             value = state.limit_value
             if state.scope != ROUTE_SCOPE or value <= 0:
@@ -41,12 +39,9 @@ class QuotaUtilization:
             used = used if used > 0.0 else 0.0  # min(1.0, max(0.0, used)) without the calls
             used = used if used < 1.0 else 1.0
             key = (route, state.limit, state.dimension)
-            bound = children.get(key)
-            if bound is None:
-                if len(children) >= CHILDREN_SIZE:
-                    children.clear()
-                gauge = self.metrics.quota_utilization.labels(route, state.limit, state.dimension.value)
-                bound = children[key] = [gauge, None]
-            if bound[1] != used:
-                bound[0].set(used)
-                bound[1] = used
+            if last.get(key) == used:
+                continue
+            if len(last) >= LAST_SIZE:
+                last.clear()
+            last[key] = used
+            self.metrics.quota_utilization.labels(route, state.limit, state.dimension.value).set(used)
