@@ -316,12 +316,7 @@ class MemoryQuotaStore:
         inline, buckets and budgets through ``_verdict`` and ``_state``; the same semantics either way.
         """
         now = self._clock()
-        deadlines = self._deadlines
-        if deadlines and deadlines[0][0] <= now:
-            self._expire(now)
-        if now >= self._next_sweep:
-            self._sweep(now)
-            self._next_sweep = now + SWEEP_SECONDS
+        self._maintain(now)
         tokens = request.tokens
         if tokens < 0:
             tokens = 0
@@ -338,16 +333,8 @@ class MemoryQuotaStore:
             kind = item.kind
             retry: float | None
             if kind == _LOG:
-                charge = tokens if item.dimension is Dimension.TOKENS_PER_MINUTE else 1
-                log = logs.get(item.key)
-                if log is not None:  # ``_log``: pruned, dropped when empty
-                    entries = log.entries
-                    horizon = now - item.window
-                    if not entries or entries[0].at <= horizon:
-                        log.prune(horizon)
-                        if not entries:
-                            del logs[item.key]
-                            log = None
+                charge = _cost(item, tokens)
+                log = self._log(item.key, now)
                 if log is None:
                     if charge <= item.value:
                         continue
@@ -399,8 +386,7 @@ class MemoryQuotaStore:
                     at = newest.at if newest.charge > 0 else log.newest_charged()
                     reset = at + item.window - now if at is not None else 0.0
                 value = item.value
-                charge = tokens if item.dimension is Dimension.TOKENS_PER_MINUTE else 1
-                remaining = 0 if charge > value else value - used
+                remaining = 0 if _cost(item, tokens) > value else value - used
                 state = LimitState(
                     item.limit,
                     item.scope,
@@ -436,21 +422,12 @@ class MemoryQuotaStore:
     def settle_now(self, lease: Lease, actual_tokens: int, actual_cost: int | None = None) -> None:
         """``settle`` without awaiting anything (the request path's finish calls it directly)."""
         now = self._clock()
-        deadlines = self._deadlines
-        if (deadlines and deadlines[0][0] <= now) or now >= self._next_sweep:
-            self._maintain(now)
+        self._maintain(now)
         hold = self._holds.pop(lease.lease_id, None)
         if hold is None:
             return
-        if hold.slots:  # ``_release``
-            for key in hold.slots:
-                holders = self._slots.get(key)
-                if holders is None:
-                    continue
-                holders.discard(lease.lease_id)
-                if not holders:
-                    del self._slots[key]
-            hold.slots.clear()
+        if hold.slots:
+            self._release(lease.lease_id, hold)
         actual = actual_tokens if actual_tokens > 0 else 0
         for key, entry in hold.charges:
             log = self._logs.get(key)
@@ -556,27 +533,14 @@ class MemoryQuotaStore:
     def _verdict(
         self, item: _Item, tokens: int, now: float, cost: int = 0, wall: float = 0.0
     ) -> float | None:
-        """None when ``item`` admits the request, else the seconds until it would."""
-        if item.dimension in BUDGET_DIMENSIONS:
+        """None when ``item`` (a budget or a burst bucket; ``admit`` reads logs and slots itself)
+        admits the request, else the seconds until it would."""
+        if item.kind == _BUDGET:
             window, end = _window(item.dimension, wall)
             used = self._used(item.key, window)
             charge = budget_charge(item.dimension, tokens, cost)
             return None if used + charge <= item.value else end - wall
-        if item.dimension is Dimension.CONCURRENT_REQUESTS:
-            held = len(self._slots.get(item.key, ()))
-            return None if held < item.value else CONCURRENCY_RETRY_SECONDS
-        if item.dimension is Dimension.BURST:
-            return self._bucket_verdict(item, now)
-        return self._log_verdict(item, _cost(item, tokens), now)
-
-    def _log_verdict(self, item: _Item, cost: int, now: float) -> float | None:
-        log = self._log(item.key, now)
-        used = log.total if log is not None else 0
-        if used + cost <= item.value:
-            return None
-        if cost > item.value or log is None:
-            return item.window
-        return log.time_until(item.value - cost, item.window, now)
+        return self._bucket_verdict(item, now)
 
     def _bucket_verdict(self, item: _Item, now: float) -> float | None:
         level = self._level(item, now)
@@ -589,30 +553,26 @@ class MemoryQuotaStore:
         return budget.used if budget is not None and budget.window == window else 0
 
     def _state(self, item: _Item, tokens: int, now: float, cost: int = 0, wall: float = 0.0) -> LimitState:
-        if item.dimension in BUDGET_DIMENSIONS:
+        """The state of ``item`` (a budget or a burst bucket, as for ``_verdict``)."""
+        if item.kind == _BUDGET:
             window, end = _window(item.dimension, wall)
             used = self._used(item.key, window)
             oversize = budget_charge(item.dimension, tokens, cost) > item.value
             return item.state(0 if oversize else item.value - used, end - wall if used > 0 else 0.0)
-        if item.dimension is Dimension.CONCURRENT_REQUESTS:
-            return item.state(item.value - len(self._slots.get(item.key, ())), 0.0)
-        if item.dimension is Dimension.BURST:
-            level = self._level(item, now)
-            reset = (item.value - level) / item.rate if item.rate > 0 else 0.0
-            return item.state(math.floor(level + EPSILON), reset)
-        log = self._log(item.key, now)
-        used = log.total if log is not None else 0
-        newest = log.newest_charged() if log is not None else None
-        reset = newest + item.window - now if newest is not None else 0.0
-        oversize = _cost(item, tokens) > item.value
-        return item.state(0 if oversize else item.value - used, reset)
+        level = self._level(item, now)
+        reset = (item.value - level) / item.rate if item.rate > 0 else 0.0
+        return item.state(math.floor(level + EPSILON), reset)
 
     def _log(self, key: Key, now: float) -> _Log | None:
         """The key's log with expired entries pruned; None (and dropped) when empty."""
         log = self._logs.get(key)
         if log is None:
             return None
-        log.prune(now - WINDOW_SECONDS[key[3]])
+        entries = log.entries
+        horizon = now - WINDOW_SECONDS[key[3]]
+        if entries and entries[0].at > horizon:  # the usual case: nothing to prune
+            return log
+        log.prune(horizon)
         if not log.entries:
             del self._logs[key]
             return None
