@@ -187,14 +187,9 @@ def rate_limit_headers(
             continue
         dimension = state.dimension
         value = state.limit_value
-        if tokens is not None:
-            if dimension in BUDGET_DIMENSIONS:
-                charge = cost if dimension in COST_DIMENSIONS else tokens
-            else:
-                charge = tokens if dimension is Dimension.TOKENS_PER_MINUTE else 1
-            if charge > value:  # never_fits
-                continue
-        labels = _labels.get((limit, dimension)) or _labels_of(limit, dimension)
+        if tokens is not None and never_fits(state, tokens, cost):
+            continue
+        labels = _labels_of(limit, dimension)
         remaining = state.remaining
         reset: int | None
         if rejected is not None and (state is rejected or state == rejected):
@@ -205,9 +200,7 @@ def rate_limit_headers(
         elif dimension is Dimension.CONCURRENT_REQUESTS:
             reset = None
         else:
-            reset = math.ceil(state.reset_seconds * 1000 - 1e-6)
-            if reset < 0:
-                reset = 0
+            reset = _milliseconds(state.reset_seconds)
         key = (
             dimension is Dimension.CONCURRENT_REQUESTS,
             remaining / value if value > 0 else 0.0,
@@ -224,7 +217,7 @@ def rate_limit_headers(
         policy_key += (limit, dimension, value)
         shown = remaining if remaining > 0 else 0
         items += (
-            f"{labels[0]};r={shown}" if reset is None else f"{labels[0]};r={shown};t={-(-reset // 1000)}",
+            f"{labels[0]};r={shown}" if reset is None else f"{labels[0]};r={shown};t={_whole_seconds(reset)}",
         )
     binding: LimitState | None
     if rejected_labels is not None:  # the rejecting state is visible: it binds
@@ -244,7 +237,7 @@ def rate_limit_headers(
         "X-RateLimit-Remaining": str(remaining if remaining > 0 else 0),
     }
     if reset is not None:
-        headers["X-RateLimit-Reset"] = str(-(-reset // 1000))
+        headers["X-RateLimit-Reset"] = str(_whole_seconds(reset))
     headers["X-RateLimit-Scope"] = labels[1]
     if best_requests is not None:
         remaining = best_requests.remaining
@@ -265,7 +258,7 @@ def rate_limit_headers(
     remaining = binding.remaining
     current = f"{labels[0]};r={remaining if remaining > 0 else 0}"
     if reset is not None:
-        current += f";t={-(-reset // 1000)}"
+        current += f";t={_whole_seconds(reset)}"
     for state, item in zip(visible, items, strict=True):
         if state is not binding:
             current += ", " + item
