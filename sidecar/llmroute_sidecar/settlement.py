@@ -1,15 +1,13 @@
 """Settlement off the response path: leases are settled in the background, retried, drained on stop.
 
 ``Finisher`` hands each lease of a store that ``settles_in_background`` to the ``Settler``; the
-next request on the same keep-alive connection never waits for Redis. A round starts
-``COALESCE_SECONDS`` after the first settlement that finds the settler idle and settles everything
-queued by then together (``settle_many``: one pipelined round trip per batch of leases, not one per
-request; a lease's slot and charge are corrected at most that much later, which only errs on the
-side of admitting less). A store that ``coalesces_settlements`` (Redis) gets the round at once and
-holds its settlements up to as long itself, to send them in the next admission's round trip. A
-failed settlement is retried with backoff until ``GIVE_UP_SECONDS`` (its lease expires by then
-anyway), counted once in ``llmroute_store_errors_total{operation="settle"}``, and a settlement
-given up on (or still pending at shutdown) in ``llmroute_settlements_lost_total``.
+next request on the same keep-alive connection never waits for Redis. A round settles everything
+queued when it starts together (``settle_many``); the store shares round trips itself: Redis holds
+a round's settlements up to 5 ms to send them with the next admission (one pipelined round trip
+for both; a lease's slot and charge are corrected at most that much later, which only errs on the
+side of admitting less). A failed settlement is retried with backoff until ``GIVE_UP_SECONDS`` (its
+lease expires by then anyway), counted once in ``llmroute_store_errors_total{operation="settle"}``,
+and a settlement given up on (or still pending at shutdown) in ``llmroute_settlements_lost_total``.
 """
 
 from __future__ import annotations
@@ -31,8 +29,6 @@ log = logging.getLogger("llmroute.settlement")
 GIVE_UP_SECONDS = 60.0
 MIN_RETRY, MAX_RETRY = 0.05, 1.0
 MAX_ROUND = 2000
-#: How long a round waits for more settlements to share its round trips.
-COALESCE_SECONDS = 0.005
 
 
 @dataclass
@@ -64,11 +60,9 @@ class Settler:
         self,
         metrics: SidecarMetrics,
         give_up_seconds: float = GIVE_UP_SECONDS,
-        coalesce_seconds: float = COALESCE_SECONDS,
     ) -> None:
         self.metrics = metrics
         self.give_up_seconds = give_up_seconds
-        self.coalesce_seconds = coalesce_seconds
         self._fresh: deque[Pending] = deque()
         self._retry: list[Pending] = []
         self._inflight: list[Pending] = []
@@ -102,13 +96,6 @@ class Settler:
                 self._wake.clear()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), timeout)
-                if (
-                    self._fresh
-                    and self.coalesce_seconds > 0
-                    and len(self._fresh) < MAX_ROUND
-                    and not getattr(self._fresh[0].store, "coalesces_settlements", False)
-                ):
-                    await asyncio.sleep(self.coalesce_seconds)  # let more share the round trips
             now = time.monotonic()
             batch = [self._fresh.popleft() for _ in range(min(MAX_ROUND, len(self._fresh)))]
             ready = [item for item in self._retry if item.due <= now][: MAX_ROUND - len(batch)]

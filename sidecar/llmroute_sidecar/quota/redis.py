@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import logging
 import os
 import time
@@ -150,7 +149,7 @@ def _make_plan(route: str, check: LimitCheck) -> _Plan:
         item_keys, item_args = _encoded_item(route, check, dimension, value)
         admit_keys.extend(item_keys)
         admit_args.extend(item_args)
-    plan = _Plan(
+    return _Plan(
         items,
         tuple(admit_keys),
         tuple(admit_args),
@@ -158,7 +157,6 @@ def _make_plan(route: str, check: LimitCheck) -> _Plan:
         tuple(DIMENSION_CODES[dimension.value] for dimension, _ in settled),
         tuple(_member(check) if dimension in BUDGET_DIMENSIONS else "" for dimension, _ in settled),
     )
-    return plan
 
 
 _plan = PerCheck(_make_plan).get
@@ -168,11 +166,10 @@ def _items(request: AdmissionRequest) -> list[Item]:
     return [item for check in request.checks for item in _plan(request.route, check).items]
 
 
-@functools.lru_cache(maxsize=4096)
 def _encoded_item(
     route: str, check: LimitCheck, dimension: Dimension, value: int
 ) -> tuple[tuple[bytes, bytes], tuple[bytes, bytes, bytes, bytes]]:
-    """An admission item's KEYS and ARGV as bytes, made once per (route, limit, subject, dimension).
+    """An admission item's KEYS and ARGV as bytes (made once per check: ``_make_plan``).
 
     redis-py encodes every argument of every command (several type checks and a conversion each);
     bytes pass straight through, and an item's keys and values only change with its configuration.
@@ -275,9 +272,6 @@ class RedisQuotaStore:
 
     settles_in_background = True
     """Settlement may take a round trip or a retry: callers hand it off the response path."""
-    coalesces_settlements = True
-    """``settle_many`` itself lets settlements wait (``SETTLE_WITHIN_SECONDS``) for the next admission's
-    round trip: the settler need not wait before a round."""
 
     def __init__(self, client: Client, member: str = "") -> None:
         self.client = client
