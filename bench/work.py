@@ -18,13 +18,17 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import cProfile
+import gc
 import json
 import logging
 import os
 import pstats
 import sys
 import tempfile
+from collections import Counter
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -104,10 +108,12 @@ class Counted:
     """(function, calls per request, own µs per request under the profiler), most called first."""
 
 
-async def count_calls(
-    upstream: str, requests: int, stream: bool, redis_url: str | None, top: int, by_time: bool = False
-) -> Counted:
-    """Python calls per request through an in-process sidecar (warmed up first)."""
+@contextlib.asynccontextmanager
+async def in_process_sidecar(
+    upstream: str, stream: bool, redis_url: str | None
+) -> AsyncIterator[tuple[Sidecar, Callable[[], Awaitable[None]]]]:
+    """A sidecar in this process (logging as shipped, to /dev/null), warmed up; yields it and
+    ``one()``, which sends one request on a keep-alive connection and reads its answer."""
     with tempfile.TemporaryDirectory() as tmp:
         route_file = write_route(Path(tmp) / "route.json", upstream)
         settings = Settings(
@@ -144,18 +150,26 @@ async def count_calls(
             for _ in range(20):  # warm-up: pools, caches, lazily built label children
                 await one()
             await sidecar.gateway.finisher.settler.drain(5)
-            profile = cProfile.Profile()
-            profile.enable()
-            for _ in range(requests):
-                await one()
-            await sidecar.gateway.finisher.settler.drain(5)  # settlements belong to their requests
-            profile.disable()
+            yield sidecar, one
             writer.close()
         finally:
             await sidecar.stop()
             root.handlers[:], level = saved
             root.setLevel(level)
             devnull.close()
+
+
+async def count_calls(
+    upstream: str, requests: int, stream: bool, redis_url: str | None, top: int, by_time: bool = False
+) -> Counted:
+    """Python calls per request through an in-process sidecar (warmed up first)."""
+    async with in_process_sidecar(upstream, stream, redis_url) as (sidecar, one):
+        profile = cProfile.Profile()
+        profile.enable()
+        for _ in range(requests):
+            await one()
+        await sidecar.gateway.finisher.settler.drain(5)  # settlements belong to their requests
+        profile.disable()
     stats = pstats.Stats(profile)
     entries: dict[Any, Any] = stats.stats  # type: ignore[attr-defined]
     total = sum(calls for (_, calls, *_rest) in entries.values())
@@ -168,6 +182,26 @@ async def count_calls(
     return Counted(requests, total / requests, names)
 
 
+async def count_garbage(upstream: str, requests: int, stream: bool, redis_url: str | None) -> Counter[str]:
+    """Objects the request path leaves in reference cycles (freed only by the cycle collector), by
+    type, over ``requests`` requests: the collector is off while they run, then finds them."""
+    async with in_process_sidecar(upstream, stream, redis_url) as (sidecar, one):
+        gc.collect()
+        gc.disable()
+        try:
+            for _ in range(requests):
+                await one()
+            await sidecar.gateway.finisher.settler.drain(5)
+            gc.set_debug(gc.DEBUG_SAVEALL)  # unreachable objects go to gc.garbage instead of away
+            gc.collect()
+            found = Counter(type(item).__name__ for item in gc.garbage)
+        finally:
+            gc.set_debug(0)
+            gc.garbage.clear()
+            gc.enable()
+    return found
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python bench/work.py", description=__doc__.split("\n\n")[0])
     parser.add_argument("--requests", type=int, default=200, help="requests counted (default: %(default)s)")
@@ -176,6 +210,9 @@ def main() -> None:
     parser.add_argument("--upstream", help="a running mock upstream (default: start one)")
     parser.add_argument("--top", type=int, default=25, help="functions listed (default: %(default)s)")
     parser.add_argument("--by-time", action="store_true", help="list by own time, not by calls")
+    parser.add_argument(
+        "--garbage", action="store_true", help="count objects left in reference cycles instead of calls"
+    )
     args = parser.parse_args()
     from tests.support.sidecar_procs import MockUpstream
 
@@ -183,6 +220,12 @@ def main() -> None:
     mock = None if args.upstream else MockUpstream(*zero)
     try:
         upstream = args.upstream or mock.url  # type: ignore[union-attr]
+        if args.garbage:
+            found = asyncio.run(count_garbage(upstream, args.requests, args.stream, args.redis_url))
+            print(f"{sum(found.values()) / args.requests:.2f} objects in reference cycles per request")
+            for kind, count in found.most_common(args.top):
+                print(f"{count / args.requests:8.2f}  {kind}")
+            return
         counted = asyncio.run(
             count_calls(upstream, args.requests, args.stream, args.redis_url, args.top, args.by_time)
         )

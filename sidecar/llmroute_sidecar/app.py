@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import hashlib
 import logging
 import os
@@ -417,12 +418,25 @@ class Sidecar:
             await asyncio.sleep(1.0)
 
 
+def freeze_startup_heap() -> int:
+    """Free start-up's garbage, then take every object still alive out of the cycle collector's
+    scans (``gc.freeze``); returns how many. The modules, models and app built at start-up are most
+    of the heap and live as long as the process: without this, each full collection walks all of
+    them (25-40 ms measured here, a stall every request in flight waits out); after it, only what
+    was allocated since. The request path itself leaves no reference cycles (guarded in
+    ``tests/test_work_per_request.py``), so collections stay rare and short."""
+    gc.collect()
+    gc.freeze()
+    return gc.get_freeze_count()
+
+
 async def run(
     settings: Settings, route: LLMRoute, on_started: Callable[[Sidecar], None] | None = None
 ) -> int:
     """Run a sidecar until SIGTERM or SIGINT, then drain and exit."""
     sidecar = Sidecar(settings, route)
     await sidecar.start()
+    freeze_startup_heap()
     if on_started is not None:
         on_started(sidecar)
     stop = asyncio.Event()

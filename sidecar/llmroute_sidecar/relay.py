@@ -176,43 +176,22 @@ class Relay:
         it fires (at most once per period on a flowing stream), and it only ever interrupts the read
         (never the write to the client), by cancelling it as ``asyncio.timeout`` would.
         """
-        loop = asyncio.get_running_loop()
-        task = asyncio.current_task()
-        assert task is not None
         content = upstream.content
-        clock = loop.time
         beat = self.settings.heartbeat_seconds if is_sse else timeout
-        idle_since = ticked = clock()  # the last chunk; the last chunk or heartbeat
-        reading = woke = False
-        watchdog: asyncio.TimerHandle | None = None
-
-        def due() -> float:
-            return min(idle_since + timeout, ticked + beat)
-
-        def wake() -> None:
-            nonlocal watchdog, woke
-            watchdog = None
-            if not reading:
-                return  # the next read re-arms it
-            when = due()
-            if clock() < when:
-                watchdog = loop.call_at(when, wake)
-            else:
-                woke = True
-                task.cancel()
-
+        watch = _Watchdog(timeout, beat)
+        clock = watch.clock
         try:
             while True:
-                if watchdog is None:
-                    watchdog = loop.call_at(due(), wake)
-                reading = True
+                if watch.handle is None:
+                    watch.arm()
+                watch.reading = True
                 try:
                     chunk = await content.readany()
                 except asyncio.CancelledError:
-                    if not woke or task.uncancel() > 0:
+                    if not watch.woke or watch.task.uncancel() > 0:
                         raise  # not (only) the watchdog: the request's deadline, a shutdown
-                    woke = False
-                    if clock() >= idle_since + timeout:  # as ``due()`` computes it
+                    watch.woke = False
+                    if clock() >= watch.idle_since + timeout:  # as ``due()`` computes it
                         self.metrics.timeouts_total.labels(route, "stream").inc()
                         errors_total = self.metrics.upstream_errors_total
                         errors_total.labels(route, upstream_name, "stream_timeout").inc()
@@ -223,8 +202,8 @@ class Relay:
                             "upstream_error",
                             "upstream_error",
                         ) from None
-                    reading = False
-                    ticked = clock()
+                    watch.reading = False
+                    watch.ticked = clock()
                     if is_sse and (parser is None or not parser.pending()):
                         await response.write(heartbeat())
                     continue
@@ -237,14 +216,70 @@ class Relay:
                         f"the upstream connection broke mid-response: {error}"
                     ) from None
                 finally:
-                    reading = False
+                    watch.reading = False
                 if not chunk:
                     return
-                idle_since = ticked = clock()
+                watch.idle_since = watch.ticked = clock()
                 yield chunk
         finally:
-            if watchdog is not None:
-                watchdog.cancel()
+            watch.stop()
+
+
+class _Watchdog:
+    """The one timer of a relayed response: fires when the upstream was silent ``timeout`` seconds
+    (since its last chunk) or a heartbeat is due (``beat`` seconds since the last chunk or heartbeat),
+    and then cancels the read it interrupts (only while ``reading``), as ``asyncio.timeout`` would.
+
+    It re-arms itself only when it fires early (at most once per period on a flowing stream). An
+    object rather than closures: a closure that re-arms itself is a reference cycle through the
+    request's task, left for the cycle collector; ``stop`` leaves nothing behind.
+    """
+
+    __slots__ = (
+        "beat",
+        "clock",
+        "handle",
+        "idle_since",
+        "loop",
+        "reading",
+        "task",
+        "ticked",
+        "timeout",
+        "woke",
+    )
+
+    def __init__(self, timeout: float, beat: float) -> None:
+        self.loop = asyncio.get_running_loop()
+        task = asyncio.current_task()
+        assert task is not None
+        self.task = task
+        self.clock = self.loop.time
+        self.timeout, self.beat = timeout, beat
+        self.idle_since = self.ticked = self.clock()  # the last chunk; the last chunk or heartbeat
+        self.reading = self.woke = False
+        self.handle: asyncio.TimerHandle | None = None
+
+    def arm(self) -> None:
+        self.handle = self.loop.call_at(self._due(), self._wake)
+
+    def _due(self) -> float:
+        return min(self.idle_since + self.timeout, self.ticked + self.beat)
+
+    def _wake(self) -> None:
+        self.handle = None
+        if not self.reading:
+            return  # the next read re-arms it
+        when = self._due()
+        if self.clock() < when:
+            self.handle = self.loop.call_at(when, self._wake)
+        else:
+            self.woke = True
+            self.task.cancel()
+
+    def stop(self) -> None:
+        if self.handle is not None:
+            self.handle.cancel()
+            self.handle = None
 
 
 def _stream_usage_into(ex: Exchange, usage: StreamUsage, prompt: int) -> None:

@@ -202,6 +202,66 @@ class AnswerTimeout(TimeoutError):
         self.busy_loop = busy_loop
 
 
+class _Watch:
+    """The timer behind ``answered``: looks at the clock when the timeout is due, re-arms itself while
+    the loop was busy or Redis demonstrably answers, else cancels the awaited work.
+
+    A class, not a closure that re-arms itself: a self-referencing closure is a reference cycle that
+    keeps the awaiting task alive until the cycle collector runs; ``stop`` leaves nothing behind."""
+
+    __slots__ = (
+        "deadline",
+        "handle",
+        "lag",
+        "lag0",
+        "limit",
+        "loop",
+        "patience",
+        "started",
+        "timeout",
+        "verdict",
+    )
+
+    def __init__(
+        self,
+        deadline: asyncio.Timeout,
+        timeout: float,
+        lag: LoopLag,
+        patience: Callable[[], bool] | None,
+        limit: float,
+    ) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.started, self.lag0 = time.monotonic(), lag.now()
+        self.deadline, self.timeout, self.lag, self.patience, self.limit = (
+            deadline,
+            timeout,
+            lag,
+            patience,
+            limit,
+        )
+        self.verdict: bool | None = None  # busy_loop, once the timeout has passed
+        self.handle: asyncio.TimerHandle | None = self.loop.call_later(min(timeout, limit), self.check)
+
+    def check(self) -> None:
+        wall = time.monotonic() - self.started
+        responsive = wall - (self.lag.now() - self.lag0)
+        if wall >= self.limit:
+            self.verdict = True
+        elif responsive >= self.timeout and (self.patience is None or not self.patience()):
+            self.verdict = wall - responsive > self.timeout / 2
+        else:
+            wait = min(max(self.timeout - responsive, LAG_TOLERANCE), self.limit - wall)
+            self.handle = self.loop.call_later(wait, self.check)
+            return
+        self.handle = None
+        self.deadline.reschedule(self.loop.time())  # cancels the work; raised as AnswerTimeout
+
+    def stop(self) -> None:
+        if self.handle is not None:
+            self.handle.cancel()
+            self.handle = None
+
+
 async def answered(
     work: Awaitable[T],
     timeout: float,
@@ -219,33 +279,15 @@ async def answered(
     the clock when the timeout is due and, if it has really passed, cancels ``work`` where it waits
     (redis-py and the lean transport then drop the half-read connection).
     """
-    loop = asyncio.get_running_loop()
-    started, lag0 = time.monotonic(), lag.now()
     limit = hard_limit if hard_limit is not None else timeout * 4
-    verdict: list[bool] = []  # busy_loop, once the timeout has passed
-    timer: list[asyncio.TimerHandle] = []
     try:
         async with asyncio.timeout(None) as deadline:
-
-            def check() -> None:
-                wall = time.monotonic() - started
-                responsive = wall - (lag.now() - lag0)
-                if wall >= limit:
-                    verdict.append(True)
-                elif responsive >= timeout and (patience is None or not patience()):
-                    verdict.append(wall - responsive > timeout / 2)
-                else:
-                    wait = min(max(timeout - responsive, LAG_TOLERANCE), limit - wall)
-                    timer[0] = loop.call_later(wait, check)
-                    return
-                deadline.reschedule(loop.time())  # cancels ``work``; raised below as AnswerTimeout
-
-            timer.append(loop.call_later(min(timeout, limit), check))
+            watch = _Watch(deadline, timeout, lag, patience, limit)
             try:
                 return await work
             finally:
-                timer[0].cancel()
+                watch.stop()
     except TimeoutError:
-        if verdict:
-            raise AnswerTimeout(busy_loop=verdict[0]) from None
+        if watch.verdict is not None:
+            raise AnswerTimeout(busy_loop=watch.verdict) from None
         raise
