@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 import redis
@@ -26,6 +25,7 @@ from llmroute_sidecar.quota.base import (
 from llmroute_sidecar.quota.memory import MemoryQuotaStore
 from llmroute_sidecar.quota.redis import RedisQuotaStore, key_prefix
 from tests.support.redis_procs import RedisServer, SentinelProcess
+from tests.support.store_batches import record_batches
 
 
 def request(
@@ -363,20 +363,16 @@ async def test_many_settlements_share_one_round_trip(
         decision = await store.admit(request(check, tokens=50))
         assert decision.lease is not None
         leases.append(decision.lease)
-    trips: list[int] = []
-    pipeline = store._pipeline
-
-    async def counted(batch: Any) -> Any:
-        trips.append(len(batch))
-        return await pipeline(batch)
-
-    monkeypatch.setattr(store, "_pipeline", counted)
+    first = await store.admit(request(check, tokens=50))  # its settlement loads the script
+    assert first.lease is not None
+    await store.settle(first.lease, 50)
+    trips = record_batches(store, monkeypatch)
     outcomes = await store.settle_many([(lease, 10) for lease in leases])
     assert outcomes == [None] * 40 and trips == [40]
     client = redis.Redis.from_url(redis_server.url)
     try:
         assert client.keys("*:conc") == []  # every slot released (an empty set is no key)
         (charges,) = client.keys("*:tpm:c")
-        assert int(client.hget(charges, "_total") or 0) == 400
+        assert int(client.hget(charges, "_total") or 0) == 450
     finally:
         client.close()

@@ -32,6 +32,7 @@ from llmroute_sidecar.quota.redis import OPERATION_TIMEOUT, RedisQuotaStore
 from llmroute_sidecar.settlement import Settler
 from tests.support.redis_procs import RedisServer, ping
 from tests.support.sidecar_procs import MockUpstream, SidecarProcess, hold_stream, start, wait_for
+from tests.support.store_batches import record_batches
 from tests.test_quota_redis import request
 from tests.test_sidecar_proxy import CHAT, chat_body, write_route
 
@@ -110,26 +111,13 @@ async def store(redis_server: RedisServer) -> AsyncIterator[RedisQuotaStore]:
         await quota.close()
 
 
-def count_round_trips(store: RedisQuotaStore, monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    """Record the size of every batch the store sends (one attempt: a pipeline, NOSCRIPT resend included)."""
-    sizes: list[int] = []
-    original = store._pipeline
-
-    async def counted(batch: list[Any]) -> list[Any]:
-        sizes.append(len(batch))
-        return await original(batch)
-
-    monkeypatch.setattr(store, "_pipeline", counted)
-    return sizes
-
-
 # -- the store itself -----------------------------------------------------------------------------
 
 
 async def test_concurrent_admissions_share_round_trips_and_stay_exact(
     store: RedisQuotaStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    sizes = count_round_trips(store, monkeypatch)
+    sizes = record_batches(store, monkeypatch)
     check = LimitCheck("rpm", "route", requests_per_minute=150)
     decisions = await asyncio.gather(*(store.admit(request(check)) for _ in range(400)))
     assert sum(d.admitted for d in decisions) == 150  # batching changes nothing about exactness
@@ -144,7 +132,7 @@ async def test_a_dead_pooled_connection_is_retried_once_on_a_fresh_one(
     check = LimitCheck("rpm", "route", requests_per_minute=100)
     await asyncio.gather(*(store.admit(request(check)) for _ in range(50)))  # several pooled connections
     redis_server.restart()
-    sizes = count_round_trips(store, monkeypatch)
+    sizes = record_batches(store, monkeypatch)
     assert (await store.admit(request(check))).admitted  # no StoreUnavailableError after the restart
     assert store.state is StoreState.UP
     assert 1 <= len(sizes) <= 2  # at most the one retry
@@ -189,7 +177,7 @@ async def test_a_paused_redis_fails_after_one_attempt(
     """Item 9.12: no answer → the store gives up after one operation timeout, without a retry."""
     check = LimitCheck("rpm", "route", requests_per_minute=100)
     assert (await store.admit(request(check))).admitted
-    sizes = count_round_trips(store, monkeypatch)
+    sizes = record_batches(store, monkeypatch)
     assert redis_server.pid is not None
     os.kill(redis_server.pid, signal.SIGSTOP)
     try:

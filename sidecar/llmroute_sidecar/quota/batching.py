@@ -62,8 +62,12 @@ class Batcher:
         workers: int,
         max_batch: int,
         on_expired: Callable[[], None] | None = None,
+        start: Callable[[list[Operation]], asyncio.Future[None] | None] | None = None,
     ) -> None:
         self._send = send
+        self._start = start
+        """Starts a batch's round trip from the submitting task (no worker, no loop turn) and returns a
+        future done once every operation is resolved; None when it cannot (then a worker sends)."""
         self._on_expired = on_expired
         self._workers = workers
         self._max_batch = max_batch
@@ -75,29 +79,45 @@ class Batcher:
         self.in_flight = 0
 
     def submit(self, operation: Operation, within: float | None = None) -> None:
-        """Queue ``operation`` for the next batch; a worker sends it at once, or, with ``within``, it
-        waits up to that many seconds to ride along with the next operation sent at once (a
-        settlement goes out with the next admission: one round trip for both)."""
+        """Queue ``operation`` for the next batch, sent at once, or, with ``within``, after waiting up
+        to that many seconds to ride along with the next operation sent at once (a settlement goes out
+        with the next admission: one round trip for both)."""
+        self._queue.append(operation)
+        if within is not None:
+            if self._lazy_timer is None:
+                self._lazy_timer = asyncio.get_running_loop().call_later(within, self._dispatch)
+            return
+        self._dispatch()
+
+    def _dispatch(self) -> None:
+        """Send what is queued: straight from here when the store can start a batch itself, else by a
+        worker. With ``workers`` batches in flight it waits: the next batch to land takes it along."""
+        if self._lazy_timer is not None:  # whatever waits goes with this batch
+            self._lazy_timer.cancel()
+            self._lazy_timer = None
+        if not self._queue or self.in_flight >= self._workers:
+            return
+        if self._start is not None:
+            batch = self._take()
+            if not batch:
+                return
+            done = self._start(batch)
+            if done is not None:
+                self.in_flight += 1
+                done.add_done_callback(self._landed)
+                return
+            self._queue.extendleft(reversed(batch))
+        self._wake_one()
+
+    def _landed(self, _: asyncio.Future[None]) -> None:
+        self.in_flight -= 1
+        self._dispatch()
+
+    def _wake_one(self) -> None:
         if not self._tasks:
             self._tasks = [
                 asyncio.create_task(self._work(), name=f"store-batcher-{n}") for n in range(self._workers)
             ]
-        self._queue.append(operation)
-        if within is not None:
-            if self._lazy_timer is None:
-                self._lazy_timer = asyncio.get_running_loop().call_later(within, self._send_lazy)
-            return
-        self._wake_one()
-
-    def _send_lazy(self) -> None:
-        self._lazy_timer = None
-        if self._queue:
-            self._wake_one()
-
-    def _wake_one(self) -> None:
-        if self._lazy_timer is not None:  # whatever waits goes with this batch
-            self._lazy_timer.cancel()
-            self._lazy_timer = None
         while self._idle:
             waiter = self._idle.pop()
             if not waiter.done():
@@ -202,15 +222,17 @@ class AnswerTimeout(TimeoutError):
         self.busy_loop = busy_loop
 
 
-class _Watch:
-    """The timer behind ``answered``: looks at the clock when the timeout is due, re-arms itself while
-    the loop was busy or Redis demonstrably answers, else cancels the awaited work.
+class AnswerWatch:
+    """Waits ``timeout`` seconds of a responsive event loop (wall time minus loop lag) for an answer,
+    then calls ``expire(busy_loop)`` once, unless ``patience()`` says Redis demonstrably answers
+    (then it waits on, up to ``limit`` seconds of wall time). ``stop`` when the answer is in.
 
-    A class, not a closure that re-arms itself: a self-referencing closure is a reference cycle that
-    keeps the awaiting task alive until the cycle collector runs; ``stop`` leaves nothing behind."""
+    A timer that re-arms itself while the loop was busy; an object, not closures: a closure that
+    re-arms itself is a reference cycle through the waiting task, left for the cycle collector.
+    """
 
     __slots__ = (
-        "deadline",
+        "expire",
         "handle",
         "lag",
         "lag0",
@@ -224,23 +246,19 @@ class _Watch:
 
     def __init__(
         self,
-        deadline: asyncio.Timeout,
         timeout: float,
         lag: LoopLag,
-        patience: Callable[[], bool] | None,
-        limit: float,
+        expire: Callable[[bool], None],
+        patience: Callable[[], bool] | None = None,
+        limit: float | None = None,
     ) -> None:
         self.loop = asyncio.get_running_loop()
         self.started, self.lag0 = time.monotonic(), lag.now()
-        self.deadline, self.timeout, self.lag, self.patience, self.limit = (
-            deadline,
-            timeout,
-            lag,
-            patience,
-            limit,
-        )
-        self.verdict: bool | None = None  # busy_loop, once the timeout has passed
-        self.handle: asyncio.TimerHandle | None = self.loop.call_later(min(timeout, limit), self.check)
+        self.timeout, self.lag, self.expire, self.patience = timeout, lag, expire, patience
+        self.limit = limit if limit is not None else timeout * 4
+        self.verdict: bool | None = None
+        """Once expired: True when the event loop, not Redis, was late (``busy_loop``)."""
+        self.handle: asyncio.TimerHandle | None = self.loop.call_later(min(timeout, self.limit), self.check)
 
     def check(self) -> None:
         wall = time.monotonic() - self.started
@@ -254,7 +272,7 @@ class _Watch:
             self.handle = self.loop.call_later(wait, self.check)
             return
         self.handle = None
-        self.deadline.reschedule(self.loop.time())  # cancels the work; raised as AnswerTimeout
+        self.expire(self.verdict)
 
     def stop(self) -> None:
         if self.handle is not None:
@@ -279,10 +297,13 @@ async def answered(
     the clock when the timeout is due and, if it has really passed, cancels ``work`` where it waits
     (redis-py and the lean transport then drop the half-read connection).
     """
-    limit = hard_limit if hard_limit is not None else timeout * 4
+    loop = asyncio.get_running_loop()
     try:
         async with asyncio.timeout(None) as deadline:
-            watch = _Watch(deadline, timeout, lag, patience, limit)
+            # Expiry cancels ``work`` where it waits; raised below as AnswerTimeout.
+            watch = AnswerWatch(
+                timeout, lag, lambda _: deadline.reschedule(loop.time()), patience, hard_limit
+            )
             try:
                 return await work
             finally:

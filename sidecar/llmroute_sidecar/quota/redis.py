@@ -29,6 +29,7 @@ import os
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlsplit
@@ -38,6 +39,7 @@ from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel
 from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, ResponseError
 
 from llmroute_sidecar.quota.base import (
@@ -55,13 +57,14 @@ from llmroute_sidecar.quota.base import (
 )
 from llmroute_sidecar.quota.batching import (
     AnswerTimeout,
+    AnswerWatch,
     Batcher,
     LoopLag,
     Operation,
     StoreBusyError,
     answered,
 )
-from llmroute_sidecar.quota.resp import RespPool, command, evalsha
+from llmroute_sidecar.quota.resp import RespConnection, RespPool, command, evalsha
 from llmroute_sidecar.quota.scripts import ADMIT, CANCEL, CHARGE, DIMENSION_CODES, SETTLE
 
 log = logging.getLogger("llmroute.quota.redis")
@@ -285,7 +288,8 @@ class RedisQuotaStore:
         self._scripts = {
             script.sha: script for script in (self._admit, self._settle, self._charge, self._cancel)
         }
-        self._batcher = Batcher(self._send, WORKERS, MAX_BATCH, on_expired=self._busy)
+        self._batcher = Batcher(self._send, WORKERS, MAX_BATCH, on_expired=self._busy, start=self._start)
+        self._closing = False
         self.state = StoreState.UP
         self._listeners: list[tuple[StateListener, Callable[[], None] | None]] = []
         self._paused_until = 0.0
@@ -377,7 +381,8 @@ class RedisQuotaStore:
         orphaned: Callable[[Any], None] | None = None,
     ) -> Any:
         """Queue one script call for the next batch and wait for its result."""
-        await self._check_paused()
+        if self.state is StoreState.DOWN:
+            await self._check_paused()
         operation = Operation(
             script.sha, script.script, list(keys), list(args), time.monotonic() + QUEUE_BUDGET_SECONDS
         )
@@ -385,29 +390,87 @@ class RedisQuotaStore:
         self._batcher.submit(operation)
         return await operation.future
 
-    async def _send(self, batch: list[Operation]) -> None:
+    def _start(self, batch: list[Operation]) -> asyncio.Future[None] | None:
+        """Write ``batch`` now, from the submitting task, on an idle lean connection: its replies are
+        handled where they are read (``_landed``), so a lone admission costs no worker's loop turns
+        and no task. None (a worker sends it) without the lean transport or an idle connection, or
+        while Redis is not known to be up; any failure is handed to the worker path's handling."""
+        if self._lean is None or self.state is not StoreState.UP or self._closing:
+            return None
+        connection = self._lean.take_idle()
+        if connection is None:
+            return None
+        sent = time.monotonic()
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        watch = AnswerWatch(
+            OPERATION_TIMEOUT,
+            self._lag,
+            lambda _: connection.fail(RedisConnectionError("no answer within the operation timeout")),
+            lambda: self._last_answer > sent,
+            QUEUE_BUDGET_SECONDS,
+        )
+        payload = b"".join([evalsha(op.sha, op.keys, op.args) for op in batch])
+        connection.send_then(payload, len(batch), partial(self._landed, batch, connection, sent, watch, done))
+        return done
+
+    def _landed(
+        self,
+        batch: list[Operation],
+        connection: RespConnection,
+        sent: float,
+        watch: AnswerWatch,
+        done: asyncio.Future[None],
+        results: list[Any],
+        error: BaseException | None,
+    ) -> None:
+        """The replies (or the failure) of a batch ``_start`` sent, where they were read."""
+        watch.stop()
+        assert self._lean is not None
+        if error is None:
+            self._lean.give_back(connection)
+            lost = [index for index, result in enumerate(results) if isinstance(result, NoScriptError)]
+            if not lost:
+                self._sent(batch, results)
+                done.set_result(None)
+                return
+            # Redis lost its scripts (a restart, SCRIPT FLUSH): the worker path loads and resends.
+            kept = [index for index in range(len(batch)) if index not in lost]
+            self._sent([batch[index] for index in kept], [results[index] for index in kept])
+            resend = self._reload_and_send([batch[index] for index in lost])
+        else:
+            self._lean.drop(connection, error)
+            if self._closing:
+                for operation in batch:
+                    operation.resolve(StoreUnavailableError("quota store closed"))
+                done.set_result(None)
+                return
+            if watch.verdict is not None:
+                self._send_failed(batch, AnswerTimeout(busy_loop=watch.verdict), sent)
+                done.set_result(None)
+                return
+            # A pooled connection of a restarted Redis, a reset: once more on a fresh connection.
+            log.info("redis round trip failed; retrying once", extra={"fields": {"error": describe(error)}})
+            self._forget_idle_connections()
+            resend = self._send(batch, retry=False)
+        self._in_background(resend).add_done_callback(lambda _: done.set_result(None))
+
+    async def _send(self, batch: list[Operation], retry: bool = True) -> None:
         """One batch: a pipelined round trip; resolves every operation, never raises."""
         sent = time.monotonic()
         try:
-            results = await self._retried(lambda: self._pipeline(batch), sent)
-        except AnswerTimeout as error:
-            if error.busy_loop or self._last_answer > sent:  # Redis answers others: back-pressure
-                self._busy()
-                for operation in batch:
-                    operation.resolve(StoreBusyError("quota store busy: this sidecar is overloaded"))
-                return
-            self._failed(error)
-            for operation in batch:
-                operation.resolve(StoreUnavailableError("redis did not answer in time"))
-            return
+            results = await self._retried(lambda: self._pipeline(batch), sent, retry)
         except Exception as error:
-            self._failed(error)
-            for operation in batch:
-                operation.resolve(StoreUnavailableError(f"redis unavailable: {describe(error)}"))
+            self._send_failed(batch, error, sent)
             return
+        self._sent(batch, results)
+
+    def _sent(self, batch: list[Operation], results: list[Any]) -> None:
+        """Resolve a batch's operations with their replies (the last first: in a batch of settlements
+        and an admission, the admission's request goes on first)."""
         self._last_answer = time.monotonic()
         self._succeeded()
-        for operation, result in zip(batch, results, strict=True):
+        for index in range(len(batch) - 1, -1, -1):
+            operation, result = batch[index], results[index]
             if isinstance(result, ResponseError):  # this command failed, the connection is fine
                 busy = str(result).startswith("BUSY")
                 if not busy:
@@ -417,6 +480,22 @@ class RedisQuotaStore:
             else:
                 operation.resolve(result)
 
+    def _send_failed(self, batch: list[Operation], error: Exception, sent: float) -> None:
+        """Resolve a batch whose round trip failed: busy when Redis answers others, else down."""
+        if isinstance(error, AnswerTimeout):
+            if error.busy_loop or self._last_answer > sent:  # Redis answers others: back-pressure
+                self._busy()
+                for operation in batch:
+                    operation.resolve(StoreBusyError("quota store busy: this sidecar is overloaded"))
+                return
+            self._failed(error)
+            for operation in batch:
+                operation.resolve(StoreUnavailableError("redis did not answer in time"))
+            return
+        self._failed(error)
+        for operation in batch:
+            operation.resolve(StoreUnavailableError(f"redis unavailable: {describe(error)}"))
+
     def _script_failed(self, error: ResponseError) -> None:
         """A script error is a bug or a misconfigured Redis, never silent: logged, at most every 10 s."""
         now = time.monotonic()
@@ -424,14 +503,19 @@ class RedisQuotaStore:
             self._script_error_logged = now
             log.error("redis script error", extra={"fields": {"error": str(error)}})
 
-    async def _retried(self, work: Callable[[], Awaitable[Any]], sent: float | None = None) -> Any:
-        """Run one round trip; once more on a fresh connection when the first one proves dead.
+    async def _retried(
+        self, work: Callable[[], Awaitable[Any]], sent: float | None = None, retry: bool = True
+    ) -> Any:
+        """Run one round trip; once more on a fresh connection when the first one proves dead (unless
+        ``retry`` is False: this is already the second attempt).
 
         With ``sent`` (a batch), a slow answer is waited for up to the queue budget while other
         round trips since ``sent`` prove that Redis answers.
         """
         patience = None if sent is None else (lambda: self._last_answer > sent)
         limit = None if sent is None else QUEUE_BUDGET_SECONDS
+        if not retry:
+            return await answered(work(), OPERATION_TIMEOUT, self._lag, patience, limit)
         try:
             return await answered(work(), OPERATION_TIMEOUT, self._lag, patience, limit)
         except AnswerTimeout:
@@ -464,17 +548,29 @@ class RedisQuotaStore:
         results = await self._evalsha(batch)
         missing = [index for index, result in enumerate(results) if isinstance(result, NoScriptError)]
         if missing:
-            for source in {batch[index].source for index in missing}:
-                if self._lean is not None:
-                    (loaded,) = await self._lean.execute(command(b"SCRIPT", b"LOAD", source), 1)
-                    if isinstance(loaded, ResponseError):
-                        raise loaded
-                else:
-                    await self.client.script_load(source)
+            await self._load_scripts({batch[index].source for index in missing})
             again = await self._evalsha([batch[index] for index in missing])
             for index, result in zip(missing, again, strict=True):
                 results[index] = result
         return results
+
+    async def _load_scripts(self, sources: set[str]) -> None:
+        for source in sources:
+            if self._lean is not None:
+                (loaded,) = await self._lean.execute(command(b"SCRIPT", b"LOAD", source), 1)
+                if isinstance(loaded, ResponseError):
+                    raise loaded
+            else:
+                await self.client.script_load(source)
+
+    async def _reload_and_send(self, batch: list[Operation]) -> None:
+        """Load the scripts Redis lost, then send ``batch`` (one attempt); resolves every operation."""
+        try:
+            await answered(self._load_scripts({op.source for op in batch}), OPERATION_TIMEOUT, self._lag)
+        except Exception as error:
+            self._send_failed(batch, error, time.monotonic())
+            return
+        await self._send(batch, retry=False)
 
     async def _evalsha(self, batch: list[Operation]) -> list[Any]:
         if self._lean is not None:
@@ -649,10 +745,11 @@ class RedisQuotaStore:
         # Slots free up in other pods too: poll at a short, bounded interval.
         await asyncio.sleep(min(timeout, 0.02))
 
-    def _in_background(self, work: Coroutine[Any, Any, Any]) -> None:
+    def _in_background(self, work: Coroutine[Any, Any, Any]) -> asyncio.Future[Any]:
         task = asyncio.ensure_future(work)
         self._background.add(task)
         task.add_done_callback(self._forget)
+        return task
 
     def _forget(self, task: asyncio.Future[Any]) -> None:
         self._background.discard(task)
@@ -662,6 +759,7 @@ class RedisQuotaStore:
             )
 
     async def close(self) -> None:
+        self._closing = True
         if self._heartbeat_task is not None:
             self._heartbeat_task.cancel()
         if self._background:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections import deque
+from collections.abc import Callable
 from typing import Any
 
 import hiredis
@@ -53,15 +54,32 @@ def _reply(value: Any) -> Any:
     return value
 
 
+#: Called with a batch's replies, or with the error that failed it, where they are read.
+OnReplies = Callable[[list[Any], BaseException | None], None]
+
+
 class _Replies:
-    """The replies one batch waits for, in order."""
+    """The replies one batch waits for, in order; delivered to its future or to ``on_done``."""
 
-    __slots__ = ("count", "future", "items")
+    __slots__ = ("count", "future", "items", "on_done")
 
-    def __init__(self, future: asyncio.Future[list[Any]], count: int) -> None:
+    def __init__(
+        self, future: asyncio.Future[list[Any]] | None, count: int, on_done: OnReplies | None
+    ) -> None:
         self.future = future
         self.count = count
         self.items: list[Any] = []
+        self.on_done = on_done
+
+    def deliver(self, error: BaseException | None = None) -> None:
+        if self.on_done is not None:
+            self.on_done(self.items, error)
+        elif self.future is not None and not self.future.done():
+            if error is None:
+                self.future.set_result(self.items)
+            else:
+                self.future.set_exception(error)
+                self.future.exception()  # the awaiting batch may be gone (cancelled): never "not retrieved"
 
 
 class RespConnection(asyncio.Protocol):
@@ -83,9 +101,18 @@ class RespConnection(asyncio.Protocol):
         if self.broken is not None or self._transport is None:
             future.set_exception(self.broken or RedisConnectionError("redis connection not open"))
             return future
-        self._waiting.append(_Replies(future, count))
+        self._waiting.append(_Replies(future, count, None))
         self._transport.write(payload)
         return future
+
+    def send_then(self, payload: bytes, count: int, on_done: OnReplies) -> None:
+        """Write ``count`` commands; ``on_done`` gets their replies in ``data_received`` itself (no
+        future, no loop turn between reading the replies and acting on them) or the failure."""
+        if self.broken is not None or self._transport is None:
+            on_done([], self.broken or RedisConnectionError("redis connection not open"))
+            return
+        self._waiting.append(_Replies(None, count, on_done))
+        self._transport.write(payload)
 
     def data_received(self, data: bytes) -> None:
         self._parser.feed(data)
@@ -108,8 +135,7 @@ class RespConnection(asyncio.Protocol):
                 return
             if len(replies.items) == replies.count:
                 self._waiting.popleft()
-                if not replies.future.done():
-                    replies.future.set_result(replies.items)
+                replies.deliver()
 
     def connection_lost(self, exc: Exception | None) -> None:
         reason = f": {type(exc).__name__}: {exc}" if exc is not None else ""
@@ -122,10 +148,7 @@ class RespConnection(asyncio.Protocol):
         if self._transport is not None:
             self._transport.close()
         while self._waiting:
-            future = self._waiting.popleft().future
-            if not future.done():
-                future.set_exception(error)
-                future.exception()  # the awaiting batch may be gone (cancelled): never "not retrieved"
+            self._waiting.popleft().deliver(error)
 
     @property
     def waiting(self) -> int:
@@ -159,19 +182,35 @@ class RespPool:
         self._idle: list[RespConnection] = []
         self._open: set[RespConnection] = set()
 
+    def take_idle(self) -> RespConnection | None:
+        """An open idle connection, now the caller's (``give_back`` or ``drop`` it); None if none."""
+        while self._idle:
+            connection = self._idle.pop()
+            if connection.broken is None:
+                return connection
+            self._open.discard(connection)
+        return None
+
+    def give_back(self, connection: RespConnection) -> None:
+        """Return a connection whose replies are all in."""
+        self._idle.append(connection)
+
+    def drop(self, connection: RespConnection, error: BaseException) -> None:
+        """Close a connection that failed or was given up on (its replies are not all in)."""
+        connection.fail(error)
+        self._open.discard(connection)
+
     async def execute(self, payload: bytes, count: int) -> list[Any]:
         """Send ``count`` pipelined commands on one connection; their replies, in order."""
-        connection = self._idle.pop() if self._idle else None
-        while connection is not None and connection.broken is not None:
-            self._open.discard(connection)
-            connection = self._idle.pop() if self._idle else None
+        connection = self.take_idle()
         if connection is None:
             connection = await self._connect()
         try:
             replies = await connection.send(payload, count)
         except BaseException as error:  # cancelled (a timeout), or the connection failed
-            connection.fail(error if isinstance(error, Exception) else RedisConnectionError("cancelled"))
-            self._open.discard(connection)
+            self.drop(
+                connection, error if isinstance(error, Exception) else RedisConnectionError("cancelled")
+            )
             raise
         self._idle.append(connection)
         return replies

@@ -1,0 +1,110 @@
+"""The Redis store's fast path: a batch written from the submitting task, its replies acted on where
+they are read (no worker task, no loop turn in between), with every guarantee of the worker path:
+an admission whose caller went away is released, lost scripts are reloaded, batches in flight stay
+bounded, a paused or restarted Redis is handled as before (``test_store_faults.py``)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+from redis import Redis
+
+from llmroute_sidecar.quota import redis as redis_store
+from llmroute_sidecar.quota.base import LimitCheck
+from llmroute_sidecar.quota.redis import RedisQuotaStore
+from tests.support.redis_procs import RedisServer
+from tests.support.store_batches import record_batches
+from tests.test_quota_redis import request
+
+
+@pytest.fixture
+async def store(redis_server: RedisServer) -> AsyncIterator[RedisQuotaStore]:
+    quota = RedisQuotaStore.from_url(redis_server.url)
+    try:
+        yield quota
+    finally:
+        await quota.close()
+
+
+async def test_sequential_admissions_need_no_worker_task(
+    store: RedisQuotaStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    check = LimitCheck("rpm", "route", requests_per_minute=100)
+    assert (await store.admit(request(check))).admitted  # opens the connection, loads the script
+    sizes = record_batches(store, monkeypatch)
+    by_worker: list[int] = []
+    pipeline = store._pipeline
+
+    async def worker_sent(batch: list[Any]) -> list[Any]:
+        by_worker.append(len(batch))
+        return await pipeline(batch)
+
+    monkeypatch.setattr(store, "_pipeline", worker_sent)
+    for _ in range(5):
+        assert (await store.admit(request(check))).admitted
+    assert sizes == [1] * 5  # one round trip each
+    assert by_worker == []  # each written from its caller's task
+
+
+async def test_an_admission_whose_caller_went_away_is_released(
+    store: RedisQuotaStore, redis_server: RedisServer
+) -> None:
+    check = LimitCheck("conc", "route", concurrent_requests=1)
+    first = await store.admit(request(check))
+    assert first.admitted and first.lease is not None
+    await store.settle(first.lease, 0)
+    caller = asyncio.create_task(store.admit(request(check)))
+    await asyncio.sleep(0)  # the caller wrote its admission and waits for the reply
+    caller.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await caller
+    client = Redis.from_url(redis_server.url)
+    try:  # admitted in Redis for nobody: released as soon as the reply is read
+        deadline = time.monotonic() + 5
+        while client.keys("*:conc"):
+            assert time.monotonic() < deadline, "the orphaned slot was never released"
+            await asyncio.sleep(0.01)
+    finally:
+        client.close()
+    assert (await store.admit(request(check))).admitted
+
+
+async def test_scripts_redis_lost_are_reloaded_once(
+    store: RedisQuotaStore, redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    check = LimitCheck("rpm", "route", requests_per_minute=100)
+    assert (await store.admit(request(check))).admitted
+    client = Redis.from_url(redis_server.url)
+    try:
+        client.script_flush()
+    finally:
+        client.close()
+    sizes = record_batches(store, monkeypatch)
+    assert (await store.admit(request(check))).admitted
+    assert sizes == [1, 1]  # NOSCRIPT, then the script loaded and the admission sent again
+
+
+async def test_a_burst_keeps_at_most_workers_batches_in_flight(
+    store: RedisQuotaStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    check = LimitCheck("rpm", "route", requests_per_minute=10_000)
+    assert (await store.admit(request(check))).admitted
+    peak = 0
+    batcher = store._batcher
+    original = batcher._landed
+
+    def landed(done: asyncio.Future[None]) -> None:
+        nonlocal peak
+        peak = max(peak, batcher.in_flight)
+        original(done)
+
+    monkeypatch.setattr(batcher, "_landed", landed)
+    sizes = record_batches(store, monkeypatch)
+    decisions = await asyncio.gather(*(store.admit(request(check)) for _ in range(300)))
+    assert all(decision.admitted for decision in decisions)
+    assert 1 <= peak <= redis_store.WORKERS
+    assert sum(sizes) == 300 and len(sizes) < 300  # shared round trips, not one each
