@@ -1,13 +1,15 @@
 """Settlement off the response path: leases are settled in the background, retried, drained on stop.
 
 ``Finisher`` hands each lease of a store that ``settles_in_background`` to the ``Settler``; the
-next request on the same keep-alive connection never waits for Redis. A round settles everything
-queued when it starts together (``settle_many``); the store shares round trips itself: Redis holds
-a round's settlements up to 5 ms to send them with the next admission (one pipelined round trip
-for both; a lease's slot and charge are corrected at most that much later, which only errs on the
-side of admitting less). A failed settlement is retried with backoff until ``GIVE_UP_SECONDS`` (its
-lease expires by then anyway), counted once in ``llmroute_store_errors_total{operation="settle"}``,
-and a settlement given up on (or still pending at shutdown) in ``llmroute_settlements_lost_total``.
+next request on the same keep-alive connection never waits for Redis. A store that queues
+settlements itself (``settle_soon``: Redis) gets each one directly, with a callback for its
+outcome, and holds it up to 5 ms to send it with the next admission (one pipelined round trip for
+both; a lease's slot and charge are corrected at most that much later, which only errs on the side
+of admitting less). Everything else, retries included, goes through the settler's task: a round
+settles everything due together (``settle_many``). A failed settlement is retried with backoff
+until ``GIVE_UP_SECONDS`` (its lease expires by then anyway), counted once in
+``llmroute_store_errors_total{operation="settle"}``, and a settlement given up on (or still
+pending at shutdown) in ``llmroute_settlements_lost_total``.
 """
 
 from __future__ import annotations
@@ -17,9 +19,10 @@ import contextlib
 import logging
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from functools import partial
+from typing import Protocol
 
 from llmroute_sidecar.metrics import SidecarMetrics
 from llmroute_sidecar.quota.base import Lease, QuotaStore
@@ -44,13 +47,25 @@ class Pending:
     due: float = 0.0
 
 
-@runtime_checkable
-class SettlesMany(Protocol):
-    """A store that settles a round's leases together (``RedisQuotaStore``)."""
+class SettleMany(Protocol):
+    """A store's ``settle_many``: a round's leases together (``RedisQuotaStore``)."""
 
-    async def settle_many(
+    async def __call__(
         self, settlements: Sequence[tuple[Lease, int, int | None]]
     ) -> list[Exception | None]: ...
+
+
+class SettleSoon(Protocol):
+    """A store's ``settle_soon``: queue one settlement, ``done`` gets None or its error later; False
+    when it cannot right now (then the settler's task settles it)."""
+
+    def __call__(
+        self,
+        lease: Lease,
+        actual_tokens: int,
+        actual_cost: int | None,
+        done: Callable[[Exception | None], None],
+    ) -> bool: ...
 
 
 class Settler:
@@ -66,6 +81,8 @@ class Settler:
         self._fresh: deque[Pending] = deque()
         self._retry: list[Pending] = []
         self._inflight: list[Pending] = []
+        self._handed: dict[int, Pending] = {}
+        """Settlements a store took directly (``settle_soon``), by id, until their outcome arrives."""
         self._wake = asyncio.Event()
         self._idle = asyncio.Event()
         self._idle.set()
@@ -74,22 +91,49 @@ class Settler:
     @property
     def pending(self) -> int:
         """Settlements not yet known to have reached their store."""
-        return len(self._fresh) + len(self._retry) + len(self._inflight)
+        return len(self._fresh) + len(self._retry) + len(self._inflight) + len(self._handed)
 
     def submit(
         self, store: QuotaStore, lease: Lease, actual_tokens: int, actual_cost: int | None = None
     ) -> None:
-        """Queue a settlement; returns at once."""
+        """Queue a settlement; returns at once. A store that takes settlements itself (``settle_soon``:
+        Redis queues it to ride with the next admission) gets it directly, without a turn of this
+        settler's task; its failures come back here to be retried like any other."""
+        item = Pending(store, lease, actual_tokens, time.monotonic(), actual_cost)
+        self._idle.clear()
+        settle_soon: SettleSoon | None = getattr(store, "settle_soon", None)
+        if settle_soon is not None:
+            self._handed[id(item)] = item
+            try:
+                taken = settle_soon(lease, actual_tokens, actual_cost, partial(self._outcome, item))
+            except BaseException:
+                self._handed.pop(id(item), None)
+                raise
+            if taken:
+                return
+            self._handed.pop(id(item), None)
         if self._task is None:
             self._task = asyncio.create_task(self._run(), name="settler")
-        self._fresh.append(Pending(store, lease, actual_tokens, time.monotonic(), actual_cost))
-        self._idle.clear()
+        self._fresh.append(item)
         self._wake.set()
+
+    def _outcome(self, item: Pending, error: Exception | None) -> None:
+        """What became of a settlement handed to its store: done, or retried by the task."""
+        if self._handed.pop(id(item), None) is None:
+            return  # closed meanwhile: already counted lost
+        if error is not None:
+            _first_failure(item, error)
+            self._failed(item)
+            if self._task is None:
+                self._task = asyncio.create_task(self._run(), name="settler")
+            self._wake.set()  # the task waits for the retry's due time
+        elif not (self._fresh or self._retry or self._inflight or self._handed):
+            self._idle.set()
 
     async def _run(self) -> None:
         while True:
             if not self._fresh:
-                if not self._retry:
+                if not self._retry and not self._handed:
                     self._idle.set()
                 due = min((item.due for item in self._retry), default=None)
                 timeout = None if due is None else max(0.0, due - time.monotonic())
@@ -119,9 +163,9 @@ class Settler:
         outcomes = [False] * len(batch)
         jobs = []
         for indexes in by_store.values():
-            store = batch[indexes[0]].store
-            if isinstance(store, SettlesMany):
-                jobs.append(self._many(store, [batch[i] for i in indexes], indexes, outcomes))
+            settle_many: SettleMany | None = getattr(batch[indexes[0]].store, "settle_many", None)
+            if settle_many is not None:
+                jobs.append(self._many(settle_many, [batch[i] for i in indexes], indexes, outcomes))
             else:
                 jobs.extend(self._one(batch[i], i, outcomes) for i in indexes)
         if len(jobs) == 1:  # the usual round (one store): no task and no gather around it
@@ -131,13 +175,11 @@ class Settler:
         return outcomes
 
     async def _many(
-        self, store: SettlesMany, items: list[Pending], indexes: list[int], outcomes: list[bool]
+        self, settle_many: SettleMany, items: list[Pending], indexes: list[int], outcomes: list[bool]
     ) -> None:
         errors: list[Exception | None]
         try:
-            errors = await store.settle_many(
-                [(item.lease, item.actual_tokens, item.actual_cost) for item in items]
-            )
+            errors = await settle_many([(item.lease, item.actual_tokens, item.actual_cost) for item in items])
         except Exception as escaped:  # a store that let something escape: every item failed
             errors = [escaped] * len(items)
         for index, item, failure in zip(indexes, items, errors, strict=True):
@@ -192,8 +234,9 @@ class Settler:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
-        self._lost([*self._inflight, *self._fresh, *self._retry], "shutting down")
+        self._lost([*self._inflight, *self._fresh, *self._retry, *self._handed.values()], "shutting down")
         self._inflight = []
+        self._handed.clear()
         self._fresh.clear()
         self._retry = []
         self._idle.set()

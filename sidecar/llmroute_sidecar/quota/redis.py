@@ -673,6 +673,28 @@ class RedisQuotaStore:
                 raise result
         return outcomes
 
+    def settle_soon(
+        self,
+        lease: Lease,
+        actual_tokens: int,
+        actual_cost: int | None,
+        done: Callable[[Exception | None], None],
+    ) -> bool:
+        """Queue one settlement to ride with the next admission (or go alone within 5 ms) and return;
+        ``done`` gets None or its error once Redis answered. False while Redis is down (the caller's
+        settler then waits out the pause and retries it)."""
+        if self.state is StoreState.DOWN:
+            return False
+        operation = self._settle_operation(
+            lease, actual_tokens, actual_cost, time.monotonic() + QUEUE_BUDGET_SECONDS
+        )
+        if operation is None:
+            done(None)
+            return True
+        operation.future.add_done_callback(partial(_report_outcome, done))
+        self._batcher.submit(operation, within=SETTLE_WITHIN_SECONDS)
+        return True
+
     def _settle_operation(
         self, lease: Lease, actual_tokens: int, actual_cost: int | None, deadline: float
     ) -> Operation | None:
@@ -799,6 +821,15 @@ class RedisQuotaStore:
         pipe.zcard(key)
         results = await pipe.execute()
         return max(1, int(results[-1]))
+
+
+def _report_outcome(done: Callable[[Exception | None], None], future: asyncio.Future[Any]) -> None:
+    """A queued settlement's outcome to its ``done``: None, or the error (never raised)."""
+    if future.cancelled():
+        done(StoreUnavailableError("settlement cancelled"))
+        return
+    error = future.exception()
+    done(error if error is None or isinstance(error, Exception) else StoreUnavailableError(repr(error)))
 
 
 def _decision(
