@@ -76,22 +76,27 @@ class Batcher:
         """One waiter per idle worker: a submission wakes one of them, not all."""
         self._tasks: list[asyncio.Task[None]] = []
         self._lazy_timer: asyncio.TimerHandle | None = None
+        self._dispatch_due = False
         self.in_flight = 0
 
     def submit(self, operation: Operation, within: float | None = None) -> None:
-        """Queue ``operation`` for the next batch, sent at once, or, with ``within``, after waiting up
-        to that many seconds to ride along with the next operation sent at once (a settlement goes out
-        with the next admission: one round trip for both)."""
+        """Queue ``operation`` for the next batch, sent as soon as the callbacks of this loop turn ran
+        (everything they submit shares it), or, with ``within``, after waiting up to that many seconds
+        to ride along with the next operation sent (a settlement goes out with the next admission:
+        one round trip for both)."""
         self._queue.append(operation)
         if within is not None:
             if self._lazy_timer is None:
                 self._lazy_timer = asyncio.get_running_loop().call_later(within, self._dispatch)
             return
-        self._dispatch()
+        if not self._dispatch_due:  # sent once this loop turn's callbacks ran: they all go together
+            self._dispatch_due = True
+            asyncio.get_running_loop().call_soon(self._dispatch)
 
     def _dispatch(self) -> None:
         """Send what is queued: straight from here when the store can start a batch itself, else by a
         worker. With ``workers`` batches in flight it waits: the next batch to land takes it along."""
+        self._dispatch_due = False
         if self._lazy_timer is not None:  # whatever waits goes with this batch
             self._lazy_timer.cancel()
             self._lazy_timer = None
