@@ -89,7 +89,9 @@ class Batcher:
             if self._lazy_timer is None:
                 self._lazy_timer = asyncio.get_running_loop().call_later(within, self._dispatch)
             return
-        if not self._dispatch_due:  # sent once this loop turn's callbacks ran: they all go together
+        if self.in_flight == 0:  # nothing out: no reason to wait, nothing to share the round trip with
+            self._dispatch()
+        elif not self._dispatch_due:  # busy: sent once this loop turn's callbacks ran, together
             self._dispatch_due = True
             asyncio.get_running_loop().call_soon(self._dispatch)
 
