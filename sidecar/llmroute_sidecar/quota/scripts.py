@@ -162,8 +162,12 @@ for i = 1, n do
     else
       remaining = limit - count - 1
     end
-    local newest = redis.call('ZRANGE', key, -1, -1, 'WITHSCORES')
-    if pass == 1 then reset = window elseif newest[2] then reset = tonumber(newest[2]) + window - now end
+    if pass == 1 then
+      reset = window
+    else
+      local newest = redis.call('ZRANGE', key, -1, -1, 'WITHSCORES')
+      if newest[2] then reset = tonumber(newest[2]) + window - now end
+    end
   elseif dim == 3 then
     local total = prune_tokens(key, hkey, MINUTE)
     if total + tokens > limit then
@@ -178,11 +182,11 @@ for i = 1, n do
     else
       remaining = limit - total - tokens
     end
-    local newest = redis.call('ZRANGE', key, -1, -1, 'WITHSCORES')
     if pass == 1 and tokens > 0 then
       reset = MINUTE
-    elseif newest[2] then
-      reset = tonumber(newest[2]) + MINUTE - now
+    else
+      local newest = redis.call('ZRANGE', key, -1, -1, 'WITHSCORES')
+      if newest[2] then reset = tonumber(newest[2]) + MINUTE - now end
     end
   elseif dim == 4 then
     redis.call('ZREMRANGEBYSCORE', key, '-inf', '(' .. now)
