@@ -7,7 +7,6 @@ take the same decisions for the same sequence. Process-level tests are in test_f
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -25,22 +24,13 @@ from llmroute_sidecar.quota.base import (
 from llmroute_sidecar.quota.memory import MemoryQuotaStore
 from llmroute_sidecar.quota.redis import RedisQuotaStore, key_prefix
 from tests.support.redis_procs import RedisServer, SentinelProcess
-from tests.support.store_batches import record_batches
+from tests.support.redis_store import record_batches, redis_quota_store  # noqa: F401 (fixture)
 
 
 def request(
     *checks: LimitCheck, tokens: int = 0, lease: float = 30.0, route: str = "ns/r"
 ) -> AdmissionRequest:
     return AdmissionRequest(route=route, checks=checks, tokens=tokens, lease_seconds=lease)
-
-
-@pytest.fixture
-async def store(redis_server: RedisServer) -> AsyncIterator[RedisQuotaStore]:
-    quota = RedisQuotaStore.from_url(redis_server.url)
-    try:
-        yield quota
-    finally:
-        await quota.close()
 
 
 async def test_exactly_n_requests_per_minute_then_exact_retry_after(store: RedisQuotaStore) -> None:

@@ -6,10 +6,11 @@ bounded, a paused or restarted Redis is handled as before (``test_store_faults.p
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import time
-from collections.abc import AsyncIterator
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -17,21 +18,12 @@ from redis import Redis
 
 from llmroute_sidecar.metrics import SidecarMetrics
 from llmroute_sidecar.quota import redis as redis_store
-from llmroute_sidecar.quota.base import LimitCheck
+from llmroute_sidecar.quota.base import Lease, LimitCheck
 from llmroute_sidecar.quota.redis import RedisQuotaStore
 from llmroute_sidecar.settlement import Settler
 from tests.support.redis_procs import RedisServer
-from tests.support.store_batches import record_batches
+from tests.support.redis_store import record_batches, redis_quota_store  # noqa: F401 (fixture)
 from tests.test_quota_redis import request
-
-
-@pytest.fixture
-async def store(redis_server: RedisServer) -> AsyncIterator[RedisQuotaStore]:
-    quota = RedisQuotaStore.from_url(redis_server.url)
-    try:
-        yield quota
-    finally:
-        await quota.close()
 
 
 async def test_sequential_admissions_need_no_worker_task(
@@ -117,13 +109,29 @@ async def test_a_burst_keeps_at_most_workers_batches_in_flight(
 # -- settlements handed straight to the store -----------------------------------------------------
 
 
+@contextlib.contextmanager
+def paused(redis_server: RedisServer) -> Iterator[None]:
+    """Redis stopped (SIGSTOP): connections stay open, nothing is answered; resumed on exit."""
+    assert redis_server.pid is not None
+    os.kill(redis_server.pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        os.kill(redis_server.pid, signal.SIGCONT)
+
+
+async def held_slot(store: RedisQuotaStore) -> Lease:
+    """The lease of an admission holding the one slot of a concurrency limit."""
+    decision = await store.admit(request(LimitCheck("conc", "route", concurrent_requests=1)))
+    assert decision.lease is not None
+    return decision.lease
+
+
 async def test_a_settlement_goes_to_the_store_without_a_turn_of_the_settlers_task(
     store: RedisQuotaStore, redis_server: RedisServer
 ) -> None:
     settler = Settler(SidecarMetrics())
-    decision = await store.admit(request(LimitCheck("conc", "route", concurrent_requests=1)))
-    assert decision.lease is not None
-    settler.submit(store, decision.lease, 0)
+    settler.submit(store, await held_slot(store), 0)
     assert settler.pending == 1
     assert await settler.drain(5)
     assert settler.pending == 0 and settler._task is None  # the store took it; no task was needed
@@ -140,17 +148,13 @@ async def test_a_handed_settlement_redis_did_not_answer_is_retried_until_it_land
 ) -> None:
     metrics = SidecarMetrics()
     settler = Settler(metrics)
-    decision = await store.admit(request(LimitCheck("conc", "route", concurrent_requests=1)))
-    assert decision.lease is not None and redis_server.pid is not None
-    os.kill(redis_server.pid, signal.SIGSTOP)
-    try:
-        settler.submit(store, decision.lease, 0)
+    lease = await held_slot(store)
+    with paused(redis_server):
+        settler.submit(store, lease, 0)
         deadline = time.monotonic() + 10
         while metrics.store_errors_total.labels("ns/r", "settle")._value.get() < 1:  # timed out once
             assert time.monotonic() < deadline, "the settlement never failed against a paused Redis"
             await asyncio.sleep(0.02)
-    finally:
-        os.kill(redis_server.pid, signal.SIGCONT)
     assert await settler.drain(10)  # retried by the settler's task once Redis answers again
     assert metrics.settlements_lost_total.labels("ns/r")._value.get() == 0
     assert (await store.admit(request(LimitCheck("conc", "route", concurrent_requests=1)))).admitted
@@ -162,15 +166,11 @@ async def test_a_handed_settlement_pending_at_shutdown_is_counted_lost_once(
 ) -> None:
     metrics = SidecarMetrics()
     settler = Settler(metrics)
-    decision = await store.admit(request(LimitCheck("conc", "route", concurrent_requests=1)))
-    assert decision.lease is not None and redis_server.pid is not None
-    os.kill(redis_server.pid, signal.SIGSTOP)
-    try:
-        settler.submit(store, decision.lease, 0)
+    lease = await held_slot(store)
+    with paused(redis_server):
+        settler.submit(store, lease, 0)
         await settler.close()  # still waiting for Redis
         assert metrics.settlements_lost_total.labels("ns/r")._value.get() == 1
-    finally:
-        os.kill(redis_server.pid, signal.SIGCONT)
     deadline = time.monotonic() + 10
     while store._batcher._queue or store._batcher.in_flight:  # sent, then its outcome arrives
         assert time.monotonic() < deadline, "the settlement's batch never landed"

@@ -13,7 +13,7 @@ import os
 import signal
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -31,8 +31,8 @@ from llmroute_sidecar.quota.memory import MemoryQuotaStore
 from llmroute_sidecar.quota.redis import OPERATION_TIMEOUT, RedisQuotaStore
 from llmroute_sidecar.settlement import Settler
 from tests.support.redis_procs import RedisServer, ping
+from tests.support.redis_store import record_batches, redis_quota_store  # noqa: F401 (fixture)
 from tests.support.sidecar_procs import MockUpstream, SidecarProcess, hold_stream, start, wait_for
-from tests.support.store_batches import record_batches
 from tests.test_quota_redis import request
 from tests.test_sidecar_proxy import CHAT, chat_body, write_route
 
@@ -100,15 +100,6 @@ def redis_sidecar(
 ) -> SidecarProcess:
     route = write_route(tmp_path / "r.yaml", mock.url, **{"limits": PER_TENANT, **spec})
     return start(sidecars, route, "--redis", redis.url)
-
-
-@pytest.fixture
-async def store(redis_server: RedisServer) -> AsyncIterator[RedisQuotaStore]:
-    quota = RedisQuotaStore.from_url(redis_server.url)
-    try:
-        yield quota
-    finally:
-        await quota.close()
 
 
 # -- the store itself -----------------------------------------------------------------------------

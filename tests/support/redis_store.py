@@ -1,13 +1,27 @@
-"""Count the batches a Redis quota store sends (one per attempt), whichever path sends them."""
+"""A Redis quota store for tests: the ``store`` fixture on a private redis-server, and a count of
+the batches it sends (one per attempt), whichever path sends them."""
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
 
 from llmroute_sidecar.quota.redis import RedisQuotaStore
+from tests.support.redis_procs import RedisServer
+
+
+@pytest.fixture(name="store")
+async def redis_quota_store(redis_server: RedisServer) -> AsyncIterator[RedisQuotaStore]:
+    """``store``: a Redis quota store on the test's redis-server, closed afterwards. Import it into a
+    test module (``from tests.support.redis_store import redis_quota_store``) to use it there."""
+    quota = RedisQuotaStore.from_url(redis_server.url)
+    try:
+        yield quota
+    finally:
+        await quota.close()
 
 
 def record_batches(store: RedisQuotaStore, monkeypatch: pytest.MonkeyPatch) -> list[int]:
