@@ -18,7 +18,7 @@ from redis import Redis
 
 from llmroute_sidecar.metrics import SidecarMetrics
 from llmroute_sidecar.quota import redis as redis_store
-from llmroute_sidecar.quota.base import Lease, LimitCheck
+from llmroute_sidecar.quota.base import Lease, LimitCheck, StoreUnavailableError
 from llmroute_sidecar.quota.redis import RedisQuotaStore
 from llmroute_sidecar.settlement import Settler
 from tests.support.redis_procs import RedisServer
@@ -176,3 +176,19 @@ async def test_a_handed_settlement_pending_at_shutdown_is_counted_lost_once(
         assert time.monotonic() < deadline, "the settlement's batch never landed"
         await asyncio.sleep(0.02)
     assert metrics.settlements_lost_total.labels("ns/r")._value.get() == 1 and settler.pending == 0
+
+
+async def test_a_failure_handling_replies_fails_the_callers_instead_of_stranding_them(
+    store: RedisQuotaStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    check = LimitCheck("rpm", "route", requests_per_minute=100)
+    assert (await store.admit(request(check))).admitted
+
+    def broken(batch: list[Any], results: list[Any]) -> None:
+        raise RuntimeError("a bug in reply handling")
+
+    monkeypatch.setattr(store, "_sent", broken)
+    with pytest.raises(StoreUnavailableError):
+        await asyncio.wait_for(store.admit(request(check)), 5)
+    monkeypatch.undo()
+    assert (await store.admit(request(check))).admitted  # the store goes on

@@ -423,7 +423,27 @@ class RedisQuotaStore:
         results: list[Any],
         error: BaseException | None,
     ) -> None:
-        """The replies (or the failure) of a batch ``_start`` sent, where they were read."""
+        """The replies (or the failure) of a batch ``_start`` sent, where they were read (inside the
+        connection's ``data_received``: whatever goes wrong here must not leave a caller waiting)."""
+        try:
+            self._land(batch, connection, sent, watch, done, results, error)
+        except Exception as failure:  # a bug: fail the batch's callers rather than strand them
+            log.error("redis batch handling failed", exc_info=failure)
+            for operation in batch:
+                operation.resolve(StoreUnavailableError(f"quota store error: {failure!r}"))
+            if not done.done():
+                done.set_result(None)
+
+    def _land(
+        self,
+        batch: list[Operation],
+        connection: RespConnection,
+        sent: float,
+        watch: AnswerWatch,
+        done: asyncio.Future[None],
+        results: list[Any],
+        error: BaseException | None,
+    ) -> None:
         watch.stop()
         assert self._lean is not None
         if error is None:
