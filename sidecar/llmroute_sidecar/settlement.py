@@ -104,17 +104,21 @@ class Settler:
         settle_soon: SettleSoon | None = getattr(store, "settle_soon", None)
         if settle_soon is not None:
             self._handed[id(item)] = item
+            taken = False
             try:
                 taken = settle_soon(lease, actual_tokens, actual_cost, partial(self._outcome, item))
-            except BaseException:
-                self._handed.pop(id(item), None)
-                raise
+            finally:
+                if not taken:
+                    self._handed.pop(id(item), None)
             if taken:
                 return
-            self._handed.pop(id(item), None)
+        self._fresh.append(item)
+        self._wake_task()
+
+    def _wake_task(self) -> None:
+        """Start the settler's task if needed and have it look at its queues."""
         if self._task is None:
             self._task = asyncio.create_task(self._run(), name="settler")
-        self._fresh.append(item)
         self._wake.set()
 
     def _outcome(self, item: Pending, error: Exception | None) -> None:
@@ -124,16 +128,14 @@ class Settler:
         if error is not None:
             _first_failure(item, error)
             self._failed(item)
-            if self._task is None:
-                self._task = asyncio.create_task(self._run(), name="settler")
-            self._wake.set()  # the task waits for the retry's due time
-        elif not (self._fresh or self._retry or self._inflight or self._handed):
+            self._wake_task()  # the task waits for the retry's due time
+        elif self.pending == 0:
             self._idle.set()
 
     async def _run(self) -> None:
         while True:
             if not self._fresh:
-                if not self._retry and not self._handed:
+                if self.pending == 0:
                     self._idle.set()
                 due = min((item.due for item in self._retry), default=None)
                 timeout = None if due is None else max(0.0, due - time.monotonic())

@@ -99,9 +99,7 @@ class Batcher:
         """Send what is queued: straight from here when the store can start a batch itself, else by a
         worker. With ``workers`` batches in flight it waits: the next batch to land takes it along."""
         self._dispatch_due = False
-        if self._lazy_timer is not None:  # whatever waits goes with this batch
-            self._lazy_timer.cancel()
-            self._lazy_timer = None
+        self._cancel_lazy()  # whatever waits goes with this batch
         if not self._queue or self.in_flight >= self._workers:
             return
         if self._start is not None:
@@ -173,10 +171,13 @@ class Batcher:
             batch.append(operation)
         return batch
 
-    async def close(self) -> None:
+    def _cancel_lazy(self) -> None:
         if self._lazy_timer is not None:
             self._lazy_timer.cancel()
             self._lazy_timer = None
+
+    async def close(self) -> None:
+        self._cancel_lazy()
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:

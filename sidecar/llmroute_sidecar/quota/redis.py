@@ -288,7 +288,8 @@ class RedisQuotaStore:
         self._scripts = {
             script.sha: script for script in (self._admit, self._settle, self._charge, self._cancel)
         }
-        self._batcher = Batcher(self._send, WORKERS, MAX_BATCH, on_expired=self._busy, start=self._start)
+        start = self._start if self._lean is not None else None  # only the lean transport writes at once
+        self._batcher = Batcher(self._send, WORKERS, MAX_BATCH, on_expired=self._busy, start=start)
         self._closing = False
         self.state = StoreState.UP
         self._listeners: list[tuple[StateListener, Callable[[], None] | None]] = []
@@ -409,8 +410,9 @@ class RedisQuotaStore:
             lambda: self._last_answer > sent,
             QUEUE_BUDGET_SECONDS,
         )
-        payload = b"".join([evalsha(op.sha, op.keys, op.args) for op in batch])
-        connection.send_then(payload, len(batch), partial(self._landed, batch, connection, sent, watch, done))
+        connection.send_then(
+            _payload(batch), len(batch), partial(self._landed, batch, connection, sent, watch, done)
+        )
         return done
 
     def _landed(
@@ -426,53 +428,39 @@ class RedisQuotaStore:
         """The replies (or the failure) of a batch ``_start`` sent, where they were read (inside the
         connection's ``data_received``: whatever goes wrong here must not leave a caller waiting)."""
         try:
-            self._land(batch, connection, sent, watch, done, results, error)
+            watch.stop()
+            assert self._lean is not None
+            if error is None:
+                self._lean.give_back(connection)
+                lost = [index for index, result in enumerate(results) if isinstance(result, NoScriptError)]
+                if not lost:
+                    self._sent(batch, results)
+                    done.set_result(None)
+                    return
+                # Redis lost its scripts (a restart, SCRIPT FLUSH): the worker path loads and resends.
+                kept = [index for index in range(len(batch)) if index not in lost]
+                self._sent([batch[index] for index in kept], [results[index] for index in kept])
+                resend = self._reload_and_send([batch[index] for index in lost])
+            else:
+                self._lean.drop(connection, error)
+                if self._closing:
+                    for operation in batch:
+                        operation.resolve(StoreUnavailableError("quota store closed"))
+                    done.set_result(None)
+                    return
+                if watch.verdict is not None:
+                    self._send_failed(batch, AnswerTimeout(busy_loop=watch.verdict), sent)
+                    done.set_result(None)
+                    return
+                self._retrying(error)  # a pooled connection of a restarted Redis, a reset
+                resend = self._send(batch, retry=False)
+            self._in_background(resend).add_done_callback(lambda _: done.set_result(None))
         except Exception as failure:  # a bug: fail the batch's callers rather than strand them
             log.error("redis batch handling failed", exc_info=failure)
             for operation in batch:
                 operation.resolve(StoreUnavailableError(f"quota store error: {failure!r}"))
             if not done.done():
                 done.set_result(None)
-
-    def _land(
-        self,
-        batch: list[Operation],
-        connection: RespConnection,
-        sent: float,
-        watch: AnswerWatch,
-        done: asyncio.Future[None],
-        results: list[Any],
-        error: BaseException | None,
-    ) -> None:
-        watch.stop()
-        assert self._lean is not None
-        if error is None:
-            self._lean.give_back(connection)
-            lost = [index for index, result in enumerate(results) if isinstance(result, NoScriptError)]
-            if not lost:
-                self._sent(batch, results)
-                done.set_result(None)
-                return
-            # Redis lost its scripts (a restart, SCRIPT FLUSH): the worker path loads and resends.
-            kept = [index for index in range(len(batch)) if index not in lost]
-            self._sent([batch[index] for index in kept], [results[index] for index in kept])
-            resend = self._reload_and_send([batch[index] for index in lost])
-        else:
-            self._lean.drop(connection, error)
-            if self._closing:
-                for operation in batch:
-                    operation.resolve(StoreUnavailableError("quota store closed"))
-                done.set_result(None)
-                return
-            if watch.verdict is not None:
-                self._send_failed(batch, AnswerTimeout(busy_loop=watch.verdict), sent)
-                done.set_result(None)
-                return
-            # A pooled connection of a restarted Redis, a reset: once more on a fresh connection.
-            log.info("redis round trip failed; retrying once", extra={"fields": {"error": describe(error)}})
-            self._forget_idle_connections()
-            resend = self._send(batch, retry=False)
-        self._in_background(resend).add_done_callback(lambda _: done.set_result(None))
 
     async def _send(self, batch: list[Operation], retry: bool = True) -> None:
         """One batch: a pipelined round trip; resolves every operation, never raises."""
@@ -534,16 +522,21 @@ class RedisQuotaStore:
         """
         patience = None if sent is None else (lambda: self._last_answer > sent)
         limit = None if sent is None else QUEUE_BUDGET_SECONDS
-        if not retry:
-            return await answered(work(), OPERATION_TIMEOUT, self._lag, patience, limit)
         try:
             return await answered(work(), OPERATION_TIMEOUT, self._lag, patience, limit)
         except AnswerTimeout:
             raise
         except Exception as error:  # refused, reset, a pooled connection of a restarted Redis
-            log.info("redis round trip failed; retrying once", extra={"fields": {"error": describe(error)}})
-            self._forget_idle_connections()
+            if not retry:
+                raise
+            self._retrying(error)
         return await answered(work(), OPERATION_TIMEOUT, self._lag, patience, limit)
+
+    def _retrying(self, error: BaseException) -> None:
+        """A round trip failed on a connection that may belong to a restarted Redis: the next attempt
+        goes on a fresh one."""
+        log.info("redis round trip failed; retrying once", extra={"fields": {"error": describe(error)}})
+        self._forget_idle_connections()
 
     def _forget_idle_connections(self) -> None:
         """Take the idle pooled connections out of the pool (they may all belong to a dead Redis).
@@ -594,8 +587,7 @@ class RedisQuotaStore:
 
     async def _evalsha(self, batch: list[Operation]) -> list[Any]:
         if self._lean is not None:
-            payload = b"".join([evalsha(op.sha, op.keys, op.args) for op in batch])
-            return await self._lean.execute(payload, len(batch))
+            return await self._lean.execute(_payload(batch), len(batch))
         if len(batch) == 1:  # a lone operation skips the pipeline object (about a quarter of the cost)
             (operation,) = batch
             try:
@@ -841,6 +833,11 @@ class RedisQuotaStore:
         pipe.zcard(key)
         results = await pipe.execute()
         return max(1, int(results[-1]))
+
+
+def _payload(batch: list[Operation]) -> bytes:
+    """A batch as one write: ``EVALSHA`` per operation, in RESP."""
+    return b"".join([evalsha(op.sha, op.keys, op.args) for op in batch])
 
 
 def _report_outcome(done: Callable[[Exception | None], None], future: asyncio.Future[Any]) -> None:

@@ -22,6 +22,7 @@ import asyncio
 import contextlib
 from collections import deque
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import hiredis
@@ -59,27 +60,25 @@ OnReplies = Callable[[list[Any], BaseException | None], None]
 
 
 class _Replies:
-    """The replies one batch waits for, in order; delivered to its future or to ``on_done``."""
+    """The replies one batch waits for, in order, and who gets them."""
 
-    __slots__ = ("count", "future", "items", "on_done")
+    __slots__ = ("count", "items", "on_done")
 
-    def __init__(
-        self, future: asyncio.Future[list[Any]] | None, count: int, on_done: OnReplies | None
-    ) -> None:
-        self.future = future
+    def __init__(self, count: int, on_done: OnReplies) -> None:
         self.count = count
         self.items: list[Any] = []
         self.on_done = on_done
 
-    def deliver(self, error: BaseException | None = None) -> None:
-        if self.on_done is not None:
-            self.on_done(self.items, error)
-        elif self.future is not None and not self.future.done():
-            if error is None:
-                self.future.set_result(self.items)
-            else:
-                self.future.set_exception(error)
-                self.future.exception()  # the awaiting batch may be gone (cancelled): never "not retrieved"
+
+def _into_future(future: asyncio.Future[list[Any]], items: list[Any], error: BaseException | None) -> None:
+    """``send``'s delivery: the replies, or the failure, into the batch's future."""
+    if future.done():  # the awaiting batch is gone (cancelled)
+        return
+    if error is None:
+        future.set_result(items)
+    else:
+        future.set_exception(error)
+        future.exception()  # the awaiting batch may go away before reading it: never "not retrieved"
 
 
 class RespConnection(asyncio.Protocol):
@@ -98,11 +97,7 @@ class RespConnection(asyncio.Protocol):
     def send(self, payload: bytes, count: int) -> asyncio.Future[list[Any]]:
         """Write ``count`` commands (already RESP); the future resolves to their ``count`` replies."""
         future: asyncio.Future[list[Any]] = asyncio.get_running_loop().create_future()
-        if self.broken is not None or self._transport is None:
-            future.set_exception(self.broken or RedisConnectionError("redis connection not open"))
-            return future
-        self._waiting.append(_Replies(future, count, None))
-        self._transport.write(payload)
+        self.send_then(payload, count, partial(_into_future, future))
         return future
 
     def send_then(self, payload: bytes, count: int, on_done: OnReplies) -> None:
@@ -111,7 +106,7 @@ class RespConnection(asyncio.Protocol):
         if self.broken is not None or self._transport is None:
             on_done([], self.broken or RedisConnectionError("redis connection not open"))
             return
-        self._waiting.append(_Replies(None, count, on_done))
+        self._waiting.append(_Replies(count, on_done))
         self._transport.write(payload)
 
     def data_received(self, data: bytes) -> None:
@@ -135,7 +130,7 @@ class RespConnection(asyncio.Protocol):
                 return
             if len(replies.items) == replies.count:
                 self._waiting.popleft()
-                replies.deliver()
+                replies.on_done(replies.items, None)
 
     def connection_lost(self, exc: Exception | None) -> None:
         reason = f": {type(exc).__name__}: {exc}" if exc is not None else ""
@@ -148,7 +143,8 @@ class RespConnection(asyncio.Protocol):
         if self._transport is not None:
             self._transport.close()
         while self._waiting:
-            self._waiting.popleft().deliver(error)
+            replies = self._waiting.popleft()
+            replies.on_done(replies.items, error)
 
     @property
     def waiting(self) -> int:
