@@ -10,7 +10,7 @@ import contextlib
 import os
 import signal
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import pytest
@@ -127,6 +127,19 @@ async def held_slot(store: RedisQuotaStore) -> Lease:
     return decision.lease
 
 
+@contextlib.asynccontextmanager
+async def settling_while_paused(
+    store: RedisQuotaStore, redis_server: RedisServer
+) -> AsyncIterator[tuple[Settler, SidecarMetrics]]:
+    """A held slot's settlement handed to a settler while Redis is paused (resumed on exit)."""
+    metrics = SidecarMetrics()
+    settler = Settler(metrics)
+    lease = await held_slot(store)
+    with paused(redis_server):
+        settler.submit(store, lease, 0)
+        yield settler, metrics
+
+
 async def test_a_settlement_goes_to_the_store_without_a_turn_of_the_settlers_task(
     store: RedisQuotaStore, redis_server: RedisServer
 ) -> None:
@@ -146,11 +159,7 @@ async def test_a_settlement_goes_to_the_store_without_a_turn_of_the_settlers_tas
 async def test_a_handed_settlement_redis_did_not_answer_is_retried_until_it_lands(
     store: RedisQuotaStore, redis_server: RedisServer
 ) -> None:
-    metrics = SidecarMetrics()
-    settler = Settler(metrics)
-    lease = await held_slot(store)
-    with paused(redis_server):
-        settler.submit(store, lease, 0)
+    async with settling_while_paused(store, redis_server) as (settler, metrics):
         deadline = time.monotonic() + 10
         while metrics.store_errors_total.labels("ns/r", "settle")._value.get() < 1:  # timed out once
             assert time.monotonic() < deadline, "the settlement never failed against a paused Redis"
@@ -164,11 +173,7 @@ async def test_a_handed_settlement_redis_did_not_answer_is_retried_until_it_land
 async def test_a_handed_settlement_pending_at_shutdown_is_counted_lost_once(
     store: RedisQuotaStore, redis_server: RedisServer
 ) -> None:
-    metrics = SidecarMetrics()
-    settler = Settler(metrics)
-    lease = await held_slot(store)
-    with paused(redis_server):
-        settler.submit(store, lease, 0)
+    async with settling_while_paused(store, redis_server) as (settler, metrics):
         await settler.close()  # still waiting for Redis
         assert metrics.settlements_lost_total.labels("ns/r")._value.get() == 1
     deadline = time.monotonic() + 10
