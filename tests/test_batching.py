@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import time
+from typing import Any
 
-from llmroute_sidecar.quota.batching import Batcher, Operation
+import pytest
+
+from llmroute_sidecar.quota.batching import AnswerWatch, Batcher, LoopLag, Operation, WatchTimer
 
 
 def operation(name: str) -> Operation:
@@ -58,3 +61,81 @@ async def test_closing_fails_what_still_waits() -> None:
     await batcher.close()
     assert waiting.future.done() and isinstance(waiting.future.exception(), Exception)
     assert recorder.batches == []
+
+
+class Timers:
+    """Counts the timers the running loop arms (``call_later``) for callbacks of one name."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, callback_name: str) -> None:
+        self.armed = 0
+        loop = asyncio.get_running_loop()
+        original = loop.call_later
+
+        def counted(delay: float, callback: Any, *args: Any, **kwargs: Any) -> asyncio.TimerHandle:
+            self.armed += getattr(callback, "__name__", "") == callback_name
+            return original(delay, callback, *args, **kwargs)
+
+        monkeypatch.setattr(loop, "call_later", counted)
+
+
+async def test_one_lazy_timer_serves_a_stream_of_waiting_operations(monkeypatch: pytest.MonkeyPatch) -> None:
+    recorder = Recorder()
+    batcher = Batcher(recorder.send, workers=2, max_batch=10)
+    timers = Timers(monkeypatch, "_lazy_due")
+    try:
+        for n in range(50):  # a settlement, then the next request's admission takes it along
+            settle, admit = operation(f"settle{n}"), operation(f"admit{n}")
+            batcher.submit(settle, within=5.0)
+            batcher.submit(admit)
+            await asyncio.wait_for(asyncio.gather(settle.future, admit.future), 2)
+        assert len(recorder.batches) == 50 and all(len(batch) == 2 for batch in recorder.batches)
+        assert timers.armed == 1  # armed once, not once per settlement (nor cancelled each time)
+    finally:
+        await batcher.close()
+
+
+async def test_a_lazy_operation_queued_late_waits_its_own_time(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The kept timer fires for an operation already sent: one queued since is not sent early with
+    it (it waits for company for its own ``within``) but re-arms the timer and still goes alone."""
+    recorder = Recorder()
+    batcher = Batcher(recorder.send, workers=2, max_batch=10)
+    try:
+        first, admit = operation("first"), operation("admit")
+        batcher.submit(first, within=0.2)
+        batcher.submit(admit)  # takes "first" along; the timer stays armed
+        await asyncio.wait_for(asyncio.gather(first.future, admit.future), 2)
+        late = operation("late")
+        batcher.submit(late, within=0.2)
+        assert batcher._lazy_since is not None
+        batcher._lazy_since = time.monotonic()  # as if queued just now, whenever the timer fires
+        batcher._lazy_due(0.2)  # the timer armed for "first"
+        assert not late.future.done() and batcher._lazy_timer is not None
+        assert await asyncio.wait_for(late.future, 2) == "late"
+        assert recorder.batches == [["first", "admit"], ["late"]]
+    finally:
+        await batcher.close()
+
+
+def _watch(
+    timer: WatchTimer, lag: LoopLag, expired: asyncio.Queue[str], name: str, timeout: float
+) -> AnswerWatch:
+    return AnswerWatch(timeout, lag, lambda busy: expired.put_nowait(name), timer=timer)
+
+
+async def test_a_watch_timer_arms_one_timer_for_many_watches(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Round trips answered in time cost no timer of their own; one that is not still expires."""
+    lag, timer = LoopLag(), WatchTimer()
+    lag.now()  # its ticking task runs from here on, without our counting
+    timers = Timers(monkeypatch, "_fire")
+    expired: asyncio.Queue[str] = asyncio.Queue()
+    try:
+        for n in range(100):  # answered: stopped before their time
+            _watch(timer, lag, expired, f"ok{n}", 5.0).stop()
+        assert timers.armed == 1
+        silent = _watch(timer, lag, expired, "silent", 0.05)  # earlier than the armed timer: re-armed
+        assert timers.armed == 2
+        assert await asyncio.wait_for(expired.get(), 5) == "silent"
+        assert silent.verdict is False and expired.empty()  # Redis, not the loop, was late
+    finally:
+        timer.close()
+        await lag.close()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import prometheus_client
+import pytest
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -117,3 +119,54 @@ def test_uses_a_given_registry() -> None:
     metrics.ready.labels("r").set(1)
     assert metrics.registry is registry
     assert registry.get_sample_value("llmroute_ready", {"route": "r"}) == 1
+
+
+def _samples(registry: CollectorRegistry) -> list[tuple[str, dict[str, str], float]]:
+    found = []
+    for family in registry.collect():
+        found += [(s.name, s.labels, s.value) for s in family.samples if not s.name.endswith("_created")]
+    return found
+
+
+def test_lock_free_children_expose_what_prometheus_client_would() -> None:
+    """Our children keep plain values and bisect their buckets; the exposition must not change: the
+    same observations give the same samples as prometheus_client's own classes, on the edges too."""
+    ours = SidecarMetrics()
+    theirs = CollectorRegistry()
+    histogram = prometheus_client.Histogram(
+        "llmroute_request_duration_seconds",
+        "d",
+        ["route", "outcome"],
+        buckets=LATENCY_BUCKETS,
+        registry=theirs,
+    )
+    counter = prometheus_client.Counter("llmroute_tokens_total", "t", ["route", "kind"], registry=theirs)
+    gauge = prometheus_client.Gauge("llmroute_inflight_requests", "i", ["route"], registry=theirs)
+    for value in (0, 0.01, 0.0100001, 0.3, 300, 301, 1e9, -1, 5, 5):
+        for h in (ours.request_duration_seconds, histogram):
+            h.labels("r", "ok").observe(value)
+    for amount in (1, 0, 2.5, 7):
+        for c in (ours.tokens_total, counter):
+            c.labels("r", "prompt").inc(amount)
+    for g in (ours.inflight_requests, gauge):
+        child = g.labels("r")
+        child.inc()
+        child.inc(3)
+        child.dec()
+        child.set(10)
+        child.dec(4)
+    names = {"llmroute_request_duration_seconds", "llmroute_tokens", "llmroute_inflight_requests"}
+    mine = [s for s in _samples(ours.registry) if any(s[0].startswith(n) for n in names)]
+    assert sorted(mine, key=repr) == sorted(_samples(theirs), key=repr)
+
+
+def test_lock_free_metrics_keep_prometheus_client_errors() -> None:
+    metrics = SidecarMetrics()
+    with pytest.raises(ValueError, match="missing label values"):
+        metrics.requests_total.inc()
+    with pytest.raises(ValueError, match="missing label values"):
+        metrics.request_duration_seconds.observe(1)
+    with pytest.raises(ValueError, match="missing label values"):
+        metrics.inflight_requests.set(1)
+    with pytest.raises(ValueError, match="non-negative"):
+        metrics.tokens_total.labels("r", "prompt").inc(-1)

@@ -93,10 +93,10 @@ async def test_a_burst_keeps_at_most_workers_batches_in_flight(
     batcher = store._batcher
     original = batcher._landed
 
-    def landed(done: asyncio.Future[None]) -> None:
+    def landed() -> None:
         nonlocal peak
         peak = max(peak, batcher.in_flight)
-        original(done)
+        original()
 
     monkeypatch.setattr(batcher, "_landed", landed)
     sizes = record_batches(store, monkeypatch)

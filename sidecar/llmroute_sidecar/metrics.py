@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+from bisect import bisect_left
 from typing import Any, TypeVar
 
 import prometheus_client
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest, values
 
 #: Latency buckets for LLM calls: from cache-hit fast to multi-minute generations.
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300)
@@ -74,16 +75,104 @@ class _BoundChildren:
         super().clear()  # type: ignore[misc]
 
 
+class _Plain:
+    """A sample's value without a lock (prometheus_client takes one per ``inc``): the sidecar updates
+    and renders its metrics on its event loop's thread only."""
+
+    __slots__ = ("_exemplar", "_value")
+
+    def __init__(self) -> None:
+        self._value = 0.0
+        self._exemplar: Any = None
+
+    def inc(self, amount: float) -> None:
+        self._value += amount
+
+    def set(self, value: float, timestamp: float | None = None) -> None:
+        self._value = value
+
+    def get(self) -> float:
+        return self._value
+
+    def set_exemplar(self, exemplar: Any) -> None:
+        self._exemplar = exemplar
+
+    def get_exemplar(self) -> Any:
+        return self._exemplar
+
+
+#: Plain values only where prometheus_client would use its in-process locked value (not in its
+#: multiprocess mode, whose values live in shared files).
+_PLAIN = values.ValueClass is values.MutexValue
+
+
 class Counter(_BoundChildren, prometheus_client.Counter):
-    """A Counter whose labelled children are bound once."""
+    """A Counter whose labelled children are bound once and count without a lock."""
+
+    def _metric_init(self) -> None:
+        super()._metric_init()
+        if _PLAIN:
+            self._value = _Plain()
+
+    def inc(self, amount: float = 1, exemplar: dict[str, str] | None = None) -> None:
+        if amount >= 0 and not exemplar and _PLAIN:
+            try:
+                self._value._value += amount
+                return
+            except AttributeError:  # a labelled parent: prometheus_client says what is wrong
+                pass
+        super().inc(amount, exemplar)
 
 
 class Gauge(_BoundChildren, prometheus_client.Gauge):
-    """A Gauge whose labelled children are bound once."""
+    """A Gauge whose labelled children are bound once and move without a lock."""
+
+    def _metric_init(self) -> None:
+        super()._metric_init()
+        if _PLAIN:
+            self._value = _Plain()
+
+    def set(self, value: float) -> None:
+        plain = getattr(self, "_value", None)  # none on a labelled parent
+        if type(plain) is _Plain:
+            plain._value = float(value)
+        else:
+            super().set(value)
+
+    def inc(self, amount: float = 1) -> None:
+        plain = getattr(self, "_value", None)
+        if type(plain) is _Plain:
+            plain._value += amount
+        else:
+            super().inc(amount)
+
+    def dec(self, amount: float = 1) -> None:
+        self.inc(-amount)
 
 
 class Histogram(_BoundChildren, prometheus_client.Histogram):
-    """A Histogram whose labelled children are bound once."""
+    """A Histogram whose labelled children are bound once, observe without a lock and find their
+    bucket by bisection."""
+
+    def _metric_init(self) -> None:
+        super()._metric_init()
+        if _PLAIN:
+            self._sum = _Plain()
+            self._buckets = [_Plain() for _ in self._upper_bounds]
+
+    def observe(self, amount: float, exemplar: dict[str, str] | None = None) -> None:
+        if not exemplar and _PLAIN:
+            try:
+                self._sum._value += amount
+            except AttributeError:  # a labelled parent: prometheus_client says what is wrong
+                super().observe(amount)
+                return
+            bounds = self._upper_bounds
+            index = bisect_left(bounds, amount)
+            if index < len(bounds) and amount <= bounds[index]:  # NaN lands in no bucket, as upstream
+                self._buckets[index]._value += 1
+            return
+        super().observe(amount, exemplar)
 
 
 class SidecarMetrics:

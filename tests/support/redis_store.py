@@ -3,8 +3,7 @@ the batches it sends (one per attempt), whichever path sends them."""
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import pytest
@@ -35,11 +34,11 @@ def record_batches(store: RedisQuotaStore, monkeypatch: pytest.MonkeyPatch) -> l
         sizes.append(len(batch))
         return await pipeline(batch)
 
-    def started(batch: list[Any]) -> asyncio.Future[None] | None:
-        done = start(batch)
-        if done is not None:
+    def started(batch: list[Any], landed: Callable[[], None]) -> bool:
+        sent = start(batch, landed)
+        if sent:
             sizes.append(len(batch))
-        return done
+        return sent
 
     monkeypatch.setattr(store, "_pipeline", counted)
     monkeypatch.setattr(store._batcher, "_start", started)

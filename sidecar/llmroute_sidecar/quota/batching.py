@@ -22,6 +22,8 @@ T = TypeVar("T")
 
 #: Shortest wait between two looks at an operation that is still running.
 LAG_TOLERANCE = 0.05
+#: A lazy operation this close to its wait is sent rather than waited for again.
+LAZY_SLACK = 0.0002
 
 
 class StoreBusyError(StoreUnavailableError):
@@ -62,12 +64,12 @@ class Batcher:
         workers: int,
         max_batch: int,
         on_expired: Callable[[], None] | None = None,
-        start: Callable[[list[Operation]], asyncio.Future[None] | None] | None = None,
+        start: Callable[[list[Operation], Callable[[], None]], bool] | None = None,
     ) -> None:
         self._send = send
         self._start = start
-        """Starts a batch's round trip from the submitting task (no worker, no loop turn) and returns a
-        future done once every operation is resolved; None when it cannot (then a worker sends)."""
+        """Starts a batch's round trip from the submitting task (no worker, no loop turn) and calls its
+        second argument once every operation is resolved; False when it cannot (then a worker sends)."""
         self._on_expired = on_expired
         self._workers = workers
         self._max_batch = max_batch
@@ -76,6 +78,8 @@ class Batcher:
         """One waiter per idle worker: a submission wakes one of them, not all."""
         self._tasks: list[asyncio.Task[None]] = []
         self._lazy_timer: asyncio.TimerHandle | None = None
+        self._lazy_since: float | None = None
+        """When the oldest operation queued with ``within`` was queued, while any waits."""
         self._dispatch_due = False
         self.in_flight = 0
 
@@ -86,8 +90,12 @@ class Batcher:
         one round trip for both)."""
         self._queue.append(operation)
         if within is not None:
+            # One timer for a stream of lazy operations, not one per operation: it stays armed when a
+            # batch takes them along and, when it fires, waits on for whatever was queued since.
+            if self._lazy_since is None:
+                self._lazy_since = time.monotonic()
             if self._lazy_timer is None:
-                self._lazy_timer = asyncio.get_running_loop().call_later(within, self._dispatch)
+                self._lazy_timer = asyncio.get_running_loop().call_later(within, self._lazy_due, within)
             return
         if self.in_flight == 0:  # nothing out: no reason to wait, nothing to share the round trip with
             self._dispatch()
@@ -99,23 +107,32 @@ class Batcher:
         """Send what is queued: straight from here when the store can start a batch itself, else by a
         worker. With ``workers`` batches in flight it waits: the next batch to land takes it along."""
         self._dispatch_due = False
-        self._cancel_lazy()  # whatever waits goes with this batch
         if not self._queue or self.in_flight >= self._workers:
             return
         if self._start is not None:
             batch = self._take()
             if not batch:
                 return
-            done = self._start(batch)
-            if done is not None:
-                self.in_flight += 1
-                done.add_done_callback(self._landed)
+            self.in_flight += 1
+            if self._start(batch, self._landed):
                 return
+            self.in_flight -= 1
             self._queue.extendleft(reversed(batch))
         self._wake_one()
 
-    def _landed(self, _: asyncio.Future[None]) -> None:
+    def _landed(self) -> None:
         self.in_flight -= 1
+        self._dispatch()
+
+    def _lazy_due(self, within: float) -> None:
+        """The lazy timer fired: send what waited ``within`` (or nearly), else wait for the rest."""
+        self._lazy_timer = None
+        if self._lazy_since is None:  # taken along by a batch meanwhile
+            return
+        wait = self._lazy_since + within - time.monotonic()
+        if wait > LAZY_SLACK:
+            self._lazy_timer = asyncio.get_running_loop().call_later(wait, self._lazy_due, within)
+            return
         self._dispatch()
 
     def _wake_one(self) -> None:
@@ -133,6 +150,7 @@ class Batcher:
         """Fail every operation not yet sent (the store just went down: no point waiting)."""
         while self._queue:
             self._queue.popleft().resolve(error())
+        self._lazy_since = None
 
     async def _work(self) -> None:
         while True:
@@ -169,15 +187,14 @@ class Batcher:
                     self._on_expired()
                 continue
             batch.append(operation)
+        if not self._queue:
+            self._lazy_since = None
         return batch
 
-    def _cancel_lazy(self) -> None:
+    async def close(self) -> None:
         if self._lazy_timer is not None:
             self._lazy_timer.cancel()
             self._lazy_timer = None
-
-    async def close(self) -> None:
-        self._cancel_lazy()
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
@@ -235,11 +252,13 @@ class AnswerWatch:
     then calls ``expire(busy_loop)`` once, unless ``patience()`` says Redis demonstrably answers
     (then it waits on, up to ``limit`` seconds of wall time). ``stop`` when the answer is in.
 
-    A timer that re-arms itself while the loop was busy; an object, not closures: a closure that
-    re-arms itself is a reference cycle through the waiting task, left for the cycle collector.
+    Looked at by its own timer, or by a ``WatchTimer`` shared with other watches. An object, not
+    closures: a closure that re-arms itself is a reference cycle through the waiting task, left for
+    the cycle collector.
     """
 
     __slots__ = (
+        "due",
         "expire",
         "handle",
         "lag",
@@ -249,6 +268,7 @@ class AnswerWatch:
         "patience",
         "started",
         "timeout",
+        "timer",
         "verdict",
     )
 
@@ -259,33 +279,93 @@ class AnswerWatch:
         expire: Callable[[bool], None],
         patience: Callable[[], bool] | None = None,
         limit: float | None = None,
+        timer: WatchTimer | None = None,
     ) -> None:
-        self.loop = asyncio.get_running_loop()
         self.started, self.lag0 = time.monotonic(), lag.now()
         self.timeout, self.lag, self.expire, self.patience = timeout, lag, expire, patience
         self.limit = limit if limit is not None else timeout * 4
         self.verdict: bool | None = None
         """Once expired: True when the event loop, not Redis, was late (``busy_loop``)."""
-        self.handle: asyncio.TimerHandle | None = self.loop.call_later(min(timeout, self.limit), self.check)
+        self.due = self.started + min(timeout, self.limit)
+        """Monotonic time of the next look at the clock."""
+        self.timer = timer
+        self.handle: asyncio.TimerHandle | None = None
+        if timer is not None:
+            timer.add(self)
+        else:
+            self.loop = asyncio.get_running_loop()
+            self.handle = self.loop.call_later(self.due - self.started, self.check)
 
     def check(self) -> None:
-        wall = time.monotonic() - self.started
+        """Its own timer fired."""
+        self.handle = None
+        if self.look():
+            self.handle = self.loop.call_later(self.due - time.monotonic(), self.check)
+
+    def look(self) -> bool:
+        """Look at the clock: True while it waits on (``due`` moved), else it expired (once)."""
+        now = time.monotonic()
+        wall = now - self.started
         responsive = wall - (self.lag.now() - self.lag0)
         if wall >= self.limit:
             self.verdict = True
         elif responsive >= self.timeout and (self.patience is None or not self.patience()):
             self.verdict = wall - responsive > self.timeout / 2
         else:
-            wait = min(max(self.timeout - responsive, LAG_TOLERANCE), self.limit - wall)
-            self.handle = self.loop.call_later(wait, self.check)
-            return
-        self.handle = None
+            self.due = now + min(max(self.timeout - responsive, LAG_TOLERANCE), self.limit - wall)
+            return True
         self.expire(self.verdict)
+        return False
 
     def stop(self) -> None:
         if self.handle is not None:
             self.handle.cancel()
             self.handle = None
+        if self.timer is not None:
+            self.timer.discard(self)
+
+
+class WatchTimer:
+    """One timer looking at many ``AnswerWatch``es when they are due: a store's round trips, each
+    far shorter than its timeout, add and drop a watch instead of arming and cancelling a timer each
+    (a timer costs more than the rest of a round trip's bookkeeping, and cancelled timers stay in
+    the event loop's heap until their time)."""
+
+    def __init__(self) -> None:
+        self._watches: set[AnswerWatch] = set()
+        self._handle: asyncio.TimerHandle | None = None
+        self._due = 0.0
+
+    def add(self, watch: AnswerWatch) -> None:
+        self._watches.add(watch)
+        if self._handle is None or watch.due < self._due:
+            self._arm(watch.due)
+
+    def discard(self, watch: AnswerWatch) -> None:
+        self._watches.discard(watch)
+
+    def _arm(self, due: float) -> None:
+        if self._handle is not None:
+            self._handle.cancel()
+        self._due = due
+        self._handle = asyncio.get_running_loop().call_later(max(0.0, due - time.monotonic()), self._fire)
+
+    def _fire(self) -> None:
+        self._handle = None
+        now = time.monotonic()
+        for watch in [watch for watch in self._watches if watch.due <= now]:
+            if not watch.look():
+                self._watches.discard(watch)
+        if self._watches:  # a watch added meanwhile may have armed the timer for later
+            due = min(watch.due for watch in self._watches)
+            if self._handle is None or due < self._due:
+                self._arm(due)
+
+    def close(self) -> None:
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
+        self._watches.clear()
 
 
 async def answered(

@@ -62,6 +62,7 @@ from llmroute_sidecar.quota.batching import (
     LoopLag,
     Operation,
     StoreBusyError,
+    WatchTimer,
     answered,
 )
 from llmroute_sidecar.quota.resp import RespConnection, RespPool, command, evalsha
@@ -301,6 +302,8 @@ class RedisQuotaStore:
         self._heartbeat_task: asyncio.Task[None] | None = None
         self._background: set[asyncio.Task[Any]] = set()
         self._lag = LoopLag()
+        self._watches = WatchTimer()
+        """Looks at the lean batches' answer timeouts (one timer for all of them)."""
         self._last_answer = 0.0
         self._script_error_logged = -SCRIPT_ERROR_LOG_SECONDS
 
@@ -391,29 +394,30 @@ class RedisQuotaStore:
         self._batcher.submit(operation)
         return await operation.future
 
-    def _start(self, batch: list[Operation]) -> asyncio.Future[None] | None:
+    def _start(self, batch: list[Operation], landed: Callable[[], None]) -> bool:
         """Write ``batch`` now, from the submitting task, on an idle lean connection: its replies are
-        handled where they are read (``_landed``), so a lone admission costs no worker's loop turns
-        and no task. None (a worker sends it) without the lean transport or an idle connection, or
-        while Redis is not known to be up; any failure is handed to the worker path's handling."""
+        handled where they are read (``_landed``, which calls ``landed`` once every operation is
+        resolved), so a lone admission costs no worker's loop turns and no task. False (a worker
+        sends it) without the lean transport or an idle connection, or while Redis is not known to be
+        up; any failure is handed to the worker path's handling."""
         if self._lean is None or self.state is not StoreState.UP or self._closing:
-            return None
+            return False
         connection = self._lean.take_idle()
         if connection is None:
-            return None
+            return False
         sent = time.monotonic()
-        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         watch = AnswerWatch(
             OPERATION_TIMEOUT,
             self._lag,
             lambda _: connection.fail(RedisConnectionError("no answer within the operation timeout")),
             lambda: self._last_answer > sent,
             QUEUE_BUDGET_SECONDS,
+            self._watches,
         )
         connection.send_then(
-            _payload(batch), len(batch), partial(self._landed, batch, connection, sent, watch, done)
+            _payload(batch), len(batch), partial(self._landed, batch, connection, sent, watch, landed)
         )
-        return done
+        return True
 
     def _landed(
         self,
@@ -421,12 +425,13 @@ class RedisQuotaStore:
         connection: RespConnection,
         sent: float,
         watch: AnswerWatch,
-        done: asyncio.Future[None],
+        landed: Callable[[], None],
         results: list[Any],
         error: BaseException | None,
     ) -> None:
         """The replies (or the failure) of a batch ``_start`` sent, where they were read (inside the
         connection's ``data_received``: whatever goes wrong here must not leave a caller waiting)."""
+        resend: Coroutine[Any, Any, None] | None = None
         try:
             watch.stop()
             assert self._lean is not None
@@ -435,32 +440,31 @@ class RedisQuotaStore:
                 lost = [index for index, result in enumerate(results) if isinstance(result, NoScriptError)]
                 if not lost:
                     self._sent(batch, results)
-                    done.set_result(None)
-                    return
-                # Redis lost its scripts (a restart, SCRIPT FLUSH): the worker path loads and resends.
-                kept = [index for index in range(len(batch)) if index not in lost]
-                self._sent([batch[index] for index in kept], [results[index] for index in kept])
-                resend = self._reload_and_send([batch[index] for index in lost])
+                else:  # Redis lost its scripts (a restart, SCRIPT FLUSH): the worker path loads and resends
+                    kept = [index for index in range(len(batch)) if index not in lost]
+                    self._sent([batch[index] for index in kept], [results[index] for index in kept])
+                    resend = self._reload_and_send([batch[index] for index in lost])
             else:
                 self._lean.drop(connection, error)
                 if self._closing:
                     for operation in batch:
                         operation.resolve(StoreUnavailableError("quota store closed"))
-                    done.set_result(None)
-                    return
-                if watch.verdict is not None:
+                elif watch.verdict is not None:
                     self._send_failed(batch, AnswerTimeout(busy_loop=watch.verdict), sent)
-                    done.set_result(None)
-                    return
-                self._retrying(error)  # a pooled connection of a restarted Redis, a reset
-                resend = self._send(batch, retry=False)
-            self._in_background(resend).add_done_callback(lambda _: done.set_result(None))
+                else:
+                    self._retrying(error)  # a pooled connection of a restarted Redis, a reset
+                    resend = self._send(batch, retry=False)
         except Exception as failure:  # a bug: fail the batch's callers rather than strand them
             log.error("redis batch handling failed", exc_info=failure)
             for operation in batch:
                 operation.resolve(StoreUnavailableError(f"quota store error: {failure!r}"))
-            if not done.done():
-                done.set_result(None)
+            if resend is not None:
+                resend.close()
+                resend = None
+        if resend is None:
+            landed()
+        else:
+            self._in_background(resend).add_done_callback(lambda _: landed())
 
     async def _send(self, batch: list[Operation], retry: bool = True) -> None:
         """One batch: a pipelined round trip; resolves every operation, never raises."""
@@ -800,6 +804,7 @@ class RedisQuotaStore:
             await asyncio.wait(set(self._background), timeout=OPERATION_TIMEOUT * 2)
         await self._batcher.close()
         await self._lag.close()
+        self._watches.close()
         if self._lean is not None:
             await self._lean.close()
         close = getattr(self.client, "aclose", None) or self.client.close
