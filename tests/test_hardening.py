@@ -195,6 +195,47 @@ def test_slow_header_connections_are_closed_while_normal_clients_are_served(
             sock.close()
 
 
+def _read_response(sock: socket.socket) -> bytes:
+    """One response to a GET (Content-Length framed) from a kept-alive socket."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        data += sock.recv(65536) or b""
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = next(
+        int(v)
+        for k, _, v in (line.partition(b":") for line in head.split(b"\r\n"))
+        if k.lower() == b"content-length"
+    )
+    while len(body) < length:
+        body += sock.recv(65536)
+    return head
+
+
+def test_a_kept_alive_connection_outlives_its_header_timeout_and_still_gets_one(
+    tmp_path: Path, mock: MockUpstream, sidecars: list[SidecarProcess]
+) -> None:
+    """One header timer per connection, kept armed across its requests: requests on one connection
+    for longer than the timeout are all served; the next request's headers, left unfinished, still
+    get the 408 once the timeout passes."""
+    sidecar = start(sidecars, _route(tmp_path, mock), "--header-timeout", "1")
+    with socket.create_connection(("127.0.0.1", sidecar.port), timeout=10) as sock:
+        started = time.monotonic()
+        served = 0
+        while time.monotonic() - started < 2.5:  # paced requests, each well within the timeout
+            sock.sendall(b"GET /v1/models HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert _read_response(sock).startswith(b"HTTP/1.1 200")
+            served += 1
+            time.sleep(0.2)  # pacing: the traffic under test, not synchronisation
+        assert served >= 8
+        sock.sendall(b"GET /v1/models HTTP/1.1\r\nHost: x\r\n")  # headers never finish
+        sock.settimeout(10)
+        rest = b""
+        while chunk := sock.recv(65536):
+            rest += chunk
+    assert rest.startswith(b"HTTP/1.1 408") and b"header_timeout" in rest
+    assert sidecar.metric("llmroute_connections_rejected_total", reason="header_timeout") == 1
+
+
 async def test_connections_beyond_the_cap_are_refused_while_open_ones_work(
     tmp_path: Path, mock: MockUpstream, sidecars: list[SidecarProcess]
 ) -> None:

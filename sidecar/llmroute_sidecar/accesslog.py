@@ -166,13 +166,15 @@ class AccessLog:
     def write(self, record: AccessRecord) -> None:
         if not self._log.isEnabledFor(logging.INFO):
             return
-        fields = {name: getattr(record, name) for name in _ACCESS_FIELDS}
-        fields["path"] = strip_query(record.path)
+        path = record.path
+        if "?" in path or "#" in path:
+            record = dataclasses.replace(record, path=strip_query(path))
         handler = self._direct_handler()
         if handler is None:
+            fields = {name: getattr(record, name) for name in _ACCESS_FIELDS}
             self._log.info("access", extra={"fields": fields})
             return
-        encoded = orjson.dumps(fields, default=str).decode()
+        encoded = orjson.dumps(record, default=str).decode()  # its fields in order, as the dict
         self._pending.append('{"ts":"' + self._timestamp() + '",' + _ACCESS_HEAD + encoded[1:] + "\n")
         if self._pending_handler is None:
             self._pending_handler = handler

@@ -66,12 +66,14 @@ def raw_error(status: int, reason: str, code: str, message: str, kind: str) -> b
 class GuardedHandler(RequestHandler):
     """``RequestHandler`` with a header-read timeout, a connection cap and JSON parse errors."""
 
-    __slots__ = ("_admitted", "_guard", "_header_timer", "_seen_requests")
+    __slots__ = ("_admitted", "_guard", "_header_timer", "_headers_due", "_seen_requests")
 
     def __init__(self, manager: web.Server, guard: ConnectionGuard, **kwargs: Any) -> None:
         super().__init__(manager, **kwargs)
         self._guard = guard
         self._header_timer: asyncio.TimerHandle | None = None
+        self._headers_due: float | None = None
+        """When the awaited request's headers are due (loop time); None while none is awaited."""
         self._admitted = False
         self._seen_requests = 0
 
@@ -97,7 +99,7 @@ class GuardedHandler(RequestHandler):
         if not self._admitted:
             return
         self._admitted = False
-        self._disarm()
+        self._stop_timer()
         self._guard.release()
         super().connection_lost(exc)
 
@@ -143,17 +145,31 @@ class GuardedHandler(RequestHandler):
     # -- header timer ----------------------------------------------------------------------------
 
     def _arm(self) -> None:
-        self._disarm()
+        """The next request's headers are due within the timeout. One timer per connection, kept
+        armed across its requests (a request's headers cost no timer of their own): when it fires
+        early it waits on for the current due time."""
         if self._guard.header_timeout > 0:
-            self._header_timer = self._loop.call_later(self._guard.header_timeout, self._headers_late)
+            self._headers_due = self._loop.time() + self._guard.header_timeout
+            if self._header_timer is None:
+                self._header_timer = self._loop.call_at(self._headers_due, self._headers_late)
 
     def _disarm(self) -> None:
+        self._headers_due = None
+
+    def _stop_timer(self) -> None:
+        self._headers_due = None
         if self._header_timer is not None:
             self._header_timer.cancel()
             self._header_timer = None
 
     def _headers_late(self) -> None:
         self._header_timer = None
+        due = self._headers_due
+        if due is None:  # headers came; the next request re-arms it
+            return
+        if self._loop.time() < due:
+            self._header_timer = self._loop.call_at(due, self._headers_late)
+            return
         if self._messages or self._request_in_progress or self.transport is None:
             return
         self._guard.metrics.connections_rejected_total.labels(self._guard.listener, "header_timeout").inc()

@@ -180,10 +180,11 @@ class Relay:
         beat = self.settings.heartbeat_seconds if is_sse else timeout
         watch = _Watchdog(timeout, beat)
         clock = watch.clock
+        lean = content if isinstance(content, UpstreamResponse) else None  # knows if a read would wait
         try:
             while True:
-                if watch.handle is None:
-                    watch.arm()
+                if watch.handle is None and not (lean is not None and lean.ready()):
+                    watch.arm()  # only a read that may wait needs it: a body already in needs none
                 watch.reading = True
                 try:
                     chunk = await content.readany()

@@ -154,6 +154,10 @@ class UpstreamResponse:
                 self._conn.transport.resume_reading()
         return data
 
+    def ready(self) -> bool:
+        """``readany`` would return at once (body bytes, the end or an error are in)."""
+        return bool(self._chunks) or self._eof or self._error is not None
+
     def at_eof(self) -> bool:
         """The whole body is in and has been read (as aiohttp's ``StreamReader.at_eof``)."""
         return self._eof and not self._chunks and self._error is None
