@@ -14,6 +14,8 @@ from llmroute_sidecar.openai.sse import (
     SSEParser,
     SSEStream,
     StreamUsage,
+    _any_streamed_chars,
+    _streamed_chars,
     is_terminal_event,
     without_injected_usage,
 )
@@ -132,3 +134,27 @@ def test_any_stream_split_anywhere(picks: list[bytes], cuts: list[int], strip: b
     edges = sorted({0, len(body), *(cut % (len(body) + 1) for cut in cuts)})
     same([body[a:b] for a, b in itertools.pairwise(edges) if b > a], strip)
     same(list(picks), strip)  # one event per read: the usual case
+
+
+@pytest.mark.parametrize(
+    "document",
+    [
+        {"choices": [{"index": 0, "delta": {"content": "héllo\n"}}]},
+        {"choices": [{"index": 0, "delta": {"role": "assistant"}}]},
+        {"choices": [{"index": 0, "delta": {"content": None}, "finish_reason": "stop"}]},
+        {
+            "choices": [
+                {"index": 0, "delta": {"content": "a", "tool_calls": [{"function": {"arguments": "{}"}}]}}
+            ]
+        },
+        {"choices": [{"index": 0, "text": "legacy"}]},
+        {"choices": [{"delta": {"content": "one"}}, {"delta": {"content": "two"}}]},
+        {"choices": [], "usage": {"prompt_tokens": 1, "completion_tokens": 2, "total_tokens": 3}},
+        {"choices": ["odd"]},
+        {"choices": [{"delta": "odd"}]},
+        {"type": "response.output_text.delta", "delta": "abc"},
+        {"delta": "x", "choices": [{"delta": {"content": "yz"}}]},
+    ],
+)
+def test_streamed_chars_fast_path_counts_as_the_full_walk(document: dict[str, Any]) -> None:
+    assert _streamed_chars(document) == _any_streamed_chars(document)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime
+import itertools
 import json
 import socket
 import ssl
@@ -17,6 +18,8 @@ from pathlib import Path
 import aiohttp
 import pytest
 from aiohttp import web
+from hypothesis import given
+from hypothesis import strategies as st
 from multidict import CIMultiDict
 
 from llmroute_operator import certs
@@ -783,3 +786,19 @@ async def test_https_with_a_trusted_private_ca(tls_files: tuple[Path, Path, Path
                 await get(default_trust, f"https://localhost:{port}/")
     finally:
         tls_server.close()
+
+
+@given(
+    chunks=st.lists(st.binary(min_size=1, max_size=40), max_size=8),
+    cuts=st.lists(st.integers(min_value=0, max_value=400), max_size=6),
+)
+def test_chunked_decoding_any_split(chunks: list[bytes], cuts: list[int]) -> None:
+    """Whatever the chunks (CR and LF inside them too) and wherever the reads split the wire, the
+    body comes out whole and the end is seen exactly at the last chunk."""
+    wire = b"".join(b"%x\r\n%s\r\n" % (len(chunk), chunk) for chunk in chunks) + b"0\r\n\r\n"
+    points = sorted({min(cut, len(wire)) for cut in cuts} | {0, len(wire)})
+    decoder, out, total = ChunkedDecoder(), list[bytes](), 0
+    for start, stop in itertools.pairwise(points):
+        total += decoder.feed(wire[start:stop], out)
+    assert decoder.done and not decoder.extra
+    assert b"".join(out) == b"".join(chunks) and total == sum(map(len, chunks))

@@ -32,7 +32,7 @@ import work  # noqa: E402  (bench/work.py)
 #: upstream client, upstream_client.py; one-pass admission and rate-limit headers; per-check caches);
 #: Redis store JSON ~1,240 (the lean transport, quota/resp.py, RESP packed by hiredis; a lone batch
 #: written from the caller's task and settlements handed straight to the store's queue).
-BUDGET = {("memory", False): 1_090, ("memory", True): 1_890, ("redis", False): 1_430}
+BUDGET = {("memory", False): 960, ("memory", True): 1_500, ("redis", False): 1_250}
 #: Commands our scripts run inside Redis (``INFO commandstats`` counts them too).
 SCRIPT_COMMANDS = {
     name.lower()

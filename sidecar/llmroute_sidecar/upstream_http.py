@@ -218,6 +218,12 @@ class ChunkedDecoder:
                         size = _SIZES[line]
                     except KeyError:
                         size = _chunk_size(line)
+                    stop = pos + size
+                    if size and data[stop : stop + 2] == b"\r\n":  # the whole chunk is in: one step
+                        out.append(data[pos:stop])
+                        added += size
+                        pos = stop + 2
+                        continue
                     self._remaining = size
                     state = _DATA if size else _TRAILER
                 elif not line:  # _TRAILER: the blank line ends the body

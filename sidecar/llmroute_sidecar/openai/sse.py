@@ -315,6 +315,19 @@ class SSEStream:
 
 def _streamed_chars(document: dict[str, Any]) -> int:
     """Characters of completion text (content, text, tool-call arguments, responses deltas) in a chunk."""
+    choices = document.get("choices")
+    if type(choices) is list and len(choices) == 1 and "delta" not in document:
+        choice = choices[0]  # the usual chat chunk: one choice, its delta's content at most
+        if type(choice) is dict and "text" not in choice:
+            delta = choice.get("delta")
+            if type(delta) is dict and "tool_calls" not in delta:
+                text = delta.get("content")
+                return len(text) if type(text) is str else 0
+    return _any_streamed_chars(document)
+
+
+def _any_streamed_chars(document: dict[str, Any]) -> int:
+    """``_streamed_chars`` for any chunk shape."""
     text = document.get("delta")
     count = len(text) if isinstance(text, str) else 0
     choices = document.get("choices")
