@@ -115,13 +115,11 @@ class Counter(_BoundChildren, prometheus_client.Counter):
             self._value = _Plain()
 
     def inc(self, amount: float = 1, exemplar: dict[str, str] | None = None) -> None:
-        if amount >= 0 and not exemplar and _PLAIN:
-            try:
-                self._value._value += amount
-                return
-            except AttributeError:  # a labelled parent: prometheus_client says what is wrong
-                pass
-        super().inc(amount, exemplar)
+        plain = getattr(self, "_value", None)  # none on a labelled parent: prometheus_client says so
+        if type(plain) is _Plain and amount >= 0 and not exemplar:
+            plain._value += amount
+        else:
+            super().inc(amount, exemplar)
 
 
 class Gauge(_BoundChildren, prometheus_client.Gauge):
@@ -133,7 +131,7 @@ class Gauge(_BoundChildren, prometheus_client.Gauge):
             self._value = _Plain()
 
     def set(self, value: float) -> None:
-        plain = getattr(self, "_value", None)  # none on a labelled parent
+        plain = getattr(self, "_value", None)  # none on a labelled parent: prometheus_client says so
         if type(plain) is _Plain:
             plain._value = float(value)
         else:
@@ -161,18 +159,15 @@ class Histogram(_BoundChildren, prometheus_client.Histogram):
             self._buckets = [_Plain() for _ in self._upper_bounds]
 
     def observe(self, amount: float, exemplar: dict[str, str] | None = None) -> None:
-        if not exemplar and _PLAIN:
-            try:
-                self._sum._value += amount
-            except AttributeError:  # a labelled parent: prometheus_client says what is wrong
-                super().observe(amount)
-                return
-            bounds = self._upper_bounds
-            index = bisect_left(bounds, amount)
-            if index < len(bounds) and amount <= bounds[index]:  # NaN lands in no bucket, as upstream
-                self._buckets[index]._value += 1
+        plain = getattr(self, "_sum", None)  # none on a labelled parent: prometheus_client says so
+        if type(plain) is not _Plain or exemplar:
+            super().observe(amount, exemplar)
             return
-        super().observe(amount, exemplar)
+        plain._value += amount
+        bounds = self._upper_bounds
+        index = bisect_left(bounds, amount)
+        if index < len(bounds) and amount <= bounds[index]:  # NaN lands in no bucket, as upstream
+            self._buckets[index]._value += 1
 
 
 class SidecarMetrics:

@@ -208,7 +208,7 @@ class RespPool:
                 connection, error if isinstance(error, Exception) else RedisConnectionError("cancelled")
             )
             raise
-        self._idle.append(connection)
+        self.give_back(connection)
         return replies
 
     async def _connect(self) -> RespConnection:
